@@ -1,0 +1,44 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""`radfm3d <command> ...`: one entry point, each command implemented in the room that owns it.
+
+Commands are imported lazily so that `radfm3d --help` is instant and an optional dependency of one
+command never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("radfm3d.io:cli", "read a scan and print its geometry, modality and the preprocessing summary"),
+    "phantoms": ("radfm3d.data.phantoms:cli", "generate the RadPhantom synthetic benchmark (volumes + task manifests)"),
+    "evaluate": ("radfm3d.evaluation.harness:cli", "score a model or a predictions file on a manifest"),
+    "convert-radfm": ("radfm3d.interop.radfm:cli", "convert the official RadFM pytorch_model.bin to sharded safetensors"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: radfm3d <command> [options]", "", "commands:"]
+    lines += [f"  {name:<15} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "`radfm3d <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to `module:cli(argv) -> int`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"radfm3d: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
