@@ -1,0 +1,210 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""JSONL manifests: the one data format for training, evaluation and users' own data.
+
+One JSON object per line::
+
+    {"id": "case-000123-vqa_presence-0", "images": ["images/shard-000/case-000123.nii.gz"],
+     "modality": "CT", "region": "chest", "task": "vqa_presence",
+     "prompt": "<image> Is there a nodule in the left lung?", "answer": "Yes.",
+     "choices": ["Yes.", "No."], "ground_truth": {...}}
+
+Rules (checked by :func:`validate_record` / :func:`validate_manifest`):
+
+- ``id``: non-empty string, unique within a manifest.
+- ``images``: list of strings (paths relative to the manifest's folder, or absolute); may be empty for
+  text-only records. A path may name a file (NIfTI, NRRD, MHA, DICOM, PNG ...) or a DICOM series folder.
+- ``prompt``: string with exactly one ``<image>`` placeholder per entry of ``images`` (in order).
+- ``answer`` (optional for inference-only manifests): string.
+- ``choices`` (closed questions): non-empty list of distinct strings that contains ``answer``.
+- ``task``, ``modality``, ``region`` (optional): strings.
+- ``ground_truth`` (optional): JSON object (structured findings, boxes in world RAS mm).
+- any other keys are kept untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "IMAGE_PLACEHOLDER",
+    "REQUIRED_KEYS",
+    "read_manifest",
+    "write_manifest",
+    "validate_record",
+    "validate_manifest",
+    "resolve_images",
+]
+
+IMAGE_PLACEHOLDER = "<image>"
+REQUIRED_KEYS = ("id", "images", "prompt")
+_OPTIONAL_STR_KEYS = ("answer", "task", "modality", "region")
+
+
+def _input_error(source: Any, problem: str) -> Exception:
+    """``RadFM3DInputError(source, problem)``; a ValueError with the same text if radfm3d.errors is absent."""
+    try:
+        from radfm3d.errors import RadFM3DInputError
+    except ImportError:  # pragma: no cover - errors.py is written in parallel by the io room
+        return ValueError(f"{source}: {problem}")
+    return RadFM3DInputError(str(source), problem)
+
+
+def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
+                    check_files: bool = False) -> list[str]:
+    """Problems of one manifest record (empty list = valid).
+
+    Args:
+        record: the decoded JSON object.
+        base_dir: folder that relative image paths are resolved against (needed for ``check_files``).
+        check_files: also check that every image path exists.
+    """
+    if not isinstance(record, Mapping):
+        return [f"a record must be a JSON object, got {type(record).__name__}"]
+    problems: list[str] = []
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        problems.append(f"missing required key(s) {', '.join(missing)}")
+    rid = record.get("id")
+    if "id" in record and (not isinstance(rid, str) or not rid.strip()):
+        problems.append(f"'id' must be a non-empty string, got {rid!r}")
+    images = record.get("images")
+    images_ok = isinstance(images, list) and all(isinstance(p, str) and p for p in images)
+    if "images" in record and not images_ok:
+        problems.append(f"'images' must be a list of non-empty path strings, got {images!r}")
+    prompt = record.get("prompt")
+    if "prompt" in record and not isinstance(prompt, str):
+        problems.append(f"'prompt' must be a string, got {type(prompt).__name__}")
+    if isinstance(prompt, str) and images_ok:
+        n_ph = prompt.count(IMAGE_PLACEHOLDER)
+        if n_ph != len(images):
+            problems.append(f"'prompt' has {n_ph} {IMAGE_PLACEHOLDER} placeholder(s) but 'images' lists "
+                            f"{len(images)} image(s)")
+    for key in _OPTIONAL_STR_KEYS:
+        if key in record and not isinstance(record[key], str):
+            problems.append(f"'{key}' must be a string, got {type(record[key]).__name__}")
+    if "choices" in record:
+        choices = record["choices"]
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            problems.append(f"'choices' must be a non-empty list of strings, got {choices!r}")
+        else:
+            if len(set(choices)) != len(choices):
+                problems.append(f"'choices' has duplicates: {choices!r}")
+            answer = record.get("answer")
+            if isinstance(answer, str) and answer not in choices:
+                problems.append(f"'answer' {answer!r} is not one of 'choices' {choices!r}")
+    if "ground_truth" in record and not isinstance(record["ground_truth"], Mapping):
+        problems.append(f"'ground_truth' must be a JSON object, got {type(record['ground_truth']).__name__}")
+    if check_files and images_ok:
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        for p in images:
+            full = Path(p) if os.path.isabs(p) else base / p
+            if not full.exists():
+                problems.append(f"image {p!r} does not exist (looked for {full})")
+    return problems
+
+
+def _iter_lines(path: Path) -> Iterable[tuple[int, Any, str | None]]:
+    """(line number, decoded object or None, JSON problem or None) for every non-blank line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as exc:
+                yield lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+
+
+def validate_manifest(source: str | os.PathLike | Sequence[Mapping[str, Any]], *, check_files: bool = False,
+                      raise_on_error: bool = True, max_errors: int = 20) -> list[str]:
+    """Check a manifest file (or a list of records); errors read ``"line N: problem"``.
+
+    Args:
+        source: path of a ``.jsonl`` file, or records (then "line N" is the 1-based record number).
+        check_files: check that the image paths exist (relative to the manifest's folder).
+        raise_on_error: raise ``RadFM3DInputError(path, all problems)`` instead of returning them.
+        max_errors: at most this many problems are reported (the count of the rest is added).
+
+    Returns:
+        the list of problems (empty when valid).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise _input_error(path, "manifest file does not exist")
+        base_dir: Path | None = path.parent
+        entries: Iterable[tuple[int, Any, str | None]] = _iter_lines(path)
+        name = str(path)
+    else:
+        base_dir, name = None, "manifest"
+        entries = ((i, rec, None) for i, rec in enumerate(source, start=1))
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    for lineno, rec, json_problem in entries:
+        problems = [json_problem] if json_problem else validate_record(rec, base_dir=base_dir,
+                                                                        check_files=check_files)
+        if not json_problem and isinstance(rec, Mapping) and isinstance(rec.get("id"), str):
+            if rec["id"] in seen:
+                problems.append(f"duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
+            else:
+                seen[rec["id"]] = lineno
+        errors += [f"line {lineno}: {p}" for p in problems]
+    if len(errors) > max_errors:
+        errors = errors[:max_errors] + [f"... and {len(errors) - max_errors} more problem(s)"]
+    if errors and raise_on_error:
+        raise _input_error(name, "invalid manifest:\n  " + "\n  ".join(errors))
+    return errors
+
+
+def read_manifest(path: str | os.PathLike, *, validate: bool = True, check_files: bool = False) -> list[dict]:
+    """Records of a JSONL manifest, in file order (blank lines skipped).
+
+    Image paths are returned as written (relative to the manifest's folder); see :func:`resolve_images`.
+    Raises ``RadFM3DInputError`` naming the file and each bad line when ``validate`` finds problems.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _input_error(path, "manifest file does not exist")
+    if validate:
+        validate_manifest(path, check_files=check_files)
+    records = []
+    for lineno, rec, problem in _iter_lines(path):
+        if problem:
+            raise _input_error(path, f"line {lineno}: {problem}")
+        records.append(rec)
+    return records
+
+
+def write_manifest(records: Iterable[Mapping[str, Any]], path: str | os.PathLike, *,
+                   validate: bool = True) -> Path:
+    """Write records as JSONL atomically (temp file in the same folder, then ``os.replace``).
+
+    Returns the path written. With ``validate`` the records are checked first (nothing is written if invalid).
+    """
+    path = Path(path)
+    records = list(records)
+    if validate:
+        validate_manifest(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def resolve_images(record: Mapping[str, Any], manifest_path: str | os.PathLike) -> list[Path]:
+    """Absolute image paths of a record (relative paths are relative to the manifest's folder)."""
+    base = Path(manifest_path).parent
+    return [Path(p) if os.path.isabs(p) else (base / p) for p in record.get("images", [])]

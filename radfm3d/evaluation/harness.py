@@ -1,0 +1,639 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""Evaluation harness: score predictions (from a radfm3d model or a plain JSONL file) on a task manifest.
+
+Predictions are `id -> text` or `id -> {"prediction": text, "choice_logliks": [float per choice] | None,
+"grid_geometry": GridGeometry dict | None, "boxes_world_mm": [[x1,y1,z1,x2,y2,z2], ...] | None}`.
+A predictions file is JSONL with one such object per line plus its `"id"`.
+
+Task families and their figures:
+
+- closed (`modality`, `region`, `vqa_closed:<sub>`, `comparison`): accuracy by normalised match / offered
+  choice; accuracy by likelihood over choices where log-likelihoods are given; chance levels (uniform over
+  choices, majority answer) and whether the run is near chance;
+- text (`report`, `vqa_open`, `referring`, `rationale`): BLEU-4, ROUGE-L, embedding similarity,
+  negation-aware finding precision/recall/F1;
+- `grounding`: 3D IoU, hit@0.3/0.5, box parse rate, centre error in mm (world space of the original scan).
+
+Every figure carries a bootstrap 95% interval, and the blind baseline (same prompts, blank image) is scored
+beside the model when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from radfm3d.evaluation import metrics as M
+from radfm3d.evaluation.metrics import RadFM3DInputError
+from radfm3d.evaluation.findings import finding_figures, load_vocabulary
+
+CLOSED_VQA = ("presence", "side", "count", "type", "size_bucket", "size_category", "laterality", "yes_no")
+OPEN_VQA = ("open", "location", "size", "where", "measurement")
+TEXT_FAMILIES = ("report", "vqa_open", "referring", "rationale")
+FIXED_FAMILIES = ("report", "modality", "region", "grounding", "referring", "comparison", "rationale")
+COMPARISON_LABELS: dict[str, tuple[str, ...]] = {
+    "new": ("new", "newly", "appeared", "interval development"),
+    "grown": ("grown", "grew", "enlarged", "enlarging", "larger", "increased", "increase", "growing"),
+    "shrunk": ("shrunk", "shrank", "smaller", "decreased", "decrease", "reduced", "shrinking", "regressed"),
+    "resolved": ("resolved", "disappeared", "no longer", "gone", "resolution"),
+    "stable": ("stable", "unchanged", "no change", "same", "no interval change"),
+}
+
+
+# ------------------------------------------------------------------------------------------- task families
+def task_family(record: Mapping[str, Any]) -> str:
+    """Family of a manifest record: report, modality, region, vqa_closed:<sub>, vqa_open, grounding, referring,
+    comparison, rationale; an unknown task keeps its own name (scored as closed if it offers choices)."""
+    task = str(record.get("task", "")).strip().lower()
+    for fam in FIXED_FAMILIES:
+        if task == fam or task.startswith(fam + "_") or task.startswith(fam + ":"):
+            return fam
+    if task.startswith("vqa"):
+        sub = re.sub(r"^vqa[_:]?", "", task)
+        sub = re.sub(r"^closed[_:]?", "", sub) or "closed"
+        if sub.startswith("open") or sub in OPEN_VQA or (not record.get("choices") and sub not in CLOSED_VQA):
+            return "vqa_open"
+        return f"vqa_closed:{sub}"
+    return task or "unknown"
+
+
+def family_kind(family: str, records: Sequence[Mapping[str, Any]] = ()) -> str:
+    """'closed', 'text' or 'grounding'."""
+    if family == "grounding":
+        return "grounding"
+    if family in TEXT_FAMILIES:
+        return "text"
+    if family in ("modality", "region", "comparison") or family.startswith("vqa_closed"):
+        return "closed"
+    return "closed" if any(r.get("choices") for r in records) else "text"
+
+
+def comparison_label(text: str) -> str | None:
+    """Canonical change label (new/grown/shrunk/resolved/stable) named in a text, or None if none or several."""
+    norm = f" {M.normalize_answer(text)} "
+    found = {lab for lab, words in COMPARISON_LABELS.items() if any(f" {w} " in norm for w in words)}
+    if "resolved" in found and "stable" in found and " no longer " in norm:
+        found.discard("stable")
+    return next(iter(found)) if len(found) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise RadFM3DInputError(path, "file not found")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RadFM3DInputError(path, f"line {lineno} is not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise RadFM3DInputError(path, f"line {lineno} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def read_records(manifest_path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Manifest records (via `radfm3d.data.manifest.read_manifest` when available), image paths absolute."""
+    manifest_path = Path(manifest_path)
+    try:
+        from radfm3d.data.manifest import read_manifest, resolve_images
+    except ImportError:  # the data room's reader is optional for scoring a plain JSONL file
+        records = _read_jsonl(manifest_path)
+        base = manifest_path.resolve().parent
+        for rec in records:
+            rec["images"] = [str(base / p) for p in rec.get("images") or []]
+    else:
+        records = read_manifest(manifest_path)
+        for rec in records:
+            rec["images"] = [str(p) for p in resolve_images(rec, manifest_path)]
+    for i, rec in enumerate(records):
+        if "id" not in rec:
+            raise RadFM3DInputError(manifest_path, f"record {i + 1} has no 'id'")
+    return records
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """A predictions JSONL file ({id, prediction, [choice_logliks], ...} per line) -> id -> entry."""
+    out: dict[str, dict[str, Any]] = {}
+    for lineno, row in enumerate(_read_jsonl(path), 1):
+        if "id" not in row or "prediction" not in row:
+            raise RadFM3DInputError(path, f"line {lineno} needs 'id' and 'prediction' keys, has {sorted(row)}")
+        out[str(row["id"])] = row
+    return out
+
+
+def write_predictions(predictions: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write predictions as JSONL ({id, prediction, ...} per line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for pid, entry in predictions.items():
+            row = {"id": pid, **_entry(entry)}
+            fh.write(json.dumps(row, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def _entry(pred: Any) -> dict[str, Any]:
+    """Normalise a prediction (text or dict) to a dict with a 'prediction' key."""
+    if pred is None:
+        return {"prediction": ""}
+    if isinstance(pred, str):
+        return {"prediction": pred}
+    if isinstance(pred, Mapping):
+        return {**pred, "prediction": str(pred.get("prediction", pred.get("text", "")) or "")}
+    raise RadFM3DInputError("predictions", f"a prediction must be text or a dict, got {type(pred).__name__}")
+
+
+# ---------------------------------------------------------------------------------------- reference answerers
+def oracle_predictions(records: Sequence[Mapping[str, Any]], world_boxes: bool = True) -> dict[str, Any]:
+    """Ground-truth answers as predictions (should score 100% everywhere).
+
+    world_boxes: grounding records also carry their true world-mm boxes (IoU exactly 1); with False the
+    `<box>` answer text is scored through the box codec (IoU < 1 from the 0-99 quantisation, hits 100%).
+    """
+    out: dict[str, Any] = {}
+    for r in records:
+        answer = str(r.get("answer", ""))
+        boxes = true_boxes_world_mm(r) if world_boxes and task_family(r) == "grounding" else []
+        out[str(r["id"])] = {"prediction": answer, "boxes_world_mm": boxes} if boxes else answer
+    return out
+
+
+def constant_predictions(
+    records: Sequence[Mapping[str, Any]],
+    train_records: Sequence[Mapping[str, Any]] | None = None,
+    text: str | None = None,
+) -> dict[str, str]:
+    """A constant answerer: `text` for every record, or per task the most common training answer
+    (`train_records`, else the evaluated records themselves)."""
+    if text is not None:
+        return {str(r["id"]): text for r in records}
+    pool = train_records if train_records is not None else records
+    by_task: dict[str, Counter] = defaultdict(Counter)
+    surface: dict[tuple[str, str], str] = {}
+    for r in pool:
+        task, ans = str(r.get("task", "")), str(r.get("answer", ""))
+        key = M.normalize_answer(ans)
+        by_task[task][key] += 1
+        surface.setdefault((task, key), ans)
+    out = {}
+    for r in records:
+        task = str(r.get("task", ""))
+        common = by_task[task].most_common(1)
+        out[str(r["id"])] = surface[(task, common[0][0])] if common else ""
+    return out
+
+
+# --------------------------------------------------------------------------------------------- grounding
+def true_boxes_world_mm(record: Mapping[str, Any]) -> list[list[float]]:
+    """Target boxes [x1,y1,z1,x2,y2,z2] in world RAS mm of a grounding record's ground truth.
+
+    Looks for `target(s)` entries, then top-level `box(es)_world_mm`, then the findings (all, or those named
+    by `target_index`/`target_indices`/`target_ids`).
+    """
+    gt = record.get("ground_truth") or {}
+
+    def boxes_of(obj: Any) -> list[list[float]]:
+        if isinstance(obj, Mapping):
+            if "box_world_mm" in obj:
+                return [list(map(float, obj["box_world_mm"]))]
+            if "boxes_world_mm" in obj:
+                return [list(map(float, b)) for b in obj["boxes_world_mm"]]
+            return []
+        if isinstance(obj, (list, tuple)):
+            if len(obj) == 6 and all(isinstance(v, (int, float)) for v in obj):
+                return [list(map(float, obj))]
+            return [b for item in obj for b in boxes_of(item)]
+        return []
+
+    for key in ("target", "targets"):
+        if key in gt and boxes_of(gt[key]):
+            return boxes_of(gt[key])
+    if boxes_of({k: gt[k] for k in ("box_world_mm", "boxes_world_mm") if k in gt}):
+        return boxes_of({k: gt[k] for k in ("box_world_mm", "boxes_world_mm") if k in gt})
+    findings = list(gt.get("findings") or [])
+    for key in ("target_indices", "target_index"):
+        if key in gt:
+            idx = gt[key] if isinstance(gt[key], list) else [gt[key]]
+            findings = [findings[i] for i in idx if 0 <= int(i) < len(findings)]
+            break
+    else:
+        ids = gt.get("target_ids", gt.get("target_id"))
+        if ids is not None:
+            ids = set(ids) if isinstance(ids, list) else {ids}
+            findings = [f for f in findings if f.get("id") in ids]
+    return boxes_of(findings)
+
+
+def _grid_geometry(entry: Mapping[str, Any], record: Mapping[str, Any], recipe: Any, cache: dict) -> Any:
+    """GridGeometry for a record: from the prediction, the ground truth, or by preprocessing its first image."""
+    from radfm3d.transforms import GridGeometry
+
+    geom = entry.get("grid_geometry") or (record.get("ground_truth") or {}).get("grid_geometry")
+    if isinstance(geom, list):  # processor output: one per image
+        geom = geom[0] if geom else None
+    if geom is not None:
+        return geom if isinstance(geom, GridGeometry) else GridGeometry.from_dict(geom)
+    images = record.get("images") or []
+    if not images:
+        raise RadFM3DInputError(str(record.get("id")), "grounding record without image or grid_geometry")
+    key = (images[0], id(recipe))
+    if key not in cache:
+        cache[key] = grid_geometry_of_image(images[0], recipe)
+    return cache[key]
+
+
+def grid_geometry_of_image(path: str | os.PathLike, recipe: Any = None) -> Any:
+    """GridGeometry of an image under a preprocessing recipe (default recipe if None)."""
+    from radfm3d.io import load_image
+    from radfm3d.transforms import GridGeometry, PreprocessingRecipe, preprocess
+
+    out = preprocess(load_image(path), recipe or PreprocessingRecipe())
+    return GridGeometry.from_dict(out.meta["grid_geometry"])
+
+
+def predicted_boxes_world_mm(entry: Mapping[str, Any], record: Mapping[str, Any], recipe: Any = None,
+                             cache: dict | None = None) -> list[list[float]]:
+    """World-mm boxes of a prediction: given directly, or parsed from `<box>` text through the grid geometry."""
+    if entry.get("boxes_world_mm") is not None:
+        return [list(map(float, b)) for b in entry["boxes_world_mm"]]
+    from radfm3d.text.boxes import parse_boxes
+
+    if not parse_boxes(entry["prediction"]):
+        return []
+    from radfm3d.text.postprocess import boxes_from_text
+
+    geom = _grid_geometry(entry, record, recipe, {} if cache is None else cache)
+    out = []
+    for item in boxes_from_text(entry["prediction"], geom):
+        box = item.get("box_world_mm", item.get("world_mm")) if isinstance(item, Mapping) else item
+        if box is not None:
+            out.append([float(v) for v in np.asarray(box, dtype=np.float64).reshape(-1)[:6]])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def _score_family(
+    family: str, records: Sequence[Mapping[str, Any]], entries: Sequence[dict[str, Any]], *,
+    embeddings: bool, recipe: Any, geom_cache: dict, bootstrap: dict,
+) -> tuple[dict[str, M.Figure], list[dict[str, Any]], list[str]]:
+    """Figures, per-case rows and notes of one family for one set of predictions."""
+    kind = family_kind(family, records)
+    preds = [e["prediction"] for e in entries]
+    answers = [str(r.get("answer", "")) for r in records]
+    figures: dict[str, M.Figure] = {}
+    notes: list[str] = []
+    cases: list[dict[str, Any]] = [{"id": r["id"], "prediction": p, "answer": a}
+                                   for r, p, a in zip(records, preds, answers)]
+    if kind == "closed":
+        correct = []
+        for r, p, a, c in zip(records, preds, answers, cases):
+            ok = M.closed_correct(p, a, r.get("choices"))
+            if not ok and family == "comparison" and not r.get("choices"):
+                ok = comparison_label(a) is not None and comparison_label(p) == comparison_label(a)
+            c["correct"] = bool(ok)
+            correct.append(ok)
+        figures["accuracy"] = M.accuracy(correct, **bootstrap)
+        ll = [(r, e) for r, e in zip(records, entries) if r.get("choices") and e.get("choice_logliks") is not None]
+        if ll:
+            figures["accuracy_likelihood"] = M.accuracy(
+                [M.likelihood_correct(e["choice_logliks"], str(r.get("answer", "")), r["choices"]) for r, e in ll],
+                **bootstrap)
+    elif kind == "text":
+        figures["bleu4"] = M.bleu4(preds, answers, **bootstrap)
+        figures["rouge_l"] = M.rouge_l(preds, answers, **bootstrap)
+        if embeddings:
+            try:
+                figures["embedding_similarity"] = M.embedding_similarity(preds, answers, **bootstrap)
+            except ImportError as err:
+                notes.append(f"embedding similarity skipped: {err}")
+        fig, per_case = finding_figures(preds, answers, **bootstrap)
+        figures.update(fig)
+        for c, pc in zip(cases, per_case):
+            c.update({"finding_f1": pc["f1"], "findings_predicted": pc["predicted"],
+                      "findings_reference": pc["reference"]})
+    else:  # grounding
+        ious, errs = [], []
+        for r, e, c in zip(records, entries, cases):
+            true = true_boxes_world_mm(r)
+            if not true:
+                notes.append(f"{r['id']}: no ground-truth box; case skipped")
+                continue
+            try:
+                pred = predicted_boxes_world_mm(e, r, recipe, geom_cache)
+            except ImportError as err:
+                notes.append(f"grounding from text needs the box codec ({err}); family not scored")
+                return {}, cases, notes
+            g = M.grounding_case(pred, true)
+            c.update({**g, "pred_boxes_world_mm": pred, "true_boxes_world_mm": true})
+            ious.append(g["iou"])
+            errs.append(g["centre_error_mm"])
+        if ious:
+            figures.update(M.grounding_figures(ious, errs, **bootstrap))
+    return figures, cases, notes
+
+
+def _chance(family: str, records: Sequence[Mapping[str, Any]],
+            train_records: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
+    """Chance levels of a closed family: uniform over choices and the majority answer (of training data if given).
+
+    The majority level is the accuracy of always giving the most common training (else evaluated) answer.
+    """
+    levels = M.chance_levels([str(r.get("answer", "")) for r in records], [r.get("choices") for r in records])
+    if train_records:
+        train = [t for t in train_records if task_family(t) == family]
+        if train:
+            common = Counter(M.normalize_answer(str(t.get("answer", ""))) for t in train).most_common(1)[0][0]
+            levels["majority"] = float(np.mean([M.normalize_answer(str(r.get("answer", ""))) == common
+                                                for r in records]))
+            levels["majority_source"] = "train"
+    levels.setdefault("majority_source", "evaluated")
+    levels["level"] = max(v for v in (levels["uniform"], levels["majority"]) if v is not None)
+    return levels
+
+
+def near_chance(fig: M.Figure | None, chance_level: float | None) -> bool | None:
+    """True when the interval reaches down to chance (the run is not distinguishable from a trivial answerer)."""
+    if fig is None or chance_level is None or not np.isfinite(fig.low):
+        return None
+    return bool(fig.low <= chance_level + 1e-9)
+
+
+def evaluate_predictions(
+    manifest_records: Sequence[Mapping[str, Any]],
+    predictions: Mapping[str, Any],
+    blind_predictions: Mapping[str, Any] | None = None,
+    *,
+    train_records: Sequence[Mapping[str, Any]] | None = None,
+    embeddings: bool = True,
+    recipe: Any = None,
+    n_resamples: int = M.N_RESAMPLES,
+    seed: int = M.BOOTSTRAP_SEED,
+    name: str = "model",
+) -> dict[str, Any]:
+    """Score predictions (and a blind baseline) on manifest records, grouped by task family.
+
+    predictions: id -> text, or id -> {"prediction", "choice_logliks"?, "grid_geometry"?, "boxes_world_mm"?}.
+    Records without a prediction count as an empty answer (listed under `missing`).
+    -> {"meta", "families": {family: {"kind", "n", "tasks", "figures", "blind", "chance", "near_chance",
+       "notes"}}, "cases": {family: [...]}, "summary": [str]} (figures are Figure.to_dict()).
+    """
+    bootstrap = {"n_resamples": n_resamples, "seed": seed}
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in manifest_records:
+        groups[task_family(r)].append(r)
+    runs = {"model": predictions}
+    if blind_predictions is not None:
+        runs["blind"] = blind_predictions
+    missing = {k: [str(r["id"]) for r in manifest_records if str(r["id"]) not in p] for k, p in runs.items()}
+    geom_cache: dict = {}
+    families: dict[str, Any] = {}
+    all_cases: dict[str, Any] = {}
+    for family in sorted(groups):
+        recs = groups[family]
+        fam: dict[str, Any] = {"kind": family_kind(family, recs), "n": len(recs),
+                               "tasks": sorted({str(r.get("task", "")) for r in recs}), "notes": []}
+        for run, preds in runs.items():
+            entries = [_entry(preds.get(str(r["id"]))) for r in recs]
+            figs, cases, notes = _score_family(family, recs, entries, embeddings=embeddings, recipe=recipe,
+                                               geom_cache=geom_cache, bootstrap=bootstrap)
+            fam["figures" if run == "model" else "blind"] = {k: f.to_dict() for k, f in figs.items()}
+            fam["notes"] += [f"{run}: {n}" for n in dict.fromkeys(notes)]
+            if run == "model":
+                all_cases[family] = cases
+            else:
+                for c, b in zip(all_cases[family], cases):
+                    c["blind_prediction"] = b["prediction"]
+        if fam["kind"] == "closed":
+            fam["chance"] = _chance(family, recs, train_records)
+            fam["near_chance"] = {
+                run: {k: near_chance(M.Figure.from_dict(v), fam["chance"]["level"])
+                      for k, v in fam["figures" if run == "model" else "blind"].items()}
+                for run in runs
+            }
+        families[family] = fam
+    results = {
+        "meta": {"name": name, "n_records": len(manifest_records), "runs": sorted(runs),
+                 "missing_predictions": {k: len(v) for k, v in missing.items()},
+                 "bootstrap": {"n_resamples": n_resamples, "seed": seed, "interval": "percentile 95%"},
+                 "finding_vocabulary": load_vocabulary().source,
+                 "units": {"bleu4": "fraction (sacrebleu/100)", "centre_error_mm": "mm, world RAS of the original scan"}},
+        "families": families,
+        "cases": all_cases,
+    }
+    results["summary"] = summarize(results)
+    return results
+
+
+def summarize(results: Mapping[str, Any]) -> list[str]:
+    """One line per closed family: accuracy vs chance (and the blind baseline)."""
+    lines = []
+    for family, fam in results["families"].items():
+        if fam["kind"] != "closed" or "accuracy" not in fam.get("figures", {}):
+            continue
+        level = fam["chance"]["level"]
+        for run in ("model", "blind"):
+            figs = fam["figures"] if run == "model" else fam.get("blind")
+            if not figs or "accuracy" not in figs:
+                continue
+            f = figs["accuracy"]
+            verdict = "NEAR CHANCE" if fam["near_chance"][run]["accuracy"] else "above chance"
+            lines.append(f"{family} [{run}]: accuracy {f['value']:.3f} [{f['low']:.3f}, {f['high']:.3f}] "
+                         f"vs chance {level:.3f} -> {verdict}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ model running
+def _prompts_and_images(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    return [str(r.get("prompt", "")) for r in records], [list(r.get("images") or []) for r in records]
+
+
+def generate_predictions(
+    model: Any, processor: Any, records: Sequence[Mapping[str, Any]], *, batch_size: int = 4,
+    max_new_tokens: int = 128, blank_images: bool = False, likelihood: bool = True, progress: bool = True,
+    desc: str = "generate",
+) -> dict[str, dict[str, Any]]:
+    """Greedy generation (and log-likelihood of each offered choice) for every record.
+
+    blank_images=True gives the blind baseline: same prompts, pixel_values replaced by zeros of the grid shape.
+    -> id -> {"prediction", "grid_geometry" (first image's, dict), "choice_logliks" (records with choices)}.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    out: dict[str, dict[str, Any]] = {}
+    model.eval()
+    bar = tqdm(total=len(records), desc=desc, disable=not progress)
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        texts, images = _prompts_and_images(batch)
+        enc = processor(text=texts, images=images if any(images) else None, return_tensors="pt")
+        geoms = enc.pop("grid_geometry", None) if hasattr(enc, "pop") else None
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in enc.items()}
+        if blank_images and inputs.get("pixel_values") is not None:
+            inputs["pixel_values"] = torch.zeros_like(inputs["pixel_values"])
+        with torch.inference_mode():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = ids[:, inputs["input_ids"].shape[1]:]
+        decoded = processor.batch_decode(new, skip_special_tokens=True)
+        for i, (r, text) in enumerate(zip(batch, decoded)):
+            entry: dict[str, Any] = {"prediction": text.strip()}
+            if geoms is not None and i < len(geoms) and geoms[i]:
+                g = geoms[i][0] if isinstance(geoms[i], list) else geoms[i]
+                entry["grid_geometry"] = g.to_dict() if hasattr(g, "to_dict") else g
+            if likelihood and r.get("choices"):
+                entry["choice_logliks"] = choice_log_likelihoods(model, processor, r, blank_images=blank_images)
+            out[str(r["id"])] = entry
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def choice_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any], *,
+                           blank_images: bool = False) -> list[float]:
+    """Summed log-probability (nats) of each choice's answer tokens given the record's prompt and images."""
+    import torch
+
+    device = next(model.parameters()).device
+    examples = [processor.build_training_example(str(record.get("prompt", "")), str(choice),
+                                                 list(record.get("images") or []))
+                for choice in record["choices"]]
+    pad_id = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None) or 0
+    width = max(int(torch.as_tensor(e["input_ids"]).reshape(-1).shape[0]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        x = torch.as_tensor(e["input_ids"]).reshape(-1)
+        ids[i, : x.shape[0]] = x
+        labels[i, : x.shape[0]] = torch.as_tensor(e["labels"]).reshape(-1)
+        mask[i, : x.shape[0]] = 1
+    inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if examples[0].get("pixel_values") is not None:
+        pv = [torch.as_tensor(e["pixel_values"]) for e in examples]
+        pv = torch.stack([p[0] if p.ndim == 6 else p for p in pv])
+        inputs["pixel_values"] = torch.zeros_like(pv).to(device) if blank_images else pv.to(device)
+        if examples[0].get("image_mask") is not None:
+            im = [torch.as_tensor(e["image_mask"]) for e in examples]
+            inputs["image_mask"] = torch.stack([m[0] if m.ndim == 2 else m for m in im]).to(device)
+    with torch.inference_mode():
+        logits = model(**inputs).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    target = labels[:, 1:].to(device)
+    keep = target != -100
+    tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * keep).sum(-1).tolist()
+
+
+def evaluate_model(
+    model: Any, processor: Any, manifest_path: str | os.PathLike | Sequence[Mapping[str, Any]], *,
+    batch_size: int = 4, max_new_tokens: int = 128, blind: bool = True, likelihood: bool = True,
+    limit: int | None = None, progress: bool = True, train_records: Sequence[Mapping[str, Any]] | None = None,
+    embeddings: bool = True, name: str = "model",
+) -> dict[str, Any]:
+    """Run a radfm3d model on a manifest (and the blind baseline) and score it.
+
+    -> evaluate_predictions(...) results with `predictions` / `blind_predictions` (id -> entry) added.
+    """
+    records = read_records(manifest_path) if isinstance(manifest_path, (str, os.PathLike)) else list(manifest_path)
+    records = records[:limit] if limit else records
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, likelihood=likelihood, progress=progress)
+    preds = generate_predictions(model, processor, records, desc="model", **kw)
+    blind_preds = generate_predictions(model, processor, records, blank_images=True, desc="blind", **kw) \
+        if blind else None
+    results = evaluate_predictions(records, preds, blind_preds, train_records=train_records, embeddings=embeddings,
+                                   recipe=getattr(processor, "recipe", None), name=name)
+    results["predictions"] = preds
+    results["blind_predictions"] = blind_preds
+    return results
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def cli(argv: Iterable[str] | None = None) -> int:
+    """`radfm3d evaluate --manifest test.jsonl (--predictions preds.jsonl | --model DIR) --out DIR`."""
+    p = argparse.ArgumentParser(prog="radfm3d evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--manifest", required=True, help="task manifest JSONL (paths relative to its folder)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--predictions", help="JSONL of {id, prediction[, choice_logliks]} to score")
+    src.add_argument("--model", help="radfm3d model folder (model + processor) to run")
+    src.add_argument("--oracle", action="store_true", help="score the ground-truth answers (sanity check)")
+    src.add_argument("--constant", action="store_true", help="score the most common answer per task (chance)")
+    p.add_argument("--blind-predictions", help="JSONL of the blind baseline's predictions")
+    p.add_argument("--train-manifest", help="training manifest: majority-answer chance levels come from it")
+    p.add_argument("--out", required=True, help="output folder (results.json, report.md, PNG figures)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    p.add_argument("--no-blind", action="store_true", help="with --model: skip the blind baseline")
+    p.add_argument("--no-embeddings", action="store_true", help="skip the sentence-encoder similarity")
+    p.add_argument("--recipe", help="preprocessing.json used to place <box> answers (default: the model's)")
+    p.add_argument("--n-resamples", type=int, default=M.N_RESAMPLES)
+    p.add_argument("--seed", type=int, default=M.BOOTSTRAP_SEED)
+    p.add_argument("--cases", type=int, default=4, help="grounding cases drawn on slices")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(list(argv) if argv is not None else None)
+
+    from radfm3d.evaluation.report import write_report
+
+    records = read_records(args.manifest)
+    if args.limit:
+        records = records[: args.limit]
+    train = read_records(args.train_manifest) if args.train_manifest else None
+    recipe = None
+    if args.recipe:
+        from radfm3d.transforms import PreprocessingRecipe
+
+        recipe = PreprocessingRecipe.load(args.recipe)
+    blind = read_predictions(args.blind_predictions) if args.blind_predictions else None
+    common = dict(train_records=train, embeddings=not args.no_embeddings, n_resamples=args.n_resamples,
+                  seed=args.seed)
+    if args.model:
+        from radfm3d import RadFM3DForCausalLM, RadFM3DProcessor
+
+        model = RadFM3DForCausalLM.from_pretrained(args.model).to(args.device)
+        processor = RadFM3DProcessor.from_pretrained(args.model)
+        recipe = recipe or getattr(processor, "recipe", None)
+        kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        preds = generate_predictions(model, processor, records, desc="model", **kw)
+        if blind is None and not args.no_blind:
+            blind = generate_predictions(model, processor, records, blank_images=True, desc="blind", **kw)
+        name = Path(args.model).name
+    elif args.predictions:
+        preds, name = read_predictions(args.predictions), Path(args.predictions).stem
+    elif args.oracle:
+        preds, name = oracle_predictions(records), "oracle"
+    else:
+        preds, name = constant_predictions(records, train), "constant"
+    results = evaluate_predictions(records, preds, blind, recipe=recipe, name=name, **common)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_predictions(preds, out / "predictions.jsonl")
+    if blind is not None:
+        write_predictions(blind, out / "blind_predictions.jsonl")
+    paths = write_report(results, out, records=records, predictions=preds, recipe=recipe, n_cases=args.cases)
+    print("\n".join(results["summary"]))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0

@@ -1,0 +1,518 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""``RadFM3DForCausalLM``: 3D ViT -> perceiver resampler -> projector -> visual tokens scattered into a causal LLM.
+
+Token contract (see ``RadFM3DConfig``): ids ``< base_vocab_size`` are the LLM's own; ids ``>= base_vocab_size``
+(image start/end/placeholder, ...) are rows of ``extra_token_embeddings``. The embeddings at the placeholder
+positions are replaced, in order, by the projected visual tokens of the sample's real images (masked scatter;
+no one-hot product, no resizing of the LLM's embedding or lm_head, so image ids can never be generated).
+
+Checkpoint folder: ``config.json`` + ``model.safetensors`` holding the trainable parts (``vision_model.*``,
+``resampler.*``, ``projector.*``, ``extra_token_embeddings.*``, adapter weights ``language_model.*lora_*``) and,
+when the base LLM is not named (or ``save_base=True``), the whole ``language_model.*``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from radfm3d.modeling.configuration import RadFM3DConfig
+from radfm3d.modeling.resampler import PerceiverResampler
+from radfm3d.modeling.vision import VisionTransformer3D
+
+__all__ = ["RadFM3DPreTrainedModel", "RadFM3DForCausalLM", "WEIGHTS_NAME", "ADAPTER_CONFIG_NAME"]
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+_ADAPTER_MARKERS = ("lora_", "modules_to_save")
+
+
+def _input_error(source: Any, problem: str) -> Exception:
+    try:
+        from radfm3d.errors import RadFM3DInputError
+    except ImportError:  # pragma: no cover - errors.py is owned by io; fall back to the built-in type
+        return ValueError(f"{source}: {problem}")
+    return RadFM3DInputError(source, problem)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write a file through a temporary sibling + ``os.replace`` (no half-written file under ``path``)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _is_adapter_key(name: str) -> bool:
+    return any(marker in name for marker in _ADAPTER_MARKERS)
+
+
+class RadFM3DPreTrainedModel(PreTrainedModel):
+    """Base class: config class, gradient-checkpointing support, no re-initialisation of a loaded LLM."""
+
+    config_class = RadFM3DConfig
+    base_model_prefix = "radfm3d"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["ViTBlock3D", "PerceiverAttention"]
+
+    def init_weights(self) -> None:
+        """Our modules initialise themselves in their constructors (PyTorch defaults) and the LLM is built or loaded
+        by its own class, so nothing is re-initialised here (a loaded base LLM must never be overwritten)."""
+
+    def _init_weights(self, module: nn.Module) -> None:  # pragma: no cover - see init_weights
+        pass
+
+
+class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
+    """Vision-language causal LM. Parts: ``vision_model``, ``resampler``, ``projector``, ``language_model``,
+    ``extra_token_embeddings``.
+
+    ``RadFM3DForCausalLM(config)`` builds the LLM from ``config.text_config`` (random weights); use
+    :meth:`from_pretrained` (folder or preset name) to get the named base LLM loaded.
+    """
+
+    def __init__(self, config: RadFM3DConfig, language_model: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            config.text_config = language_model.config
+        text_hidden = int(language_model.config.hidden_size)
+        llm_vocab = int(language_model.get_input_embeddings().num_embeddings)
+        if config.base_vocab_size > llm_vocab:
+            raise ValueError(f"base_vocab_size {config.base_vocab_size} exceeds the LLM's vocabulary {llm_vocab}")
+        vision_hidden = config.vision.hidden_size
+        self.vision_model = VisionTransformer3D(config.vision_config)
+        self.resampler = PerceiverResampler(config.resampler_config)
+        if config.projector_type == "linear":
+            self.projector: nn.Module = nn.Linear(vision_hidden, text_hidden, bias=config.projector_bias)
+        else:
+            self.projector = nn.Sequential(
+                nn.Linear(vision_hidden, text_hidden, bias=config.projector_bias),
+                nn.GELU(),
+                nn.Linear(text_hidden, text_hidden, bias=config.projector_bias),
+            )
+        self.language_model = language_model
+        self.extra_token_embeddings = nn.Embedding(config.num_extra_tokens, text_hidden)
+        with torch.no_grad():  # start new rows at the statistics of the base table, so they sit among real tokens
+            base = language_model.get_input_embeddings().weight
+            if base.device.type != "meta":
+                base = base.detach().float()
+                self.extra_token_embeddings.weight.normal_(0.0, 1.0)
+                self.extra_token_embeddings.weight.mul_(base.std()).add_(base.mean(0))
+        self.extra_token_embeddings.to(dtype=language_model.get_input_embeddings().weight.dtype)
+        self.post_init()
+
+    # ------------------------------------------------------------------ transformers plumbing
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.config.num_image_tokens)
+
+    # ------------------------------------------------------------------ images
+    def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(M, C, H, W, D)`` -> projected visual tokens ``(M, N, text_hidden)``."""
+        param = next(self.vision_model.parameters())
+        tokens = self.vision_model(pixel_values.to(device=param.device, dtype=param.dtype))
+        latents = self.resampler(tokens)
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(latents.to(proj_dtype))
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected visual tokens (what the LLM receives).
+
+        ``pixel_values (B, S, C, H, W, D)`` (or ``(B, C, H, W, D)`` = one image per sample), ``image_mask (B, S)``
+        bool (True = real image; default all) -> ``(B, S, N, text_hidden)``; padded image slots are zeros and are
+        never run through the encoder.
+        """
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.unsqueeze(1)
+        if pixel_values.ndim != 6:
+            raise _input_error(
+                "pixel_values", f"expected (B, S, C, H, W, D) or (B, C, H, W, D), got {tuple(pixel_values.shape)}"
+            )
+        b, s = pixel_values.shape[:2]
+        mask = self._image_mask(pixel_values, image_mask)
+        real = self._encode_images(pixel_values[mask])  # (M, N, hidden), M = mask.sum()
+        out = real.new_zeros(b, s, *real.shape[1:])
+        out[mask.to(out.device)] = real
+        return out
+
+    @staticmethod
+    def _image_mask(pixel_values: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        b, s = pixel_values.shape[:2]
+        if image_mask is None:
+            return torch.ones(b, s, dtype=torch.bool, device=pixel_values.device)
+        if tuple(image_mask.shape) != (b, s):
+            raise _input_error("image_mask", f"shape {tuple(image_mask.shape)} does not match pixel_values (B, S)=({b}, {s})")
+        return image_mask.to(device=pixel_values.device, dtype=torch.bool)
+
+    # ------------------------------------------------------------------ embeddings
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``(B, L) -> (B, L, hidden)``: base ids from the LLM table, ids ``>= base_vocab_size``
+        from ``extra_token_embeddings`` (scatter of the few extra rows; no one-hot, no table resize)."""
+        base_vocab, n_extra = int(self.config.base_vocab_size), int(self.config.num_extra_tokens)
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= base_vocab + n_extra):
+            raise _input_error(
+                "input_ids", f"ids must lie in [0, {base_vocab + n_extra}) (base vocabulary + {n_extra} extra tokens)"
+            )
+        table = self.language_model.get_input_embeddings()
+        is_extra = input_ids >= base_vocab
+        embeds = table(input_ids.clamp(max=base_vocab - 1))
+        if bool(is_extra.any()):
+            rows = self.extra_token_embeddings(input_ids[is_extra] - base_vocab).to(embeds.dtype)
+            embeds = embeds.masked_scatter(is_extra.unsqueeze(-1), rows.to(embeds.device))
+        return embeds
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``inputs_embeds (B, L, hidden)`` with the visual tokens of sample b's real images (in slot order)
+        scattered into its ``image_token_id`` positions. Each sample needs exactly ``N x (its real images)``
+        placeholders."""
+        embeds = self.embed_tokens(input_ids)
+        is_image = input_ids == int(self.config.image_token_id)
+        placeholders = is_image.sum(dim=1)
+        n = self.num_image_tokens
+        if pixel_values is None:
+            if bool(placeholders.any()):
+                raise _input_error("input_ids", "the text holds image placeholder tokens but no pixel_values were given")
+            return embeds
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.unsqueeze(1)
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise _input_error(
+                "pixel_values", f"batch size {pixel_values.shape[0]} != input_ids batch size {input_ids.shape[0]}"
+            )
+        mask = self._image_mask(pixel_values, image_mask)
+        expected = mask.sum(dim=1).to(placeholders.device) * n
+        if not torch.equal(placeholders, expected):
+            bad = [
+                f"sample {i}: {int(p)} placeholders for {int(e) // n} image(s) x {n} tokens = {int(e)}"
+                for i, (p, e) in enumerate(zip(placeholders.tolist(), expected.tolist()))
+                if p != e
+            ]
+            raise _input_error("input_ids", "image placeholder count mismatch: " + "; ".join(bad))
+        if not bool(mask.any()):
+            return embeds
+        visual = self._encode_images(pixel_values[mask])  # (M, N, hidden) in (b, s) order
+        return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(device=embeds.device, dtype=embeds.dtype))
+
+    # ------------------------------------------------------------------ forward / loss
+    @staticmethod
+    def _position_ids(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+        """Positions counting only attended tokens (left padding safe), last ``length`` columns."""
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        position_ids = position_ids.masked_fill(attention_mask == 0, 0)
+        return position_ids[:, -length:]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits ``(B, L, base vocab)``; ``loss`` = mean shifted cross-entropy over labels != -100 (labels of
+        image/extra ids are ignored too); with ``num_items_in_batch`` the sum is divided by it instead.
+        ``cache`` (alias ``past_key_values``) is the LLM's KV cache (transformers 5 naming)."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if cache is not None:
+            kwargs["cache"] = cache
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise _input_error("forward", "give input_ids (or inputs_embeds)")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
+        if position_ids is None and attention_mask is not None:
+            position_ids = self._position_ids(attention_mask, inputs_embeds.shape[1])
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        loss = None
+        if labels is not None:
+            loss = self.loss_from_logits(outputs.logits, labels, num_items_in_batch)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=outputs.logits,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def loss_from_logits(
+        self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Shifted next-token cross-entropy in fp32; -100 and ids outside the LLM vocabulary are ignored."""
+        labels = labels.to(logits.device)
+        labels = labels.masked_fill(labels >= logits.shape[-1], -100)
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1)
+        if num_items_in_batch is None:
+            return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        **gen_kwargs: Any,
+    ) -> Any:
+        """Embed once (images scattered in), then run the LLM's own ``generate`` (KV cache, greedy/sampling,
+        every HF option). Returns ``prompt ids + new ids`` (or the usual output object with ``.sequences``).
+        Left-pad batches (positions are taken from ``attention_mask``)."""
+        inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
+        gen_config = self.language_model.generation_config
+        eos = gen_config.eos_token_id if gen_config.eos_token_id is not None else self.config.text_config.eos_token_id
+        pad = gen_config.pad_token_id
+        if pad is None:
+            pad = self.config.text_config.pad_token_id
+        if pad is None:
+            pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+        gen_kwargs.setdefault("eos_token_id", eos)
+        gen_kwargs.setdefault("pad_token_id", pad)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # logits processors index scores with the prompt ids: keep them inside the LLM vocabulary
+        safe_ids = input_ids.masked_fill(input_ids >= int(self.config.base_vocab_size), int(pad or 0))
+        out = self.language_model.generate(
+            input_ids=safe_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen_kwargs
+        )
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        if sequences.shape[1] >= input_ids.shape[1] and torch.equal(sequences[:, : input_ids.shape[1]], safe_ids):
+            sequences[:, : input_ids.shape[1]] = input_ids
+        return out
+
+    # ------------------------------------------------------------------ training switches
+    def freeze(
+        self,
+        vision: bool | None = None,
+        resampler: bool | None = None,
+        projector: bool | None = None,
+        llm: bool | None = None,
+        extra_tokens: bool | None = None,
+    ) -> dict[str, int]:
+        """Freeze (True) / unfreeze (False) parts; None leaves a part as it is. Adapter (LoRA) weights inside the
+        LLM stay trainable when the LLM is frozen. Returns the trainable parameter count per part."""
+        parts = {
+            "vision": (self.vision_model, vision),
+            "resampler": (self.resampler, resampler),
+            "projector": (self.projector, projector),
+            "extra_tokens": (self.extra_token_embeddings, extra_tokens),
+        }
+        for module, flag in parts.values():
+            if flag is not None:
+                module.requires_grad_(not flag)
+        if llm is not None:
+            for name, param in self.language_model.named_parameters():
+                param.requires_grad_(_is_adapter_key(name) or not llm)
+        counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in parts.items()}
+        counts["llm"] = sum(p.numel() for p in self.language_model.parameters() if p.requires_grad)
+        return counts
+
+    def add_lora(self, lora_config: Any) -> None:
+        """Inject LoRA adapters (a ``peft.LoraConfig``) into the LLM with ``peft.inject_adapter_in_model``; their
+        weights (``...lora_A/B...``) are then saved with the trainable parts, the config as ``adapter_config.json``.
+        Only the adapter weights of the LLM stay trainable afterwards (``freeze(llm=True)``)."""
+        _inject_lora(self.language_model, lora_config)
+        self.freeze(llm=True)
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing for the ViT blocks, the resampler layers and the LLM's decoder layers."""
+        if enable:
+            self.activation_checkpointing_enable()
+        else:
+            self.activation_checkpointing_disable()
+
+    # ------------------------------------------------------------------ save / load
+    def _saves_base(self, save_base: bool) -> bool:
+        return bool(save_base) or not self.config.text_model_name_or_path
+
+    def _checkpoint_state(self, with_base: bool) -> dict[str, torch.Tensor]:
+        """State dict of what a checkpoint holds; tensors sharing storage (tied weights) are kept once."""
+        state: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        for name, tensor in self.state_dict().items():
+            if name.startswith("language_model.") and not (with_base or _is_adapter_key(name)):
+                continue
+            key = (tensor.data_ptr(), tuple(tensor.shape))
+            if tensor.numel() and key in seen:
+                continue
+            seen.add(key)
+            state[name] = tensor
+        return state
+
+    def save_pretrained(  # type: ignore[override]
+        self, save_directory: str | os.PathLike, save_base: bool = False, **_: Any
+    ) -> list[Path]:
+        """Write ``config.json`` and ``model.safetensors`` (trainable parts; the whole LLM too if ``save_base`` or
+        the base is not named) atomically, file by file, keeping other files of the folder (processor, ...)."""
+        from safetensors.torch import save_file
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        with_base = self._saves_base(save_base)
+        state = {k: v.detach().contiguous().cpu() for k, v in self._checkpoint_state(with_base).items()}
+        metadata = {"format": "pt", "radfm3d_with_base": str(with_base)}
+        written = [folder / WEIGHTS_NAME, folder / "config.json"]
+        _atomic_write(written[0], lambda tmp: save_file(state, tmp, metadata=metadata))
+        config = self.config.to_dict()
+        config["architectures"] = [type(self).__name__]
+        _atomic_write(written[1], lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+        peft_config = getattr(self.language_model, "peft_config", None)
+        if peft_config:
+            if len(peft_config) > 1:
+                raise ValueError("saving more than one adapter is not supported; merge or delete the others first")
+            adapter = next(iter(peft_config.values())).to_dict()
+            adapter = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter.items()}
+            written.append(folder / ADAPTER_CONFIG_NAME)
+            _atomic_write(written[-1], lambda tmp: Path(tmp).write_text(json.dumps(adapter, indent=2, default=str)))
+        return written
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        dtype: torch.dtype | str | None = None,
+        device_map: Any = None,
+        **kwargs: Any,
+    ) -> RadFM3DForCausalLM:
+        """Load a checkpoint folder (or build a fresh model from a preset name, e.g. ``"demo"``).
+
+        The named base LLM is loaded through :func:`radfm3d.interop.llm.load_base_llm` (with ``dtype`` and
+        ``device_map``); the saved parts are then loaded strictly (missing or unexpected keys raise).
+        """
+        from radfm3d.interop.llm import load_base_llm
+
+        source = Path(pretrained_model_name_or_path)
+        is_folder = (source / "config.json").is_file()
+        if is_folder:
+            config = RadFM3DConfig.from_pretrained(source)
+        else:
+            config = RadFM3DConfig.from_preset(pretrained_model_name_or_path)
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        if config.text_model_name_or_path:
+            language_model, _ = load_base_llm(config.text_model_name_or_path, dtype=dtype, device_map=device_map)
+        else:
+            language_model = AutoModelForCausalLM.from_config(
+                config.text_config, dtype=dtype if isinstance(dtype, torch.dtype) else None
+            )
+        if is_folder and (source / ADAPTER_CONFIG_NAME).is_file():
+            language_model = _attach_adapter(language_model, source / ADAPTER_CONFIG_NAME)
+        model = cls(config, language_model=language_model)
+        device = language_model.get_input_embeddings().weight.device
+        own_dtype = dtype if isinstance(dtype, torch.dtype) else None
+        for part in (model.vision_model, model.resampler, model.projector, model.extra_token_embeddings):
+            part.to(device=device if device.type != "meta" else "cpu", dtype=own_dtype)
+        if is_folder:
+            model._load_checkpoint_state(source)
+        model.eval()
+        return model
+
+    def _load_checkpoint_state(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        files = self._weight_files(folder)
+        loaded: dict[str, torch.Tensor] = {}
+        with_base = False
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                with_base = with_base or meta.get("radfm3d_with_base") == "True"
+                for key in handle.keys():
+                    loaded[key] = handle.get_tensor(key)
+        if not any(k.startswith("language_model.") and not _is_adapter_key(k) for k in loaded):
+            with_base = False
+        expected = set(self._checkpoint_state(with_base))
+        missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
+        if missing or unexpected:
+            raise _input_error(
+                folder,
+                f"checkpoint does not match the model: missing keys {missing[:20]}"
+                f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
+                f"{' ...' if len(unexpected) > 20 else ''}",
+            )
+        result = self.load_state_dict(loaded, strict=False)
+        still_missing = sorted(set(result.unexpected_keys))
+        if still_missing:  # pragma: no cover - guarded by the key check above
+            raise _input_error(folder, f"unexpected keys {still_missing}")
+
+    @staticmethod
+    def _weight_files(folder: Path) -> list[Path]:
+        if (folder / WEIGHTS_NAME).is_file():
+            return [folder / WEIGHTS_NAME]
+        index = folder / WEIGHTS_INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+        raise _input_error(folder, f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in the checkpoint folder")
+
+    def trainable_state_keys(self) -> list[str]:
+        """Keys that :meth:`save_pretrained` writes without ``save_base`` (for converters and tests)."""
+        return list(self._checkpoint_state(self._saves_base(False)))
+
+
+def _inject_lora(language_model: PreTrainedModel, lora_config: Any) -> None:
+    from peft import inject_adapter_in_model
+
+    if getattr(language_model, "peft_config", None):
+        raise ValueError("the language model already has an adapter")
+    inject_adapter_in_model(lora_config, language_model, adapter_name="default")
+    language_model.peft_config = {"default": lora_config}
+
+
+def _attach_adapter(language_model: PreTrainedModel, adapter_config: Path) -> PreTrainedModel:
+    """Re-create the (LoRA) adapter structure saved with a checkpoint, so its weights can be loaded strictly."""
+    try:
+        from peft import LoraConfig
+    except ImportError as err:  # pragma: no cover - peft is a dependency
+        raise _input_error(adapter_config, "this checkpoint has adapters; install peft") from err
+    data = json.loads(adapter_config.read_text())
+    if data.get("peft_type", "LORA") not in ("LORA", "PeftType.LORA"):
+        raise _input_error(adapter_config, f"unsupported adapter type {data.get('peft_type')!r} (only LORA)")
+    fields = set(LoraConfig.__dataclass_fields__)
+    skip = {"peft_type", "task_type", "runtime_config"}
+    _inject_lora(language_model, LoraConfig(**{k: v for k, v in data.items() if k in fields and k not in skip}))
+    return language_model

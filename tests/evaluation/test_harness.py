@@ -1,0 +1,192 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""Harness on a small synthetic manifest built here (no phantom generator): oracle = 100%, constant = chance,
+and a predictions-file round trip through the CLI writes JSON, Markdown and PNG."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radfm3d.evaluation.harness import (
+    cli,
+    constant_predictions,
+    evaluate_predictions,
+    oracle_predictions,
+    read_predictions,
+    task_family,
+    true_boxes_world_mm,
+    write_predictions,
+)
+
+CLOSED = {
+    "modality": ["CT.", "MRI."],
+    "region": ["Head.", "Chest.", "Abdomen."],
+    "vqa_presence": ["Yes.", "No."],
+    "vqa_side": ["Left.", "Right."],
+    "comparison": ["New.", "Grown.", "Shrunk.", "Resolved.", "Stable."],
+}
+FINDINGS = [("cyst", "left kidney"), ("nodule", "right lung"), ("hemorrhage", "left hemisphere"),
+            ("calcification", "spleen"), ("cyst", "liver")]
+
+
+def synthetic_records(n: int = 40, seed: int = 0, image: str | None = None) -> list[dict]:
+    """n records per closed task plus report / open VQA / referring / grounding records."""
+    rng = random.Random(seed)
+    records = []
+    images = [image] if image else []
+    for task, choices in CLOSED.items():
+        for i in range(n):
+            records.append({"id": f"{task}-{seed}-{i}", "images": images, "task": task,
+                            "prompt": f"<image> {task}?", "answer": rng.choice(choices), "choices": choices})
+    for i in range(n // 2):
+        pos = rng.sample(FINDINGS, rng.randint(0, 2))
+        neg = [f for f in FINDINGS if f not in pos][:2]
+        report = " ".join([f"{t.capitalize()} in the {o}." for t, o in pos] + [f"No {t} in the {o}." for t, o in neg])
+        records.append({"id": f"report-{seed}-{i}", "images": images, "task": "report",
+                        "prompt": "<image> Write the report.", "answer": report or "No abnormality."})
+        t, o = rng.choice(FINDINGS)
+        records.append({"id": f"loc-{seed}-{i}", "images": images, "task": "vqa_location",
+                        "prompt": "<image> Where is the lesion?", "answer": f"A {t} in the {o}."})
+        records.append({"id": f"ref-{seed}-{i}", "images": images, "task": "referring",
+                        "prompt": "<image> What is in <box>1,2,3,4,5,6</box>?", "answer": f"A {t} in the {o}."})
+        lo = np.array([rng.uniform(2, 10), rng.uniform(2, 10), rng.uniform(2, 6)])
+        box = [*lo.tolist(), *(lo + [rng.uniform(2, 8), rng.uniform(2, 8), rng.uniform(1, 4)]).tolist()]
+        records.append({"id": f"ground-{seed}-{i}", "images": images, "task": "grounding",
+                        "prompt": f"<image> Locate the {t}.", "answer": "<box>10,20,30,40,50,60</box>",
+                        "ground_truth": {"findings": [{"type": t, "box_world_mm": box}]}})
+    return records
+
+
+def test_task_families():
+    assert task_family({"task": "vqa_presence", "choices": ["Yes.", "No."]}) == "vqa_closed:presence"
+    assert task_family({"task": "vqa_location"}) == "vqa_open"
+    assert task_family({"task": "vqa_size_bucket", "choices": ["<10 mm", ">=10 mm"]}) == "vqa_closed:size_bucket"
+    assert task_family({"task": "report"}) == "report"
+    assert task_family({"task": "grounding"}) == "grounding"
+    assert task_family({"task": "comparison"}) == "comparison"
+    assert true_boxes_world_mm({"ground_truth": {"target": {"box_world_mm": [0, 0, 0, 1, 1, 1]}}}) == [[0, 0, 0, 1, 1, 1]]
+
+
+def test_oracle_scores_100_percent_and_blind_constant_is_near_chance():
+    records = synthetic_records()
+    oracle = oracle_predictions(records)  # world boxes attached for grounding
+    blind = constant_predictions(records, train_records=synthetic_records(seed=1))
+    res = evaluate_predictions(records, oracle, blind, embeddings=True, n_resamples=200)
+    fams = res["families"]
+    assert set(fams) >= {"modality", "region", "vqa_closed:presence", "vqa_closed:side", "comparison", "report",
+                         "vqa_open", "referring", "grounding"}
+    for name, fam in fams.items():
+        figs = fam["figures"]
+        assert figs, name
+        for key, fig in figs.items():
+            if key == "centre_error_mm":
+                assert fig["value"] == pytest.approx(0.0), name
+            else:
+                assert fig["value"] == pytest.approx(1.0, abs=1e-4), (name, key)
+        if fam["kind"] == "closed":
+            assert fam["near_chance"]["model"]["accuracy"] is False
+            assert fam["near_chance"]["blind"]["accuracy"] is True, (name, fam["blind"], fam["chance"])
+    assert "embedding_similarity" in fams["report"]["figures"]
+    assert any("presence [model]" in s and "above chance" in s for s in res["summary"])
+    assert any("presence [blind]" in s and "NEAR CHANCE" in s for s in res["summary"])
+
+
+def test_constant_answerer_near_chance():
+    records = synthetic_records(n=60)
+    const = constant_predictions(records, train_records=synthetic_records(n=60, seed=2))
+    res = evaluate_predictions(records, const, embeddings=False, n_resamples=300,
+                               train_records=synthetic_records(n=60, seed=2))
+    for name, fam in res["families"].items():
+        if fam["kind"] != "closed":
+            continue
+        acc = fam["figures"]["accuracy"]
+        assert abs(acc["value"] - fam["chance"]["majority"]) < 1e-9  # constant = majority answer of training
+        assert acc["value"] <= fam["chance"]["uniform"] + 0.25
+        assert fam["near_chance"]["model"]["accuracy"] is True, name
+    # a fixed text that names no finding gets finding recall 0 on reports with findings
+    fixed = evaluate_predictions(records, constant_predictions(records, text="No abnormality."), embeddings=False,
+                                 n_resamples=100)
+    assert fixed["families"]["report"]["figures"]["finding_recall"]["value"] == 0.0
+
+
+def test_likelihood_accuracy_and_missing_predictions():
+    records = [r for r in synthetic_records(n=10) if r["task"] == "vqa_presence"]
+    preds = {r["id"]: {"prediction": "", "choice_logliks": [0.0 if c == r["answer"] else -2.0 for c in r["choices"]]}
+             for r in records[1:]}
+    res = evaluate_predictions(records, preds, embeddings=False, n_resamples=100)
+    figs = res["families"]["vqa_closed:presence"]["figures"]
+    assert figs["accuracy"]["value"] == 0.0
+    assert figs["accuracy_likelihood"]["value"] == 1.0 and figs["accuracy_likelihood"]["n"] == 9
+    assert res["meta"]["missing_predictions"] == {"model": 1}
+
+
+def _write_scan(path: Path) -> None:
+    import nibabel as nib
+
+    vol = np.zeros((16, 16, 8), np.float32)
+    vol[4:10, 5:12, 2:6] = 100.0
+    nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.0, 1.0])), str(path))
+
+
+def test_predictions_file_round_trip_through_cli(tmp_path):
+    _write_scan(tmp_path / "scan.nii.gz")
+    records = synthetic_records(n=12, image="scan.nii.gz")
+    with (tmp_path / "test.jsonl").open("w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    preds = write_predictions(oracle_predictions(records), tmp_path / "preds.jsonl")
+    blind = write_predictions(constant_predictions(records), tmp_path / "blind.jsonl")
+    assert read_predictions(preds)[records[0]["id"]]["prediction"] == records[0]["answer"]
+    out = tmp_path / "out"
+    rc = cli(["--manifest", str(tmp_path / "test.jsonl"), "--predictions", str(preds), "--blind-predictions",
+              str(blind), "--out", str(out), "--no-embeddings", "--n-resamples", "100"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["families"]["vqa_closed:presence"]["figures"]["accuracy"]["value"] == 1.0
+    assert results["families"]["grounding"]["figures"]["hit@0.5"]["value"] == 1.0
+    md = (out / "report.md").read_text()
+    assert "## vqa_closed:presence" in md and "| accuracy | 1.000 |" in md
+    assert "near chance" in md and "above chance" in md
+    png = (out / "task_bars.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "predictions.jsonl").is_file()
+    try:
+        import radfm3d.io  # noqa: F401
+    except ImportError:
+        return  # the slice figure needs the scan reader
+    assert (out / "grounding_cases.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_predictions_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl.*prediction"):
+        read_predictions(bad)
+
+
+def test_grounding_from_box_text_through_the_codec():
+    """`<box>` answers on the model grid are mapped to world mm through the recorded grid geometry."""
+    pytest.importorskip("radfm3d.text.postprocess", reason="box post-processing not available")
+    from radfm3d.text.boxes import format_box, grid_box_to_normalised
+    from radfm3d.transforms import GridGeometry
+
+    affine = np.diag([2.0, 2.0, 4.0, 1.0])
+    affine[:3, 3] = [-30.0, -40.0, 10.0]
+    geom = GridGeometry(affine, affine, (32, 32, 8), (32, 32, 8))
+    grid_box = [8, 10, 2, 16, 20, 5]
+    world_box = geom.box_grid_to_world(grid_box).tolist()
+    answer = format_box([int(v) for v in np.round(grid_box_to_normalised(grid_box, (32, 32, 8)))])
+    record = {"id": "g0", "task": "grounding", "prompt": "<image> Locate the cyst.", "answer": answer, "images": [],
+              "ground_truth": {"target": {"box_world_mm": world_box}, "grid_geometry": geom.to_dict()}}
+    far = {"id": "g1", **{k: v for k, v in record.items() if k != "id"},
+           "ground_truth": {"target": {"box_world_mm": (np.asarray(world_box) + [40, 0, 0, 40, 0, 0]).tolist()},
+                            "grid_geometry": geom.to_dict()}}
+    res = evaluate_predictions([record, far], oracle_predictions([record, far], world_boxes=False),
+                               embeddings=False, n_resamples=50)
+    cases = {c["id"]: c for c in res["cases"]["grounding"]}
+    assert cases["g0"]["iou"] > 0.7 and cases["g0"]["centre_error_mm"] < 4.0
+    assert cases["g1"]["iou"] == 0.0 and cases["g1"]["centre_error_mm"] == pytest.approx(40.0, abs=4.0)
