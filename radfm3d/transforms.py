@@ -15,8 +15,8 @@ array is never reoriented or copied. When the grid is much coarser than the file
 128x128x32 moves ~4x4x9 voxels per grid step), plain trilinear sampling would alias thin structures
 (vessels, fissures, cortical bone) into noise, so we first average-pool the original with integer
 kernels ``floor(step)`` per voxel axis (a box pre-filter, area-style; ``torch.avg_pool3d``, ~0.1 s for
-512x512x300), smooth the pooled volume with [1, 2, 1]/4 (box + this ~ a tent of support 2 steps, the usual
-antialias kernel for linear downsampling) and then sample the pooled volume trilinearly with ``torch.nn.functional.grid_sample``
+512x512x300), smooth the pooled volume with [1, 6, 1]/8 (box + this ~ a triangle of support 2 steps, the
+usual antialias kernel for linear downsampling) and then sample the pooled volume trilinearly with ``torch.nn.functional.grid_sample``
 (``align_corners=True`` on voxel centres). ``benchmarks/bench_preprocessing.py`` compares the torch
 sampler with ``scipy.ndimage.map_coordinates`` (``backend="scipy"``).
 
@@ -502,17 +502,21 @@ def _antialias_factors(m: np.ndarray, shape: Sequence[int]) -> tuple[int, int, i
 
 
 def _tent_smooth(pooled: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
-    """[1, 2, 1] / 4 along every pooled axis (edge-replicated). Box(f) followed by this is close to a tent
-    of support 2f, the classic antialiasing kernel for linear downsampling; a box alone leaves a beat
-    pattern for periods between f and 2f. Runs on the already pooled (small) volume."""
+    """[1, 6, 1] / 8 along every pooled axis with f > 1 (edge-replicated). A triangle of support 2f (the
+    classic antialias kernel for linear downsampling, as in PIL/torchvision) puts 3/4 of its mass on the
+    centre block of f voxels and 1/8 on each neighbour block, so box(f) + this approximates it for any f;
+    a box alone leaves a beat pattern for periods between f and 2f. Runs on the small pooled volume."""
     for ax, f in enumerate(factors):
         dim = 1 + ax
         n = pooled.shape[dim]
         if f <= 1 or n < 2:
             continue
-        prev = torch.cat([pooled.narrow(dim, 0, 1), pooled.narrow(dim, 0, n - 1)], dim=dim)
-        nxt = torch.cat([pooled.narrow(dim, 1, n - 1), pooled.narrow(dim, n - 1, 1)], dim=dim)
-        pooled = (prev + nxt + 2.0 * pooled) * 0.25
+        out = pooled * 0.75
+        out.narrow(dim, 1, n - 1).add_(pooled.narrow(dim, 0, n - 1), alpha=0.125)  # left neighbour
+        out.narrow(dim, 0, n - 1).add_(pooled.narrow(dim, 1, n - 1), alpha=0.125)  # right neighbour
+        out.narrow(dim, 0, 1).add_(pooled.narrow(dim, 0, 1), alpha=0.125)  # edges replicate
+        out.narrow(dim, n - 1, 1).add_(pooled.narrow(dim, n - 1, 1), alpha=0.125)
+        pooled = out
     return pooled
 
 
@@ -606,6 +610,14 @@ class ResampleToGrid(Transform):
             outside |= (coords[ax] < -0.5 - eps) | (coords[ax] > n - 0.5 + eps)
 
         volume = data.detach().to(device="cpu", dtype=torch.float32)
+        # Work in the array's memory order (NIfTI readers give Fortran order, strides (.., 1, X, XY)): a
+        # permuted *view* is contiguous, so pooling/sampling never copy the big volume; coordinates and
+        # pooling factors are permuted alike, and the output comes out in grid order anyway.
+        order = [int(ax) for ax in np.argsort([-volume.stride(1 + ax) for ax in range(3)], kind="stable")]
+        volume = volume.permute(0, *[1 + ax for ax in order])
+        coords = coords[order]
+        shape = tuple(shape[ax] for ax in order)
+        m = m[[*order, 3]]
         mode = self.recipe.interpolation
         if self.recipe.antialias and mode == "trilinear":
             factors = _antialias_factors(m, shape)

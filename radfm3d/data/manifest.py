@@ -35,6 +35,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "read_manifest",
     "write_manifest",
+    "write_jsonl",
     "validate_record",
     "validate_manifest",
     "resolve_images",
@@ -186,10 +187,15 @@ def write_manifest(records: Iterable[Mapping[str, Any]], path: str | os.PathLike
 
     Returns the path written. With ``validate`` the records are checked first (nothing is written if invalid).
     """
-    path = Path(path)
     records = list(records)
     if validate:
         validate_manifest(records)
+    return write_jsonl(records, path)
+
+
+def write_jsonl(records: Iterable[Any], path: str | os.PathLike) -> Path:
+    """Write JSON objects one per line, atomically (temp file in the same folder, then ``os.replace``)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -132,10 +132,21 @@ def apply_lora(
     else:
         config = LoraConfig(r=int(r), lora_alpha=int(alpha), lora_dropout=float(dropout),
                             target_modules=list(target_modules), bias="none")
-        llm.add_adapter(config)
+        _inject_lora(llm, config)
     for name, p in llm.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
+
+
+def _inject_lora(llm: nn.Module, config: Any) -> None:
+    """Inject a LoRA adapter named "default" into ``llm`` and record its config where transformers/our
+    ``save_pretrained`` look for it (``llm.peft_config``). Uses peft directly: transformers' ``add_adapter`` needs
+    peft >= 0.22, which is not installable here."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, llm, adapter_name="default")
+    llm.peft_config = {"default": config}
+    llm._hf_peft_config_loaded = True
 
 
 def configure_stage(
@@ -295,9 +306,45 @@ def load_trained_model(
     from radfm3d.modeling.model import RadFM3DForCausalLM
 
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-    model = RadFM3DForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    try:
+        model = RadFM3DForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except ValueError as err:
+        if "PEFT" not in str(err):
+            raise
+        model = _load_with_lora(Path(model_dir), dtype)
     model.eval()
     return model.to(device)
+
+
+def _load_with_lora(model_dir: Path, dtype: Any = None) -> nn.Module:
+    """Fallback for checkpoints with a LoRA adapter when transformers' ``add_adapter`` refuses the installed peft:
+    same steps as ``RadFM3DForCausalLM.from_pretrained``, with the adapter injected by :func:`_inject_lora`."""
+    import json
+
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from radfm3d.modeling.configuration import RadFM3DConfig
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+
+    config = RadFM3DConfig.from_pretrained(model_dir)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if config.text_model_name_or_path:
+        from radfm3d.interop.llm import load_base_llm
+
+        llm, _ = load_base_llm(config.text_model_name_or_path, dtype=dtype)
+    else:
+        llm = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype)
+    data = json.loads((model_dir / "adapter_config.json").read_text())
+    fields = set(LoraConfig.__dataclass_fields__)
+    _inject_lora(llm, LoraConfig(**{k: v for k, v in data.items() if k in fields and k not in ("peft_type",
+                                                                                              "task_type")}))
+    model = RadFM3DForCausalLM(config, language_model=llm)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model._load_checkpoint_state(model_dir)
+    return model
 
 
 def parameters_digest(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -307,8 +354,19 @@ def parameters_digest(model: nn.Module, names: Iterable[str] | None = None) -> d
     return {n: p.detach().cpu().clone() for n, p in inner.named_parameters() if keep is None or n in keep}
 
 
-def load_processor(name_or_path: str | os.PathLike) -> Any:
-    """The ``RadFM3DProcessor`` of a saved model folder or of a preset name ("tiny", "demo")."""
-    from radfm3d.processing import RadFM3DProcessor
+def load_processor(name_or_path: str | os.PathLike, recipe: Any = None) -> Any:
+    """The ``RadFM3DProcessor`` of a saved model folder or of a preset name ("tiny", "demo").
 
-    return RadFM3DProcessor.from_pretrained(str(name_or_path))
+    ``recipe`` (a ``PreprocessingRecipe``, its dict, or a ``preprocessing.json`` file/folder, e.g. the one a phantom
+    set is written with) replaces the preset's preprocessing; a path that does not exist is ignored (None).
+    """
+    from radfm3d.processing import RadFM3DProcessor
+    from radfm3d.transforms import PreprocessingRecipe
+
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = PreprocessingRecipe.load(recipe) if Path(recipe).exists() else None
+    elif isinstance(recipe, dict):
+        recipe = PreprocessingRecipe.from_dict(recipe)
+    if recipe is None:
+        return RadFM3DProcessor.from_pretrained(str(name_or_path))
+    return RadFM3DProcessor.from_model_config(str(name_or_path), recipe=recipe)

@@ -1,1 +1,58 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
+"""Text side of radfm3d: task prompts, chat formatting, the ``<box>`` codec and box post-processing.
+
+``boxes_from_text`` (in :mod:`radfm3d.text.postprocess`) needs :mod:`radfm3d.transforms` and is imported lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from radfm3d.text.boxes import (
+    BOX_MAX,
+    format_box,
+    format_boxes,
+    grid_box_to_normalised,
+    normalised_to_grid_box,
+    order_box,
+    parse_boxes,
+)
+from radfm3d.text.prompts import (
+    DEFAULT_QUESTIONS,
+    IMAGE_PLACEHOLDER,
+    TASK_TOKENS,
+    build_prompt,
+    count_images,
+    format_chat,
+    has_chat_template,
+    split_task,
+    task_token,
+)
+
+__all__ = [
+    "BOX_MAX",
+    "DEFAULT_QUESTIONS",
+    "IMAGE_PLACEHOLDER",
+    "TASK_TOKENS",
+    "boxes_from_text",
+    "build_prompt",
+    "count_images",
+    "format_box",
+    "format_boxes",
+    "format_chat",
+    "grid_box_to_normalised",
+    "has_chat_template",
+    "normalised_to_grid_box",
+    "order_box",
+    "parse_boxes",
+    "split_task",
+    "task_token",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "boxes_from_text":
+        from radfm3d.text.postprocess import boxes_from_text
+
+        return boxes_from_text
+    raise AttributeError(f"module 'radfm3d.text' has no attribute {name!r}")

@@ -1,0 +1,1049 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""Reading and writing scans: the one place in radfm3d that touches image files.
+
+:func:`load_image` turns a file, a DICOM folder or an array into a channel-first MONAI ``MetaTensor``
+``(C, X, Y, Z)`` (2D images: ``(C, X, Y, 1)``) whose ``.affine`` maps voxel indices to world **RAS**
+millimetres. Voxel order is kept as stored in the file (no reorientation here; that is
+``radfm3d.transforms``' job). Every problem with the input is reported as a
+:class:`~radfm3d.errors.RadFM3DInputError` naming the file and what is wrong, and headers are checked
+(dimensionality, size limit, spacing, affine) *before* pixel data are read.
+
+Conventions
+-----------
+* DICOM/ITK index order: X = column index (along the first ImageOrientationPatient vector),
+  Y = row index, Z = slice (sorted by position along the slice normal, ascending).
+* LPS (DICOM, ITK, NRRD, MHA) is converted to RAS by negating the first two world axes.
+* 2D images without a patient geometry (PNG/JPEG, radiographs without ImageOrientationPatient) get the
+  ITK default: identity direction in LPS (columns -> patient left, rows -> posterior), so in RAS the affine
+  is ``diag(-sx, -sy, 1)``; spacing is PixelSpacing/ImagerPixelSpacing when known, else 1 mm.
+* Colour images (RGB/YBR/palette DICOM, RGB PNG/JPEG) are converted to one luminance channel
+  (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B), because every downstream recipe works on grey values.
+* MONOCHROME1 DICOM is inverted (``min + max - value``) so that brighter means more signal, as in
+  MONOCHROME2; CT is never inverted (values stay in HU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from radfm3d.errors import RadFM3DInputError
+
+__all__ = ["load_image", "save_nifti", "save_dicom_series", "image_summary", "cli",
+           "MIN_SPACING_MM", "MAX_SPACING_MM"]
+
+logger = logging.getLogger(__name__)
+
+MIN_SPACING_MM = 0.01
+"""Smaller voxel spacings are rejected as absurd (usually a units error in the header)."""
+MAX_SPACING_MM = 50.0
+"""Larger voxel spacings are rejected as absurd."""
+
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+_LUMA = np.array([0.299, 0.587, 0.114])
+_ARRAY_SOURCE = "<array>"
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".img.gz")
+_FORMAT_BY_SUFFIX = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "mha", ".mhd": "mha", ".dcm": "dicom",
+                     ".dicom": "dicom", ".ima": "dicom", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+_KNOWN_EXTENSIONS = ".nii, .nii.gz, .hdr/.img, .nrrd, .nhdr, .mha, .mhd, .dcm, .png, .jpg/.jpeg or a DICOM folder"
+
+
+@dataclass
+class _Loaded:
+    """What a reader hands to :func:`_finish`: data ``(C, X, Y, Z)``, affine 4x4 voxel -> RAS mm."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    source_format: str
+    filename: str
+    modality: str = "unknown"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def load_image(source: str | os.PathLike | np.ndarray | Any, *, affine: np.ndarray | Any | None = None,
+               series_uid: str | None = None, modality: str | None = None,
+               max_voxels: int = 1_000_000_000, dtype: Any = np.float32):
+    """Read a scan into a channel-first ``MetaTensor`` ``(C, X, Y, Z)`` with a voxel -> RAS mm affine.
+
+    Args:
+        source: a path (NIfTI ``.nii``/``.nii.gz``, NRRD, MHA/MHD, DICOM file, PNG/JPEG), a folder of DICOM
+            files (one series is read), or an array/tensor: ``(X, Y)``, ``(X, Y, Z)``, ``(1, X, Y, Z)``
+            (a ``MetaTensor`` is taken as channel-first ``(C, X, Y[, Z])`` and keeps its affine).
+        affine: 4x4 voxel -> world RAS mm, only for array input (default: identity, 1 mm voxels).
+        series_uid: which DICOM series to read from a folder holding several (default: the largest).
+        modality: overrides/declares the modality ("CT", "MR", ...); files that do not say get "unknown".
+        max_voxels: refuse inputs whose header claims more elements than this (checked before reading).
+        dtype: output dtype (CT values are HU after RescaleSlope/Intercept).
+
+    Returns:
+        ``monai.data.MetaTensor``; meta keys: ``filename_or_obj``, ``source_format``, ``original_shape``,
+        ``original_spacing`` (mm), ``original_affine`` (np 4x4 RAS), ``modality``, ``is_2d``, ``space="RAS"``,
+        and ``series_uid`` for DICOM.
+
+    Raises:
+        RadFM3DInputError: missing/empty/unknown/corrupt input, 1D/4D/5D data, NaN/Inf voxels, zero or absurd
+            spacing, a singular affine, or a header larger than ``max_voxels``.
+    """
+    if _is_array(source):
+        loaded = _read_array(source, affine, max_voxels)
+    else:
+        if not isinstance(source, (str, os.PathLike)):
+            raise RadFM3DInputError(repr(type(source)), "load_image expects a path, a folder, a numpy array or "
+                                                        "a torch tensor")
+        path = Path(os.fspath(source)).expanduser()
+        if affine is not None:
+            raise RadFM3DInputError(path, "affine= is only used for array input; a file carries its own geometry")
+        loaded = _read_path(path, series_uid, max_voxels)
+    if modality:
+        loaded.modality = str(modality)
+    return _finish(loaded, dtype)
+
+
+def save_nifti(image: Any, path: str | os.PathLike) -> Path:
+    """Write a ``(C, X, Y, Z)`` (or ``(X, Y, Z)``) image with its RAS affine as NIfTI-1 (``.nii``/``.nii.gz``).
+
+    One channel is stored as ``(X, Y, Z)``; several as a NIfTI vector image ``(X, Y, Z, 1, C)``, which
+    :func:`load_image` reads back as channels. Both sform and qform are set (code 1, scanner), units mm.
+    """
+    nib = _require("nibabel", "nibabel")
+    path = Path(os.fspath(path))
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        raise RadFM3DInputError(path, "save_nifti writes .nii or .nii.gz files")
+    data, aff = _image_data_affine(image)
+    if data.ndim == 4:
+        data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)[:, :, :, None, :]
+    data = _nifti_safe_dtype(data)
+    nimg = nib.Nifti1Image(data, aff)
+    nimg.header.set_xyzt_units("mm")
+    nimg.set_sform(aff, code=1)
+    nimg.set_qform(aff, code=1)
+    if data.ndim == 5:
+        nimg.header.set_intent("vector")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nimg, str(path))
+    return path
+
+
+def save_dicom_series(image: Any, folder: str | os.PathLike, *, modality: str = "CT", series_uid: str | None = None,
+                      patient_id: str = "RADFM3D-ANON", description: str = "radfm3d",
+                      study_uid: str | None = None) -> list[Path]:
+    """Write a one-channel ``(1, X, Y, Z)`` image as a DICOM series, one file per Z slice.
+
+    Geometry: ImagePositionPatient (LPS) of each slice, ImageOrientationPatient from the X (column) and Y
+    (row) axes, PixelSpacing = ``[row spacing (Y), column spacing (X)]``, SliceThickness and
+    SpacingBetweenSlices = the Z step. Pixels are int16 with RescaleSlope/Intercept: integer data that
+    fits int16 (e.g. CT in HU) is stored exactly, anything else is scaled to the full int16 range.
+    Storage class: CT/MR/PT Image Storage by ``modality``, Secondary Capture otherwise.
+
+    Returns:
+        the written paths, in Z order (``slice_0000.dcm`` ...).
+    """
+    _require("pydicom", "pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID,
+                             PositronEmissionTomographyImageStorage, SecondaryCaptureImageStorage, generate_uid)
+
+    folder = Path(os.fspath(folder))
+    data, aff = _image_data_affine(image)
+    if data.ndim == 4:
+        if data.shape[0] != 1:
+            raise RadFM3DInputError(folder, f"save_dicom_series writes one channel, got {data.shape[0]}")
+        data = data[0]
+    if data.ndim != 3:
+        raise RadFM3DInputError(folder, f"save_dicom_series expects (1, X, Y, Z) or (X, Y, Z), got {data.shape}")
+    values = np.asarray(data, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise RadFM3DInputError(folder, "cannot save NaN/Inf voxels as DICOM")
+    slope, intercept = _int16_rescale(values)
+    stored = np.clip(np.rint((values - intercept) / slope), -32768, 32767).astype("<i2")
+
+    lps = _LPS_RAS @ aff
+    col_x, col_y, step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    sx, sy, sz = (float(np.linalg.norm(c)) for c in (col_x, col_y, step))
+    if min(sx, sy, sz) <= 0:
+        raise RadFM3DInputError(folder, "cannot save an image with zero voxel spacing as DICOM")
+    row_dir, col_dir = col_x / sx, col_y / sy
+    normal = np.cross(row_dir, col_dir)
+    sop_class = {"CT": CTImageStorage, "MR": MRImageStorage,
+                 "PT": PositronEmissionTomographyImageStorage}.get(modality.upper(), SecondaryCaptureImageStorage)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    frame_uid = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    nx, ny, nz = stored.shape
+    paths: list[Path] = []
+    for k in range(nz):
+        ipp = lps[:3, 3] + k * step
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = modality.upper()
+        ds.Manufacturer = "radfm3d"
+        ds.PatientName = patient_id
+        ds.PatientID = patient_id
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.StudyID = "1"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = k + 1
+        ds.SeriesDescription = description[:64]
+        ds.ImagePositionPatient = [_ds(v) for v in ipp]
+        ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+        ds.SliceLocation = _ds(float(ipp @ normal))
+        ds.PixelSpacing = [_ds(sy), _ds(sx)]  # [between rows (Y), between columns (X)]
+        ds.SliceThickness = _ds(sz)
+        ds.SpacingBetweenSlices = _ds(sz)
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = ny, nx
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope = _ds(slope)
+        ds.RescaleIntercept = _ds(intercept)
+        if ds.Modality == "CT":
+            ds.RescaleType = "HU"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # (Rows=Y, Columns=X)
+        out = folder / f"slice_{k:04d}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        paths.append(out)
+    return paths
+
+
+def image_summary(image: Any) -> dict[str, Any]:
+    """A JSON-friendly description of a loaded image (what ``radfm3d info`` prints)."""
+    nib = _require("nibabel", "nibabel")
+    aff = np.asarray(_to_numpy(image.affine), dtype=np.float64)
+    values = _to_numpy(image)
+    meta = dict(getattr(image, "meta", {}) or {})
+    summary = {
+        "file": str(meta.get("filename_or_obj", "")),
+        "format": meta.get("source_format", "unknown"),
+        "shape": [int(s) for s in values.shape],
+        "spacing_mm": [round(float(s), 6) for s in np.linalg.norm(aff[:3, :3], axis=0)],
+        "orientation": "".join(nib.aff2axcodes(aff)),
+        "origin_mm_ras": [round(float(v), 4) for v in aff[:3, 3]],
+        "modality": meta.get("modality", "unknown"),
+        "is_2d": bool(meta.get("is_2d", False)),
+        "value_range": [float(values.min()), float(values.max())] if values.size else [],
+        "dtype": str(values.dtype),
+    }
+    if "series_uid" in meta:
+        summary["series_uid"] = meta["series_uid"]
+    return summary
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``radfm3d info <path> [...]``: print format, shape, spacing, orientation, modality and value range."""
+    parser = argparse.ArgumentParser(prog="radfm3d info", description="Read scans and print their geometry.")
+    parser.add_argument("paths", nargs="+", help="image file(s) or DICOM folder(s)")
+    parser.add_argument("--series-uid", default=None, help="DICOM series to read from a folder holding several")
+    parser.add_argument("--modality", default=None, help="declare the modality (CT, MR, ...) for files that lack it")
+    parser.add_argument("--max-voxels", type=int, default=1_000_000_000, help="refuse larger headers")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per input")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    status = 0
+    for path in args.paths:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                image = load_image(path, series_uid=args.series_uid, modality=args.modality,
+                                   max_voxels=args.max_voxels)
+        except RadFM3DInputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = 2
+            continue
+        summary = image_summary(image)
+        summary["warnings"] = [str(w.message) for w in caught]
+        if args.json:
+            print(json.dumps(summary))
+            continue
+        lo, hi = summary["value_range"] or [float("nan")] * 2
+        lines = [f"file:        {summary['file']}", f"format:      {summary['format']}",
+                 f"shape:       {tuple(summary['shape'])}  (C, X, Y, Z)",
+                 f"spacing:     {' x '.join(f'{s:g}' for s in summary['spacing_mm'])} mm",
+                 f"orientation: {summary['orientation']}  (voxel axes -> world, nibabel axcodes)",
+                 f"origin:      {', '.join(f'{v:g}' for v in summary['origin_mm_ras'])} mm (RAS)",
+                 f"modality:    {summary['modality']}", f"2D:          {'yes' if summary['is_2d'] else 'no'}",
+                 f"values:      {lo:g} .. {hi:g} ({summary['dtype']})"]
+        if "series_uid" in summary:
+            lines.append(f"series UID:  {summary['series_uid']}")
+        lines += [f"warning:     {w}" for w in summary["warnings"]]
+        print("\n".join(lines))
+    return status
+
+
+# ----------------------------------------------------------------------------------------------- dispatch
+def _read_path(path: Path, series_uid: str | None, max_voxels: int) -> _Loaded:
+    if not path.exists():
+        raise RadFM3DInputError(path, "no such file or folder")
+    if path.is_dir():
+        return _read_dicom_folder(path, series_uid, max_voxels)
+    if path.stat().st_size == 0:
+        raise RadFM3DInputError(path, "empty file (0 bytes)")
+    fmt = _guess_format(path)
+    if fmt == "nifti":
+        return _read_nifti(path, max_voxels)
+    if fmt in ("nrrd", "mha"):
+        return _read_itk(path, fmt, max_voxels)
+    if fmt == "dicom":
+        return _read_dicom_file(path, max_voxels, series_uid)
+    return _read_pil(path, fmt, max_voxels)
+
+
+def _guess_format(path: Path) -> str:
+    """Format from the extension, else from the first bytes; raises for anything else."""
+    name = path.name.lower()
+    if name.endswith(_NIFTI_SUFFIXES):
+        return "nifti"
+    suffix = path.suffix.lower()
+    if suffix in _FORMAT_BY_SUFFIX:
+        return _FORMAT_BY_SUFFIX[suffix]
+    with open(path, "rb") as f:
+        head = f.read(352)
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"NRRD"):
+        return "nrrd"
+    if head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "nifti"
+    raise RadFM3DInputError(path, f"not a recognised image file (extension {suffix or 'none'!r}); "
+                                  f"radfm3d reads {_KNOWN_EXTENSIONS}")
+
+
+# ----------------------------------------------------------------------------------------------- NIfTI
+def _read_nifti(path: Path, max_voxels: int) -> _Loaded:
+    nib = _require("nibabel", "nibabel")
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # ImageFileError, gzip/zlib errors, short headers
+        raise RadFM3DInputError(path, f"not a readable NIfTI file: the header is missing or corrupt "
+                                      f"({_short(err)})") from None
+    if not hasattr(img, "affine") or not hasattr(img, "dataobj"):
+        raise RadFM3DInputError(path, f"{type(img).__name__} is not a NIfTI/Analyze volume")
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    spatial, channels = _file_layout(path, shape)
+    _check_voxels(path, shape, max_voxels)
+    header = img.header
+    aff = np.asarray(img.affine, dtype=np.float64)
+    if spatial[2] == 1 and len(shape) == 2:
+        aff = _complete_2d_affine(aff)
+    extra: dict[str, Any] = {}
+    codes = (int(header.get("sform_code", 0)), int(header.get("qform_code", 0)))
+    if codes == (0, 0):
+        warnings.warn(f"{path}: NIfTI without sform/qform; the orientation is unknown and comes from pixdim only",
+                      stacklevel=3)
+        extra["geometry_known"] = False
+    _check_affine(path, aff)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except FileNotFoundError as err:
+        raise RadFM3DInputError(path, f"the pixel data file {err.filename!r} is missing") from None
+    except Exception as err:  # EOFError, zlib.error, OSError, ValueError from short data
+        raise RadFM3DInputError(path, f"corrupt or truncated NIfTI file: the pixel data could not be read "
+                                      f"({_short(err)})") from None
+    if np.iscomplexobj(data) or data.dtype.fields is not None:
+        raise RadFM3DInputError(path, f"unsupported NIfTI data type {header.get_data_dtype()} (complex/RGB)")
+    data = data.reshape(*spatial, -1) if len(shape) == 5 else data.reshape(spatial)[..., None]
+    return _Loaded(np.moveaxis(data, -1, 0), aff, "nifti", str(path), extra=extra)
+
+
+def _file_layout(source: Any, shape: tuple[int, ...]) -> tuple[tuple[int, int, int], int]:
+    """File shape (spatial first, vector last) -> ((X, Y, Z), channels); raises for 1D/4D/5D."""
+    dims = list(shape)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) <= 1:
+        raise RadFM3DInputError(source, f"1D data (shape {tuple(shape)}) is not an image; radfm3d reads 2D and "
+                                        "3D images")
+    if len(dims) == 2:
+        return (dims[0], dims[1], 1), 1
+    if len(dims) == 3:
+        return (dims[0], dims[1], dims[2]), 1
+    if len(dims) == 4:
+        raise RadFM3DInputError(source, _four_d_message(dims[3], shape))
+    if len(dims) == 5 and dims[3] == 1:  # NIfTI vector convention (X, Y, Z, 1, C)
+        return (dims[0], dims[1], dims[2]), dims[4]
+    raise RadFM3DInputError(source, f"{len(dims)}D data (shape {tuple(shape)}) is not supported; radfm3d reads "
+                                    "2D and 3D images")
+
+
+def _four_d_message(volumes: int, shape: Sequence[int]) -> str:
+    return (f"4D image with {volumes} volumes (time/echo), shape {tuple(int(s) for s in shape)}; radfm3d reads "
+            "one 3D volume at a time: select one volume, e.g. load_image(arr[..., t], affine=...)")
+
+
+# ----------------------------------------------------------------------------------------------- NRRD / MHA
+def _read_itk(path: Path, fmt: str, max_voxels: int) -> _Loaded:
+    sitk = _require("SimpleITK", "SimpleITK")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise RadFM3DInputError(path, f"not a readable {fmt.upper()} file: the header is missing or corrupt "
+                                      f"({_short(err)})") from None
+    size = [int(s) for s in reader.GetSize()]
+    comps = int(reader.GetNumberOfComponents())
+    shape = tuple(size) + ((comps,) if comps > 1 else ())
+    dims = list(size)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) <= 1:
+        raise RadFM3DInputError(path, f"1D data (size {tuple(size)}) is not an image")
+    if len(dims) == 4:
+        raise RadFM3DInputError(path, _four_d_message(dims[3], size))
+    if len(dims) > 4:
+        raise RadFM3DInputError(path, f"{len(dims)}D data (size {tuple(size)}) is not supported")
+    _check_voxels(path, shape, max_voxels)
+    _check_spacing_values(path, reader.GetSpacing(), "spacing")
+    nd = len(size)
+    direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(nd, nd)
+    lps = np.eye(4)
+    k = min(nd, 3)
+    lps[:k, :k] = direction[:k, :k] * np.asarray(reader.GetSpacing()[:k])
+    lps[:k, 3] = np.asarray(reader.GetOrigin()[:k])
+    aff = _LPS_RAS @ lps
+    if len(dims) == 2:
+        aff = _complete_2d_affine(aff)
+    _check_affine(path, aff)
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise RadFM3DInputError(path, f"corrupt or truncated {fmt.upper()} file: the pixel data could not be read "
+                                      f"({_short(err)})") from None
+    arr = sitk.GetArrayFromImage(image)  # (..., Z, Y, X[, C]) in reverse index order
+    if comps == 1:
+        arr = arr[..., None]
+    arr = arr.reshape(*[s for s in reversed(size[:3])], comps)  # drops singleton 4th dims
+    data = np.moveaxis(arr, -1, 0).transpose(0, *range(arr.ndim - 1, 0, -1))
+    if data.ndim == 3:  # 2D: (C, X, Y) -> (C, X, Y, 1)
+        data = data[..., None]
+    return _Loaded(data, aff, fmt, str(path))
+
+
+# ----------------------------------------------------------------------------------------------- DICOM
+_DECODER_HINTS = {
+    "1.2.840.10008.1.2.4.50": "pillow",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg  (Pillow cannot decode 12-bit JPEG)",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg  (or pyjpegls)",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg  (or pyjpegls)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg  (or pillow)",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg  (or pillow)",
+}
+_ENHANCED_MARKERS = ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")
+
+
+def _dcmread(path: Path, *, header_only: bool, force: bool = False):
+    pydicom = _require("pydicom", "pydicom")
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=header_only, force=force)
+    except InvalidDicomError:
+        if force:
+            raise
+        raise RadFM3DInputError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
+    except Exception as err:
+        raise RadFM3DInputError(path, f"corrupt or truncated DICOM file ({_short(err)})") from None
+
+
+def _read_dicom_file(path: Path, max_voxels: int, series_uid: str | None = None) -> _Loaded:
+    header = _dcmread(path, header_only=True)
+    if "Rows" not in header or "Columns" not in header:
+        raise RadFM3DInputError(path, f"DICOM file without an image ({_sop_name(header)}); not an image")
+    if series_uid and header.get("SeriesInstanceUID") != series_uid:
+        raise RadFM3DInputError(path, f"series_uid {series_uid!r} asked for, but this file belongs to series "
+                                      f"{header.get('SeriesInstanceUID')!r}")
+    frames = _num_frames(header)
+    if frames > 1 or any(m in header for m in _ENHANCED_MARKERS):
+        return _read_dicom_multiframe(path, header, max_voxels)
+    return _read_dicom_single(path, header, max_voxels)
+
+
+def _read_dicom_single(path: Path, header: Any, max_voxels: int) -> _Loaded:
+    rows, cols = int(header.Rows), int(header.Columns)
+    _check_voxels(path, (cols, rows, int(header.get("SamplesPerPixel", 1) or 1)), max_voxels)
+    ipp, iop = _vec(header, "ImagePositionPatient", 3), _vec(header, "ImageOrientationPatient", 6)
+    spacing = _pixel_spacing(path, header)
+    thickness = _first_float(header, "SliceThickness", "SpacingBetweenSlices") or 1.0
+    row_dir, col_dir = (iop[:3], iop[3:]) if iop is not None else (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]))
+    step = np.cross(row_dir, col_dir) * thickness
+    aff = _dicom_affine(ipp if ipp is not None else np.zeros(3), row_dir, col_dir, spacing, step)
+    _check_affine(path, aff)
+    ds = _dcmread(path, header_only=False)
+    pixels = _grey(path, ds, _decode(path, ds))
+    if pixels.shape != (rows, cols):
+        raise RadFM3DInputError(path, f"pixel data has shape {pixels.shape}, header says {(rows, cols)}")
+    slope, intercept = _rescale_of(ds)
+    values = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    values = _maybe_invert(ds, values)
+    extra = {"series_uid": str(ds.get("SeriesInstanceUID", "")), "geometry_known": iop is not None}
+    return _Loaded(values.T[None, :, :, None], aff, "dicom", str(path), _modality_of(ds), extra)
+
+
+@dataclass
+class _SliceHeader:
+    path: Path
+    ds: Any
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None, max_voxels: int) -> _Loaded:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.name.upper() != "DICOMDIR")
+    headers: list[_SliceHeader] = []
+    for f in files:
+        if f.stat().st_size == 0:
+            continue
+        try:
+            ds = _dcmread(f, header_only=True)
+        except RadFM3DInputError:
+            continue
+        if "Rows" in ds and "Columns" in ds:
+            headers.append(_SliceHeader(f, ds))
+    if not headers:
+        raise RadFM3DInputError(folder, f"no DICOM images in this folder ({len(files)} files looked at, none is a "
+                                        "readable DICOM image)")
+    series: dict[str, list[_SliceHeader]] = {}
+    for h in headers:
+        series.setdefault(str(h.ds.get("SeriesInstanceUID", "unknown")), []).append(h)
+    listing = "; ".join(f"{uid} ({len(v)} files, {v[0].ds.get('Modality', '?')}, "
+                        f"{str(v[0].ds.get('SeriesDescription', '')) or 'no description'!r})"
+                        for uid, v in sorted(series.items(), key=lambda kv: -len(kv[1])))
+    if series_uid is not None:
+        if series_uid not in series:
+            raise RadFM3DInputError(folder, f"series_uid {series_uid!r} is not in this folder; it holds: {listing}")
+        chosen = series_uid
+    else:
+        chosen = max(sorted(series), key=lambda uid: _series_size(series[uid]))
+        if len(series) > 1:
+            msg = (f"{folder}: {len(series)} DICOM series in this folder; reading the largest, {chosen} "
+                   f"(pass series_uid= to choose another). Series found: {listing}")
+            warnings.warn(msg, stacklevel=3)
+            logger.info(msg)
+    slices = series[chosen]
+    if len(slices) == 1:
+        one = slices[0]
+        if _num_frames(one.ds) > 1 or any(m in one.ds for m in _ENHANCED_MARKERS):
+            return _read_dicom_multiframe(one.path, one.ds, max_voxels)
+        loaded = _read_dicom_single(one.path, one.ds, max_voxels)
+        loaded.source_format, loaded.filename = "dicom-series", str(folder)
+        return loaded
+    return _read_dicom_slices(folder, chosen, slices, max_voxels)
+
+
+def _series_size(slices: list[_SliceHeader]) -> int:
+    return sum(_num_frames(s.ds) for s in slices)
+
+
+def _read_dicom_slices(folder: Path, uid: str, slices: list[_SliceHeader], max_voxels: int) -> _Loaded:
+    """Several single-frame files of one series -> one volume sorted along the slice normal."""
+    multi = [s.path.name for s in slices if _num_frames(s.ds) > 1]
+    if multi:
+        raise RadFM3DInputError(folder, f"series {uid} mixes {len(multi)} multi-frame files (e.g. {multi[0]}) with "
+                                        "other files; load the multi-frame file on its own")
+    # keep the largest group of slices sharing size and orientation (drops localizers/scouts)
+    groups: dict[tuple, list[_SliceHeader]] = {}
+    for s in slices:
+        iop = _vec(s.ds, "ImageOrientationPatient", 6)
+        key = (int(s.ds.Rows), int(s.ds.Columns), None if iop is None else tuple(np.round(iop, 4)))
+        groups.setdefault(key, []).append(s)
+    key = max(groups, key=lambda k: len(groups[k]))
+    if len(groups) > 1:
+        left_out = len(slices) - len(groups[key])
+        warnings.warn(f"{folder}: series {uid}: {left_out} image(s) with another size or orientation (e.g. a "
+                      f"localizer) left out; reading {len(groups[key])} slices of {key[0]}x{key[1]}", stacklevel=4)
+    slices = groups[key]
+    rows, cols, _ = key
+    _check_voxels(folder, (cols, rows, len(slices)), max_voxels)
+    first = slices[0].ds
+    iop = _vec(first, "ImageOrientationPatient", 6)
+    ipps = [_vec(s.ds, "ImagePositionPatient", 3) for s in slices]
+    if iop is None or any(p is None for p in ipps):
+        raise RadFM3DInputError(folder, f"series {uid} lacks ImagePositionPatient/ImageOrientationPatient, so its "
+                                        "slices cannot be placed in space")
+    row_dir, col_dir = iop[:3], iop[3:]
+    order, step = _sort_slices(folder, np.array(ipps), row_dir, col_dir, [s.path.name for s in slices])
+    slices = [slices[i] for i in order]
+    spacing = _pixel_spacing(folder, first)
+    aff = _dicom_affine(ipps[order[0]], row_dir, col_dir, spacing, step)
+    _check_affine(folder, aff)
+    volume = np.empty((cols, rows, len(slices)), dtype=np.float32)
+    last_ds = None
+    for z, s in enumerate(slices):
+        ds = _dcmread(s.path, header_only=False)
+        pixels = _grey(s.path, ds, _decode(s.path, ds))
+        if pixels.shape != (rows, cols):
+            raise RadFM3DInputError(s.path, f"pixel data has shape {pixels.shape}, header says {(rows, cols)}")
+        slope, intercept = _rescale_of(ds)
+        volume[:, :, z] = pixels.T.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        last_ds = ds
+    volume = _maybe_invert(last_ds, volume)
+    extra = {"series_uid": uid, "num_files": len(slices)}
+    return _Loaded(volume[None], aff, "dicom-series", str(folder), _modality_of(first), extra)
+
+
+def _sort_slices(source: Any, ipps: np.ndarray, row_dir: np.ndarray, col_dir: np.ndarray,
+                 labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Order slices by position along the normal; check for duplicates/gaps. -> (order, step vector in LPS mm)."""
+    normal = np.cross(row_dir, col_dir)
+    pos = ipps @ normal
+    order = np.argsort(pos, kind="stable")
+    pos_sorted = pos[order]
+    gaps = np.diff(pos_sorted)
+    dup = np.flatnonzero(gaps < 1e-3)
+    if dup.size:
+        i = int(dup[0])
+        raise RadFM3DInputError(source, f"{dup.size} duplicate slice position(s) "
+                                        f"({labels[order[i]]} and {labels[order[i + 1]]} both at "
+                                        f"{pos_sorted[i]:.4g} mm along the slice normal): duplicate files, or "
+                                        "several echoes/time points/stacks in one series; remove the duplicates "
+                                        "or split the series")
+    if gaps.size:
+        med = float(np.median(gaps))
+        bad = np.flatnonzero(np.abs(gaps - med) > max(0.01, 0.02 * med))
+        if bad.size:
+            i = int(bad[0])
+            raise RadFM3DInputError(source, f"inconsistent spacing between slices: most are {med:.4g} mm apart, but "
+                                            f"{labels[order[i]]} and {labels[order[i + 1]]} are {gaps[i]:.4g} mm apart "
+                                            f"({bad.size} irregular gap(s)); a missing slice, or slices from "
+                                            "different acquisitions?")
+    if len(ipps) > 1:
+        step = (ipps[order[-1]] - ipps[order[0]]) / (len(ipps) - 1)
+    else:
+        step = normal
+    return order, step
+
+
+def _read_dicom_multiframe(path: Path, header: Any, max_voxels: int) -> _Loaded:
+    """Enhanced (functional groups), RT dose (GridFrameOffsetVector) or volumetric multi-frame DICOM."""
+    frames, rows, cols = _num_frames(header), int(header.Rows), int(header.Columns)
+    _check_voxels(path, (cols, rows, frames, int(header.get("SamplesPerPixel", 1) or 1)), max_voxels)
+    per_frame = list(header.get("PerFrameFunctionalGroupsSequence", []) or [])
+    shared = (header.get("SharedFunctionalGroupsSequence") or [None])[0]
+
+    def group_value(i: int, seq: str, attr: str, top_level: bool = True):
+        """Per-frame functional group, else shared group, else (if ``top_level``) the top-level attribute."""
+        for item in ((per_frame[i] if i < len(per_frame) else None), shared):
+            if item is not None and seq in item and len(item[seq].value) and attr in item[seq].value[0]:
+                return item[seq].value[0][attr].value
+        return header.get(attr) if top_level else None
+
+    ipps = [group_value(i, "PlanePositionSequence", "ImagePositionPatient", top_level=False) for i in range(frames)]
+    top_ipp = _vec(header, "ImagePositionPatient", 3)
+    iops = [group_value(i, "PlaneOrientationSequence", "ImageOrientationPatient") for i in range(frames)]
+    spacing_values = group_value(0, "PixelMeasuresSequence", "PixelSpacing")
+    thickness = (_as_float(group_value(0, "PixelMeasuresSequence", "SpacingBetweenSlices"))
+                 or _as_float(group_value(0, "PixelMeasuresSequence", "SliceThickness")))
+    extra: dict[str, Any] = {"series_uid": str(header.get("SeriesInstanceUID", "")), "geometry_known": True}
+    iop0 = iops[0]
+    if iop0 is not None:
+        iop_arr = np.array([[float(v) for v in iop] if iop is not None else [np.nan] * 6 for iop in iops])
+        if np.nanmax(np.abs(iop_arr - iop_arr[0])) > 1e-4 or np.isnan(iop_arr).any():
+            raise RadFM3DInputError(path, "frames have different orientations (several stacks in one file); "
+                                          "radfm3d reads one stack at a time")
+        row_dir, col_dir = iop_arr[0, :3], iop_arr[0, 3:]
+    else:
+        row_dir, col_dir = np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+    normal = np.cross(row_dir, col_dir)
+    offsets = header.get("GridFrameOffsetVector")
+    if all(p is not None for p in ipps) and (frames > 1 or len(per_frame)):
+        positions = np.array([[float(v) for v in p] for p in ipps])
+        labels = [f"frame {i + 1}" for i in range(frames)]
+        order, step = _sort_slices(path, positions, row_dir, col_dir, labels)
+        if frames == 1:
+            step = normal * (thickness or 1.0)
+        origin = positions[order[0]]
+    elif offsets is not None and top_ipp is not None and len(offsets) == frames:  # RT dose grid
+        positions = top_ipp + np.outer([float(v) for v in offsets], normal)
+        order, step = _sort_slices(path, positions, row_dir, col_dir, [f"frame {i + 1}" for i in range(frames)])
+        origin = positions[order[0]]
+    elif str(header.get("VolumetricProperties", "")).upper() == "VOLUME" or \
+            str(header.get("MRAcquisitionType", "")).upper() == "3D":
+        order = np.arange(frames)
+        step = normal * (thickness or 1.0)
+        origin = top_ipp if top_ipp is not None else np.zeros(3)
+        extra["geometry_known"] = False
+        warnings.warn(f"{path}: multi-frame volume without per-frame positions; frames are stacked in file order "
+                      f"{thickness or 1.0:g} mm apart with {'the given' if iop0 is not None else 'identity'} "
+                      "orientation", stacklevel=4)
+    else:
+        raise RadFM3DInputError(path, f"DICOM with {frames} frames but no per-frame positions (a cine/time series, "
+                                      "not a volume); select one frame, e.g. load_image(frames[t].T, affine=...)")
+    spacing = _pixel_spacing(path, header, spacing_values)
+    aff = _dicom_affine(origin, row_dir, col_dir, spacing, step)
+    _check_affine(path, aff)
+    ds = _dcmread(path, header_only=False)
+    pixels = _grey(path, ds, _decode(path, ds))
+    if frames == 1 and pixels.ndim == 2:
+        pixels = pixels[None]
+    if pixels.shape != (frames, rows, cols):
+        raise RadFM3DInputError(path, f"pixel data has shape {pixels.shape}, header says {(frames, rows, cols)}")
+    values = pixels.astype(np.float32)
+    for i in range(frames):
+        slope = _as_float(group_value(i, "PixelValueTransformationSequence", "RescaleSlope"))
+        intercept = _as_float(group_value(i, "PixelValueTransformationSequence", "RescaleIntercept"))
+        slope = 1.0 if slope is None else slope
+        if slope != 1.0 or intercept:
+            values[i] = values[i] * np.float32(slope) + np.float32(intercept or 0.0)
+    values = _maybe_invert(ds, values[order])
+    return _Loaded(values.transpose(2, 1, 0)[None], aff, "dicom-multiframe", str(path), _modality_of(ds), extra)
+
+
+def _decode(path: Path, ds: Any) -> np.ndarray:
+    """``ds.pixel_array`` with a clear error for missing decoders and damaged pixel data."""
+    from pydicom.pixels import get_decoder
+
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise RadFM3DInputError(path, "DICOM file has no pixel data")
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    compressed = ts is not None and ts.is_compressed
+    if compressed:
+        hint = _DECODER_HINTS.get(str(ts), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg  (or python-gdcm)")
+        try:
+            available = get_decoder(ts).is_available
+        except NotImplementedError:
+            raise RadFM3DInputError(path, f"pixel data use the transfer syntax {ts.name}, which pydicom cannot "
+                                          "decode") from None
+        if not available:
+            raise RadFM3DInputError(path, f"cannot decode the {ts.name} pixel data: no decoder for it is installed; "
+                                          f"install one with `pip install {hint}`") from None
+    try:
+        return ds.pixel_array
+    except Exception as err:
+        if compressed:
+            raise RadFM3DInputError(path, f"could not decode the {ts.name} pixel data ({_short(err)}); another "
+                                          f"decoder may help: `pip install {hint}`") from None
+        raise RadFM3DInputError(path, f"corrupt or truncated DICOM pixel data ({_short(err)})") from None
+
+
+def _grey(path: Path, ds: Any, pixels: np.ndarray) -> np.ndarray:
+    """Colour DICOM (RGB / YBR, already RGB from pydicom, / PALETTE COLOR) -> luminance; grey unchanged."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            pixels = apply_color_lut(pixels, ds)
+        except Exception as err:
+            raise RadFM3DInputError(path, f"could not apply the DICOM colour palette ({_short(err)})") from None
+    if int(ds.get("SamplesPerPixel", 1) or 1) > 1 or photometric == "PALETTE COLOR":
+        return pixels[..., :3].astype(np.float32) @ _LUMA.astype(np.float32)
+    return pixels
+
+
+def _maybe_invert(ds: Any, values: np.ndarray) -> np.ndarray:
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1" and _modality_of(ds) != "CT":
+        values = (values.min() + values.max()) - values
+    return values
+
+
+def _dicom_affine(ipp: np.ndarray, row_dir: np.ndarray, col_dir: np.ndarray, spacing: tuple[float, float],
+                  step: np.ndarray) -> np.ndarray:
+    """Voxel (X=column, Y=row, Z=slice) -> RAS mm. ``spacing`` = DICOM PixelSpacing (row spacing, column spacing)."""
+    lps = np.eye(4)
+    lps[:3, 0] = np.asarray(row_dir, dtype=np.float64) * spacing[1]
+    lps[:3, 1] = np.asarray(col_dir, dtype=np.float64) * spacing[0]
+    lps[:3, 2] = step
+    lps[:3, 3] = ipp
+    return _LPS_RAS @ lps
+
+
+def _pixel_spacing(source: Any, ds: Any, value: Any = None) -> tuple[float, float]:
+    value = value if value is not None else (ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"))
+    if value is None or len(value) < 2:
+        return (1.0, 1.0)
+    spacing = (float(value[0]), float(value[1]))
+    _check_spacing_values(source, spacing, "PixelSpacing")
+    return spacing
+
+
+def _rescale_of(ds: Any) -> tuple[float, float]:
+    slope = _as_float(ds.get("RescaleSlope"))
+    intercept = _as_float(ds.get("RescaleIntercept"))
+    return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+
+
+def _num_frames(ds: Any) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _modality_of(ds: Any) -> str:
+    return str(ds.get("Modality", "") or "unknown").upper()
+
+
+def _sop_name(ds: Any) -> str:
+    uid = ds.get("SOPClassUID")
+    return getattr(uid, "name", None) or str(uid or "unknown SOP class")
+
+
+def _vec(ds: Any, attr: str, n: int) -> np.ndarray | None:
+    value = ds.get(attr)
+    if value is None or len(value) != n:
+        return None
+    try:
+        return np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+
+
+def _first_float(ds: Any, *attrs: str) -> float | None:
+    for attr in attrs:
+        value = _as_float(ds.get(attr))
+        if value:
+            return value
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _ds(value: float) -> str:
+    """A DICOM DS string (at most 16 characters)."""
+    text = f"{float(value):.10g}"
+    return "0" if text in ("-0", "0") else text
+
+
+def _int16_rescale(values: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept), already rounded to DS precision, so that int16 * slope + intercept ~= values."""
+    lo, hi = float(values.min()), float(values.max())
+    if np.array_equal(values, np.rint(values)) and lo >= -32768 and hi <= 32767:
+        return 1.0, 0.0
+    slope = float(_ds(max(hi - lo, 1e-6) / 65000.0))
+    intercept = float(_ds(lo + 32500.0 * slope))
+    return slope, intercept
+
+
+# ----------------------------------------------------------------------------------------------- PNG / JPEG
+def _read_pil(path: Path, fmt: str, max_voxels: int) -> _Loaded:
+    pil = _require("PIL.Image", "Pillow")
+    try:
+        img = pil.open(str(path))
+    except pil.DecompressionBombError as err:
+        raise RadFM3DInputError(path, f"image too large ({_short(err)})") from None
+    except Exception as err:  # UnidentifiedImageError, OSError
+        raise RadFM3DInputError(path, f"not a readable {fmt.upper()} image ({_short(err)})") from None
+    with img:
+        width, height = img.size
+        _check_voxels(path, (width, height, len(img.getbands())), max_voxels)
+        try:
+            img.load()
+        except Exception as err:
+            raise RadFM3DInputError(path, f"corrupt or truncated {fmt.upper()} image ({_short(err)})") from None
+        mode = img.mode
+        if mode in ("1", "L", "I", "F") or mode.startswith("I;16"):
+            pixels = np.asarray(img).astype(np.float32)
+        elif mode in ("LA", "La"):
+            pixels = np.asarray(img.getchannel(0)).astype(np.float32)
+        else:
+            rgb = np.asarray(img.convert("RGB")).astype(np.float32)
+            pixels = rgb @ _LUMA.astype(np.float32)
+    aff = _LPS_RAS.copy()
+    return _Loaded(pixels.T[None, :, :, None], aff, fmt, str(path), extra={"geometry_known": False})
+
+
+# ----------------------------------------------------------------------------------------------- arrays
+def _is_array(x: Any) -> bool:
+    if isinstance(x, np.ndarray):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _read_array(x: Any, affine: Any, max_voxels: int) -> _Loaded:
+    meta = dict(getattr(x, "meta", {}) or {}) if hasattr(x, "meta") else {}
+    channel_first = bool(meta) or type(x).__name__ == "MetaTensor"
+    if affine is None and channel_first and getattr(x, "affine", None) is not None:
+        affine = x.affine
+    source = str(meta.get("filename_or_obj") or _ARRAY_SOURCE)
+    arr = _to_numpy(x)
+    if arr.dtype.kind not in "biuf":
+        raise RadFM3DInputError(source, f"unsupported array dtype {arr.dtype}; expected bool, integer or float")
+    _check_voxels(source, arr.shape, max_voxels)
+    if channel_first:  # MetaTensor: (C, X, Y) or (C, X, Y, Z)
+        if arr.ndim == 3:
+            arr = arr[..., None]
+        if arr.ndim != 4:
+            raise RadFM3DInputError(source, f"a MetaTensor must be channel-first (C, X, Y[, Z]); got shape {arr.shape}")
+        data = arr
+    elif arr.ndim == 4 and arr.shape[0] == 1:
+        data = arr
+    elif arr.ndim == 4:
+        raise RadFM3DInputError(source, _four_d_message(arr.shape[3], arr.shape) + "; a channel-first (1, X, Y, Z) "
+                                        "array is also accepted")
+    else:
+        spatial, channels = _file_layout(source, arr.shape)
+        if channels != 1:
+            raise RadFM3DInputError(source, f"{arr.ndim}D array (shape {arr.shape}) is not supported")
+        data = arr.reshape(spatial)[None]
+    if affine is None:
+        aff = np.eye(4)
+    else:
+        aff = np.array(_to_numpy(affine), dtype=np.float64)
+        if aff.shape != (4, 4):
+            raise RadFM3DInputError(source, f"affine must be a 4x4 matrix (voxel -> RAS mm), got shape {aff.shape}")
+    if data.shape[-1] == 1 and not np.any(aff[:3, 2]):
+        aff = _complete_2d_affine(aff)
+    _check_affine(source, aff)
+    extra = {k: meta[k] for k in ("series_uid",) if k in meta}
+    fmt = str(meta.get("source_format", "array"))
+    return _Loaded(data, aff, fmt, source, str(meta.get("modality", "unknown")), extra)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_voxels(source: Any, shape: Sequence[int], max_voxels: int) -> None:
+    count = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    if count > max_voxels:
+        raise RadFM3DInputError(source, f"the header claims {count:,} voxels (shape {tuple(int(s) for s in shape)}), "
+                                        f"more than max_voxels={max_voxels:,}; nothing was read. Pass a larger "
+                                        "max_voxels if the image is genuine")
+    if count == 0:
+        raise RadFM3DInputError(source, f"the image has no voxels (shape {tuple(int(s) for s in shape)})")
+
+
+def _check_spacing_values(source: Any, spacing: Sequence[float], what: str) -> None:
+    values = [float(s) for s in spacing]
+    if any(not np.isfinite(s) or s <= 0 for s in values):
+        raise RadFM3DInputError(source, f"zero or negative {what} {tuple(values)} mm; the header is broken")
+
+
+def _check_affine(source: Any, aff: np.ndarray) -> None:
+    """Finite 4x4, every voxel spacing within [MIN_SPACING_MM, MAX_SPACING_MM], axes not parallel."""
+    if aff.shape != (4, 4) or not np.isfinite(aff).all():
+        raise RadFM3DInputError(source, "the voxel-to-world affine contains NaN/Inf; the header is broken")
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    if np.any(spacing == 0):
+        raise RadFM3DInputError(source, f"zero voxel spacing along axis {int(np.argmin(spacing))} "
+                                        f"(spacing {tuple(round(float(s), 6) for s in spacing)} mm); the header "
+                                        "is broken")
+    if np.any(spacing < MIN_SPACING_MM) or np.any(spacing > MAX_SPACING_MM):
+        raise RadFM3DInputError(source, f"absurd voxel spacing {tuple(float(f'{s:.6g}') for s in spacing)} mm (allowed "
+                                        f"{MIN_SPACING_MM}-{MAX_SPACING_MM} mm); are the header's units wrong "
+                                        "(metres/micrometres)?")
+    if abs(np.linalg.det(aff[:3, :3] / spacing)) < 1e-6:
+        raise RadFM3DInputError(source, "singular affine: two voxel axes point the same way (determinant ~ 0), so "
+                                        "voxels cannot be placed in space; the header's orientation is broken")
+
+
+def _complete_2d_affine(aff: np.ndarray) -> np.ndarray:
+    """Give a 2D image's third (slice) axis 1 mm along the in-plane normal if the header left it empty."""
+    out = np.array(aff, dtype=np.float64)
+    if not np.any(out[:3, 2]):
+        normal = np.cross(out[:3, 0], out[:3, 1])
+        norm = np.linalg.norm(normal)
+        out[:3, 2] = normal / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
+    return out
+
+
+def _finish(loaded: _Loaded, dtype: Any):
+    """Validate voxel values, convert dtype and wrap into a MetaTensor with the contract's meta keys."""
+    import torch
+    from monai.data import MetaTensor
+
+    data, source = loaded.data, loaded.filename
+    if data.dtype.kind == "f" and data.size:
+        lo, hi = data.min(), data.max()  # NaN propagates; avoids a full-size boolean mask
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            bad = int(np.count_nonzero(~np.isfinite(data)))
+            raise RadFM3DInputError(source, f"{bad:,} of {data.size:,} voxels are NaN or Inf; clean the data first, "
+                                            "e.g. np.nan_to_num(arr, nan=background)")
+    out_dtype = np.dtype(dtype).newbyteorder("=")
+    out = data.astype(out_dtype, copy=False)
+    if not out.flags.writeable:
+        out = out.copy()
+    spatial = tuple(int(s) for s in out.shape[1:])
+    spacing = tuple(float(s) for s in np.linalg.norm(loaded.affine[:3, :3], axis=0))
+    meta: dict[str, Any] = {
+        "filename_or_obj": source,
+        "source_format": loaded.source_format,
+        "original_shape": spatial,
+        "original_spacing": spacing,
+        "original_affine": loaded.affine.copy(),
+        "modality": loaded.modality or "unknown",
+        "is_2d": spatial[2] == 1,
+        "space": "RAS",
+        "original_channel_dim": 0,
+        "spatial_shape": np.asarray(spatial),
+    }
+    meta.update(loaded.extra)
+    return MetaTensor(torch.from_numpy(out), affine=torch.as_tensor(loaded.affine, dtype=torch.float64), meta=meta)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):
+        x = x.detach()
+        if hasattr(x, "as_tensor"):
+            x = x.as_tensor()
+        return x.cpu().numpy()
+    return np.asarray(x)
+
+
+def _image_data_affine(image: Any) -> tuple[np.ndarray, np.ndarray]:
+    data = _to_numpy(image)
+    aff = getattr(image, "affine", None)
+    aff = np.eye(4) if aff is None else np.asarray(_to_numpy(aff), dtype=np.float64)
+    if data.ndim not in (3, 4):
+        raise RadFM3DInputError(_ARRAY_SOURCE, f"expected a (C, X, Y, Z) or (X, Y, Z) image, got shape {data.shape}")
+    return data, aff
+
+
+def _nifti_safe_dtype(data: np.ndarray) -> np.ndarray:
+    if data.dtype == np.bool_:
+        return data.astype(np.uint8)
+    if data.dtype.kind in "iu" and data.dtype.itemsize == 8:
+        info = np.iinfo(np.int32)
+        return data.astype(np.int32) if data.min() >= info.min and data.max() <= info.max else data.astype(np.float64)
+    if data.dtype == np.float16:
+        return data.astype(np.float32)
+    return data
+
+
+def _short(err: BaseException, limit: int = 240) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _require(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:  # pragma: no cover - all are install_requires
+        raise ImportError(f"radfm3d.io needs {package}: pip install {package}") from err

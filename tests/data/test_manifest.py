@@ -1,0 +1,69 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""Manifest JSONL: round trip, atomic writes and validator errors with line numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from radfm3d.data.manifest import read_manifest, resolve_images, validate_manifest, validate_record, write_manifest
+from radfm3d.errors import RadFM3DInputError
+
+GOOD = {"id": "case-1", "images": ["scans/a.nii.gz"], "modality": "CT", "region": "chest", "task": "vqa_presence",
+        "prompt": "<image> Is there a nodule in the left lung?", "answer": "Yes.", "choices": ["Yes.", "No."],
+        "ground_truth": {"findings": [{"type": "nodule", "box_world_mm": [0, 0, 0, 1, 1, 1]}]}}
+
+
+def test_round_trip_and_atomic(tmp_path):
+    recs = [GOOD, {**GOOD, "id": "case-2", "images": ["a.nii.gz", "b.nii.gz"], "prompt": "<image> <image> Compare.",
+                   "choices": None}]
+    recs[1].pop("choices")
+    path = write_manifest(recs, tmp_path / "sub" / "train.jsonl")
+    assert read_manifest(path) == recs
+    assert [p.name for p in tmp_path.joinpath("sub").iterdir()] == ["train.jsonl"]  # no temp file left
+    assert resolve_images(recs[1], path)[1] == tmp_path / "sub" / "b.nii.gz"
+
+
+def test_invalid_records_are_not_written(tmp_path):
+    with pytest.raises(RadFM3DInputError, match="line 1: 'prompt' has 0 <image> placeholder"):
+        write_manifest([{**GOOD, "prompt": "no image here"}], tmp_path / "m.jsonl")
+    assert not list(tmp_path.iterdir())
+
+
+def test_validator_reports_line_numbers(tmp_path):
+    lines = [
+        json.dumps(GOOD),
+        "",  # blank lines are skipped but counted
+        json.dumps({k: v for k, v in GOOD.items() if k != "id"}),
+        "{not json",
+        json.dumps({**GOOD, "answer": "Maybe."}),
+        json.dumps(GOOD),
+        json.dumps({**GOOD, "id": "x", "images": "a.nii.gz"}),
+        json.dumps([1, 2]),
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    problems = validate_manifest(path, raise_on_error=False)
+    text = "\n".join(problems)
+    assert "line 3: missing required key(s) id" in text
+    assert "line 4: invalid JSON" in text
+    assert "line 5: 'answer' 'Maybe.' is not one of 'choices'" in text
+    assert "line 6: duplicate id 'case-1' (first on line 1)" in text
+    assert "line 7: 'images' must be a list" in text
+    assert "line 8: a record must be a JSON object" in text
+    assert not any(p.startswith("line 1:") for p in problems)
+    with pytest.raises(RadFM3DInputError) as err:
+        read_manifest(path)
+    assert str(path) in str(err.value) and "line 4: invalid JSON" in str(err.value)
+
+
+def test_check_files_and_missing_manifest(tmp_path):
+    assert validate_record(GOOD) == []
+    probs = validate_record(GOOD, base_dir=tmp_path, check_files=True)
+    assert probs and "does not exist" in probs[0]
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "a.nii.gz").write_bytes(b"x")
+    assert validate_record(GOOD, base_dir=tmp_path, check_files=True) == []
+    with pytest.raises(RadFM3DInputError, match="does not exist"):
+        read_manifest(tmp_path / "nope.jsonl")

@@ -1,0 +1,233 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""radfm3d.engine on the tiny preset with synthetic token batches: loss, stages, schedule, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.handlers import LrScheduleHandler
+
+pytest.importorskip("radfm3d.modeling.model")
+
+from radfm3d.engine.data import ResumableSampler, TrainingCollate, build_dataloader  # noqa: E402
+from radfm3d.engine.handlers import TrainingCheckpointer, atomic_torch_save, latest_checkpoint  # noqa: E402
+from radfm3d.engine.inferer import ForwardInferer, GenerationInferer  # noqa: E402
+from radfm3d.engine.loss import CausalLMLoss  # noqa: E402
+from radfm3d.engine.prepare import PrepareBatchVLM  # noqa: E402
+from radfm3d.engine.training import (  # noqa: E402
+    build_model,
+    build_optimizer,
+    configure_stage,
+    has_lora,
+    load_trained_model,
+    save_trained_model,
+    warmup_cosine_schedule,
+)
+
+
+class SyntheticVLMData(torch.utils.data.Dataset):
+    """Deterministic training examples in the processor's format: one image, a prompt, an answer."""
+
+    def __init__(self, config, n: int = 6, seed: int = 123) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        n_img = config.num_image_tokens
+        for i in range(n):
+            prompt = torch.randint(3, 100, (3 + i % 3,), generator=g)
+            answer = torch.randint(3, 100, (2 + i % 2,), generator=g)
+            image = torch.tensor([config.image_start_token_id] + [config.image_token_id] * n_img
+                                 + [config.image_end_token_id])
+            ids = torch.cat([torch.tensor([1]), image, prompt, answer, torch.tensor([2])])
+            labels = ids.clone()
+            labels[: 1 + len(image) + len(prompt)] = -100
+            self.items.append({"id": f"s{i}", "input_ids": ids, "attention_mask": torch.ones_like(ids),
+                               "labels": labels, "pixel_values": torch.rand(1, 3, 32, 32, 8, generator=g)})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def _trainer(model, loader, max_epochs, ckpt_dir, save_interval=2, lr=1e-3, stage="alignment",
+             accumulation_steps=1):
+    configure_stage(model, stage)
+    optimizer = build_optimizer(model, lr=lr, weight_decay=0.01)
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps=2, total_steps=len(loader) * 4)
+    checkpointer = TrainingCheckpointer(ckpt_dir, model, optimizer, scheduler, save_interval=save_interval,
+                                        keep_last=3)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=loader, network=model,
+        optimizer=optimizer, loss_function=CausalLMLoss(), inferer=ForwardInferer(), prepare_batch=PrepareBatchVLM(),
+        train_handlers=[LrScheduleHandler(scheduler, epoch_level=False, print_lr=False), checkpointer],
+        decollate=False, accumulation_steps=accumulation_steps,
+    )
+    return trainer, checkpointer
+
+
+def _loader(model, seed=0):
+    data = SyntheticVLMData(model.config)
+    return build_dataloader(data, batch_size=2, collate_fn=TrainingCollate(pad_token_id=0), shuffle=True, seed=seed)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Kill(RuntimeError):
+    pass
+
+
+def test_loss_matches_model_and_ignores_masked_positions():
+    model = build_model("tiny", seed=0)
+    batch = TrainingCollate(pad_token_id=0)([SyntheticVLMData(model.config)[i] for i in range(2)])
+    ids, labels, _, kwargs = PrepareBatchVLM()(batch, torch.device("cpu"))
+    out = ForwardInferer()(ids, model, **kwargs)
+    loss = CausalLMLoss()(out, labels)
+    assert torch.isfinite(loss)
+    assert torch.allclose(loss, model.loss_from_logits(out.logits, labels), atol=1e-6)
+    # changing logits at ignored positions leaves the loss unchanged
+    logits = out.logits.detach().clone()
+    first_supervised = int((labels[0] != -100).nonzero()[0])
+    logits[0, : first_supervised - 1] += 5.0
+    assert torch.allclose(CausalLMLoss()(logits, labels), loss.detach(), atol=1e-6)
+    with pytest.raises(ValueError):
+        CausalLMLoss()(logits, labels[:, :-1])
+
+
+def test_blank_images_prepare_batch():
+    model = build_model("tiny", seed=0)
+    batch = TrainingCollate(pad_token_id=0)([SyntheticVLMData(model.config)[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (3, 1, 3, 32, 32, 8) and batch["image_mask"].all()
+    assert batch["id"] == ["s0", "s1", "s2"]
+    _, _, _, kwargs = PrepareBatchVLM(blank_images=True)(batch)
+    assert float(kwargs["pixel_values"].abs().sum()) == 0.0
+
+
+def test_warmup_cosine_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine_schedule(opt, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.2) and lrs[3] == pytest.approx(0.8)  # linear warm-up
+    assert lrs[4] == pytest.approx(1.0)  # peak
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half-way down the cosine
+    assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)  # floor
+
+
+def test_stages_freeze_switches_and_lora(tmp_path: Path):
+    model = build_model("tiny", seed=0)
+    configure_stage(model, "alignment")
+    assert not any(p.requires_grad for p in model.language_model.parameters())
+    for part in (model.vision_model, model.resampler, model.projector):
+        assert all(p.requires_grad for p in part.parameters())
+    configure_stage(model, "alignment", vision=False)
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    configure_stage(model, "instruction", lora_r=4)
+    assert has_lora(model)
+    llm_trainable = [n for n, p in model.language_model.named_parameters() if p.requires_grad]
+    assert llm_trainable and all("lora_" in n for n in llm_trainable)
+    with pytest.raises(ValueError):
+        configure_stage(model, "pretend")
+    # a LoRA model saves (base named or not) and loads back to the same outputs
+    with torch.no_grad():
+        for n, p in model.language_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)  # LoRA B starts at 0; make the adapter matter
+    save_trained_model(model, tmp_path / "m")
+    loaded = load_trained_model(tmp_path / "m")
+    assert has_lora(loaded)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-5)
+
+
+def test_generation_inferer_returns_new_tokens():
+    model = build_model("tiny", seed=0).eval()
+    ids = torch.tensor([[0, 1, 5, 6], [1, 7, 8, 9]])
+    out = GenerationInferer(max_new_tokens=3)(ids, model, attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    assert out.shape[0] == 2 and 1 <= out.shape[1] <= 3
+
+
+def test_atomic_save_and_weights_only(tmp_path: Path):
+    path = atomic_torch_save({"a": torch.ones(2), "n": 3, "t": (1, "x")}, tmp_path / "c" / "checkpoint_00000001.pt")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint_00000001.pt"]
+    assert torch.load(path, weights_only=True)["n"] == 3
+    assert latest_checkpoint(tmp_path / "c") == path
+
+
+def test_sampler_order_is_seeded_and_skippable():
+    s = ResumableSampler(list(range(10)), shuffle=True, seed=5)
+    s.set_epoch(1)
+    full = list(s)
+    s.set_epoch(1)
+    s.skip_next(4)
+    assert list(s) == full[4:]
+    assert list(s) == full  # the skip applies once
+    s.set_epoch(2)
+    assert list(s) != full
+
+
+@pytest.fixture(scope="module")
+def reference_weights(tmp_path_factory):
+    """Uninterrupted run: 2 epochs x 3 iterations."""
+    model = build_model("tiny", seed=0)
+    trainer, _ = _trainer(model, _loader(model), 2, tmp_path_factory.mktemp("ref"))
+    trainer.run()
+    assert trainer.state.iteration == 6
+    return _state(model)
+
+
+@pytest.mark.parametrize("kill_at", [4, 3])  # mid-epoch and at an epoch end
+def test_kill_and_resume_gives_the_same_weights(tmp_path: Path, kill_at: int, reference_weights):
+    # run 1: killed right after the checkpoint of iteration `kill_at`
+    model = build_model("tiny", seed=0)
+    trainer, _ = _trainer(model, _loader(model), 2, tmp_path / "run", save_interval=kill_at)
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=kill_at))
+    def _kill(engine):
+        raise Kill(f"simulated kill after iteration {kill_at}")
+
+    with pytest.raises(Kill):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "run").name == f"checkpoint_{kill_at:08d}.pt"
+
+    # run 2: a fresh process-like start (new model, optimizer, loader) resumes and finishes
+    torch.manual_seed(999)  # the global RNG must be restored from the checkpoint, not inherited
+    model = build_model("tiny", seed=0)
+    trainer, checkpointer = _trainer(model, _loader(model), 2, tmp_path / "run", save_interval=kill_at)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: seen.append(e.state.iteration))
+    trainer.run()
+    assert checkpointer.resumed_from is not None
+    assert seen[0] == kill_at + 1 and trainer.state.iteration == 6
+    resumed = _state(model)
+    assert reference_weights.keys() == resumed.keys()
+    for key in reference_weights:
+        assert torch.equal(reference_weights[key], resumed[key]), key
+
+
+def test_run_can_be_extended(tmp_path: Path):
+    model = build_model("tiny", seed=0)
+    trainer, _ = _trainer(model, _loader(model), 1, tmp_path / "ext")
+    trainer.run()
+    assert trainer.state.iteration == 3
+    model = build_model("tiny", seed=0)
+    trainer, checkpointer = _trainer(model, _loader(model), 2, tmp_path / "ext")
+    trainer.run()
+    assert checkpointer.resumed_from is not None and trainer.state.iteration == 6 and trainer.state.epoch == 2
+    # asking for fewer epochs than the checkpoint holds is an error, not a silent restart
+    model = build_model("tiny", seed=0)
+    trainer, _ = _trainer(model, _loader(model), 1, tmp_path / "ext")
+    with pytest.raises(ValueError, match="max_epochs"):
+        trainer.run()
