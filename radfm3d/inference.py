@@ -22,6 +22,7 @@ from ignite.engine import Engine, Events
 
 __all__ = [
     "SCAN_SUFFIXES",
+    "TASK_PROMPTS",
     "default_prompts",
     "prompt_list",
     "find_scans",
@@ -45,22 +46,29 @@ def _input_error(source: Any, problem: str) -> Exception:
 
 
 # --------------------------------------------------------------------------------------------- prompts
-def default_prompts() -> list[str]:
-    """Report, modality question and grounding request (the phrasings of :mod:`radfm3d.text.prompts`)."""
-    from radfm3d.text.prompts import build_prompt
+#: task shortcut -> prompt, in the phrasing of the RadPhantom benchmark the demo model is trained on
+TASK_PROMPTS: dict[str, str] = {
+    "report": "<image> Please provide the FINDINGS and IMPRESSION for this study.",
+    "modality": "<image> Is this a CT or an MRI scan (and which weighting)?",
+    "region": "<image> Is this a scan of the head, chest or abdomen?",
+    "findings": "<image> How many focal lesions are there?",
+}
 
-    return [build_prompt("report"), build_prompt("modality"), build_prompt("grounding")]
+
+def default_prompts() -> list[str]:
+    """Report, modality and region prompts (:data:`TASK_PROMPTS`)."""
+    return [TASK_PROMPTS["report"], TASK_PROMPTS["modality"], TASK_PROMPTS["region"]]
 
 
 def prompt_list(prompt: str | Sequence[str] | None = None, prompts: Sequence[str] | None = None) -> list[str]:
     """The prompts to run: ``prompt`` (one text or a list, e.g. from ``--prompt``) else ``prompts`` else the defaults.
 
-    A bare task name ("report", "modality", "grounding", ...) becomes that task's default prompt; free text without a
-    task marker becomes a ``[vqa]`` question; an ``<image>`` placeholder is added when missing.
+    A task shortcut ("report", "modality", "region", "findings") becomes its :data:`TASK_PROMPTS` text; any other
+    text is used as written, with an ``<image>`` placeholder put in front when it has none (e.g. "Locate the
+    spleen." -> "<image> Locate the spleen.").
     """
-    from radfm3d.text.prompts import TASK_TOKENS, build_prompt, count_images, split_task
+    from radfm3d.text.prompts import IMAGE_PLACEHOLDER, count_images
 
-    chosen: list[str]
     if prompt:
         chosen = [prompt] if isinstance(prompt, str) else list(prompt)
     elif prompts:
@@ -70,11 +78,12 @@ def prompt_list(prompt: str | Sequence[str] | None = None, prompts: Sequence[str
     out = []
     for text in chosen:
         text = str(text).strip()
-        if text.lower().strip("[]") in TASK_TOKENS:
-            out.append(build_prompt(text))
-            continue
-        task, body = split_task(text)
-        out.append(build_prompt(task or "vqa", body, n_images=1 if count_images(body) == 0 else None))
+        if not text:
+            raise _input_error("prompt", "empty prompt")
+        if text.lower() in TASK_PROMPTS:
+            out.append(TASK_PROMPTS[text.lower()])
+        else:
+            out.append(text if count_images(text) else f"{IMAGE_PLACEHOLDER} {text}")
     return out
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "IMAGE_END_TOKEN",
     "IMAGE_PAD_TOKEN",
     "PROCESSOR_CONFIG_NAME",
+    "IGNORE_INDEX",
     "build_char_tokenizer",
 ]
 
@@ -51,7 +52,7 @@ IMAGE_PAD_TOKEN = "<|image_pad|>"  # the placeholder the model fills with visual
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 IGNORE_INDEX = -100
 _FORMAT = "radfm3d-processor"
-_NO_GEOMETRY_KEYS = {"grid_geometry"}
+_NON_TENSOR_KEYS = {"grid_geometry"}
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -425,7 +426,7 @@ class RadFM3DProcessor:
             for key in ("input_ids", "attention_mask", "labels"):
                 if key in data and not isinstance(data[key], torch.Tensor):
                     data[key] = torch.tensor(data[key], dtype=torch.long)
-        return BatchFeature(data, tensor_type=None, skip_tensor_conversion=_NO_GEOMETRY_KEYS)
+        return BatchFeature(data, tensor_type=None, skip_tensor_conversion=_NON_TENSOR_KEYS)
 
     # ------------------------------------------------------------------ training
     def build_training_example(
@@ -522,7 +523,7 @@ class RadFM3DProcessor:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def boxes_from_text(self, text: str, grid_geometry: Any, image_index: int = 0) -> list[dict[str, Any]]:
-        """``<box>`` boxes of generated text placed on the scan (see :func:`radfm3d.text.postprocess.boxes_from_text`)."""
+        """``<box>`` boxes of generated text placed on the scan (:func:`radfm3d.text.postprocess.boxes_from_text`)."""
         from radfm3d.text.postprocess import boxes_from_text
 
         return boxes_from_text(text, grid_geometry, image_index)

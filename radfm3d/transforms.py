@@ -16,9 +16,10 @@ array is never reoriented or copied. When the grid is much coarser than the file
 (vessels, fissures, cortical bone) into noise, so we first average-pool the original with integer
 kernels ``floor(step)`` per voxel axis (a box pre-filter, area-style; ``torch.avg_pool3d``, ~0.1 s for
 512x512x300), smooth the pooled volume with [1, 6, 1]/8 (box + this ~ a triangle of support 2 steps, the
-usual antialias kernel for linear downsampling) and then sample the pooled volume trilinearly with ``torch.nn.functional.grid_sample``
-(``align_corners=True`` on voxel centres). ``benchmarks/bench_preprocessing.py`` compares the torch
-sampler with ``scipy.ndimage.map_coordinates`` (``backend="scipy"``).
+usual antialias kernel for linear downsampling) and then sample the pooled volume trilinearly with
+``torch.nn.functional.grid_sample`` (``align_corners=True`` on voxel centres). The pooled volume is ~1/150
+of the original, so the sampler hardly matters; ``benchmarks/bench_preprocessing.py`` times it against
+``scipy.ndimage.map_coordinates`` (``sampler="scipy"``) and the torch one is the default.
 
 Conventions:
 - grid axes are world-aligned and follow ``recipe.axcodes`` ("RAS": grid axis 0 runs towards +R(ight),
@@ -161,7 +162,8 @@ class PreprocessingRecipe:
             self.spatial_size_2d = int_triple("spatial_size_2d", self.spatial_size_2d)
         codes = str(self.axcodes).upper()
         if len(codes) != 3 or any(c not in _AXCODE for c in codes) or len({_AXCODE[c][0] for c in codes}) != 3:
-            raise bad(f"axcodes must name each of the axes R/L, A/P, S/I once (e.g. 'RAS', 'LPS'), got {self.axcodes!r}")
+            raise bad(f"axcodes must name each of the axes R/L, A/P, S/I once (e.g. 'RAS', 'LPS'), "
+                      f"got {self.axcodes!r}")
         self.axcodes = codes
         if self.fit not in _FITS:
             raise bad(f"fit must be one of {_FITS}, got {self.fit!r}")
@@ -394,7 +396,10 @@ class GridGeometry:
                 "axcodes": self.axcodes, "fit": self.fit, "is_2d": self.is_2d, "space": "RAS"}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GridGeometry:
+    def from_dict(cls, data: Mapping[str, Any] | str) -> GridGeometry:
+        """Inverse of :meth:`to_dict` (also accepts its JSON string)."""
+        if isinstance(data, str):
+            data = json.loads(data)
         return cls(np.asarray(data["grid_affine"]), np.asarray(data["original_affine"]), data["original_shape"],
                    data["spatial_size"], axcodes=data.get("axcodes", "RAS"), fit=data.get("fit", "stretch"),
                    is_2d=data.get("is_2d", False))
@@ -578,8 +583,9 @@ class ResampleToGrid(Transform):
 
     One interpolation through the composed map grid -> world -> voxel (see module docstring); values stay
     in the input's units (HU for CT); outside the scan: background. Output ``.affine`` = grid affine,
-    ``meta["grid_geometry"]`` = :meth:`GridGeometry.to_dict`, ``meta["preprocessing_recipe"]`` = recipe.
-    ``backend``: "torch" (grid_sample) or "scipy" (map_coordinates).
+    ``meta["grid_geometry"]`` = :meth:`GridGeometry.to_dict`, ``meta["preprocessing_recipe"]`` = the recipe as a
+    JSON string (strings survive MONAI's collate/decollate; ``None`` fields would not).
+    ``sampler``: "torch" (grid_sample, default: as fast or faster here) or "scipy" (map_coordinates).
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -633,7 +639,7 @@ class ResampleToGrid(Transform):
             out[:, torch.from_numpy(outside)] = _background(self.recipe, modality)
 
         meta.pop("affine", None)
-        meta.update({"grid_geometry": geometry.to_dict(), "preprocessing_recipe": self.recipe.to_dict(),
+        meta.update({"grid_geometry": geometry.to_dict(), "preprocessing_recipe": self.recipe.to_json(indent=None),
                      "spatial_shape": np.asarray(geometry.spatial_size), "space": "RAS",
                      "modality": modality if modality != "UNKNOWN" else "unknown"})
         return MetaTensor(out, affine=torch.as_tensor(geometry.grid_affine, dtype=torch.float64), meta=meta)
@@ -705,7 +711,7 @@ class ModalityIntensity(Transform):
         if not isinstance(img, MetaTensor):
             return out
         meta.pop("affine", None)
-        meta["intensity"] = record
+        meta["intensity"] = json.dumps(record)  # a string: collates across CT/MR samples with different keys
         return MetaTensor(out, affine=img.affine, meta=meta)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
-from monai.transforms import Orientation, Resize
+from monai.data import MetaTensor, decollate_batch, list_data_collate
+from monai.transforms import Orientation, Resize, SpatialResample
 
 from radfm3d.transforms import (
     GridGeometry,
@@ -154,7 +154,7 @@ def test_output_shape_and_range(modality, shape, is_2d, recipe, expected) -> Non
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0 and float(out.max()) > 0.5
     assert GridGeometry.from_dict(out.meta["grid_geometry"]).spatial_size == expected[1:]
     assert np.allclose(out.affine.numpy(), out.meta["grid_geometry"]["grid_affine"])
-    assert PreprocessingRecipe.from_dict(out.meta["preprocessing_recipe"]) == recipe
+    assert PreprocessingRecipe.from_json(out.meta["preprocessing_recipe"]) == recipe
     if recipe.intensity == "minmax" or modality != "CT":  # identical channels
         assert torch.equal(out[0], out[-1])
     if is_2d:  # the slice is replicated along depth
@@ -177,7 +177,7 @@ def test_mr_percentiles_ignore_zero_background() -> None:
     vol = np.zeros(SHAPE, np.float32)
     vol[8:40, 8:32, 4:20] = np.linspace(100, 300, 32)[:, None, None]
     out = ModalityIntensity(PreprocessingRecipe(mr_percentiles=(0.0, 100.0)))(make_image(vol, np.eye(4), "MR"))
-    assert out.meta["intensity"]["range"] == [100.0, 300.0]  # zeros excluded
+    assert json.loads(out.meta["intensity"])["range"] == [100.0, 300.0]  # zeros excluded
     assert float(out[0, 8, 8, 4]) == 0.0 and float(out[0, 39, 8, 4]) == 1.0 and float(out[0, 0, 0, 0]) == 0.0
 
 
@@ -261,6 +261,28 @@ def test_agrees_with_naive_monai_chain_on_smooth_volume() -> None:
         assert err.max() < tol and err.mean() < tol / 4, (antialias, err.max(), err.mean())
 
 
+def test_oblique_volume_matches_monai_spatial_resample() -> None:
+    """A tilted acquisition: the one composed map agrees with MONAI's SpatialResample onto the same grid."""
+    vol = smooth_volume()
+    c, s_, t = np.cos(np.deg2rad(25)), np.sin(np.deg2rad(25)), 0.3
+    rot = np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1]]) @ np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)],
+                                                                     [0, np.sin(t), np.cos(t)]])
+    aff = np.eye(4)
+    aff[:3, :3], aff[:3, 3] = rot @ np.diag(SPACING), ORIGIN
+    img = make_image(vol, aff, "MR")
+    size = (30, 30, 16)
+    mine = ResampleToGrid(PreprocessingRecipe(spatial_size=size, antialias=False, background=-1.0))(img)
+    ref = SpatialResample(mode="bilinear", padding_mode="zeros", align_corners=True)(
+        img, dst_affine=mine.affine, spatial_size=size)
+    vox = GridGeometry.from_dict(mine.meta["grid_geometry"]).grid_to_voxel(np.argwhere(np.ones(size)))
+    vox = vox.reshape(*size, 3)
+    inner = np.all((vox >= 0) & (vox <= np.array(SHAPE) - 1), axis=-1)  # no padding involved
+    beyond = np.any((vox < -0.5) | (vox > np.array(SHAPE) - 0.5), axis=-1)
+    assert inner.mean() > 0.2 and beyond.mean() > 0.2
+    np.testing.assert_allclose(mine[0].numpy()[inner], ref[0].numpy()[inner], atol=1e-3)
+    assert np.all(mine[0].numpy()[beyond] == -1.0)
+
+
 def test_antialias_suppresses_aliasing_of_thin_lines() -> None:
     vol = np.zeros((64, 8, 8), np.float32)
     vol[::3] = 300.0  # 1-voxel lines every 3 voxels; 4x downsampling aliases them into a beat pattern
@@ -322,6 +344,18 @@ def test_dictionary_transforms_and_compose() -> None:
         ResampleToGridd("prior", recipe)({"image": img})
 
 
+def test_outputs_survive_monai_collate_and_decollate() -> None:
+    recipe = PreprocessingRecipe(spatial_size=GRID)
+    ct = preprocess(make_image(phantom_hu(), ras_affine(), "CT"), recipe)
+    mr = preprocess(make_image(smooth_volume(), ras_affine(), "MR"), recipe)
+    batch = list_data_collate([{"image": ct}, {"image": mr}])
+    assert tuple(batch["image"].shape) == (2, 3, *GRID)
+    for item, original in zip(decollate_batch(batch), (ct, mr)):
+        geo = GridGeometry.from_dict(item["image"].meta["grid_geometry"])
+        np.testing.assert_allclose(geo.grid_affine, GridGeometry.from_dict(original.meta["grid_geometry"]).grid_affine)
+        assert PreprocessingRecipe.from_json(item["image"].meta["preprocessing_recipe"]) == recipe
+
+
 # ------------------------------------------------------------------------------------------ files (radfm3d.io)
 def test_nifti_ras_nifti_lps_and_dicom_series_agree(tmp_path: Path) -> None:
     io = pytest.importorskip("radfm3d.io")
@@ -357,6 +391,7 @@ def test_load_scan_in_compose(tmp_path: Path) -> None:
     io.save_nifti(make_image(phantom_hu(), ras_affine()), tmp_path / "scan.nii.gz")
     recipe = PreprocessingRecipe(spatial_size=GRID)
     out = preprocessing_transforms(recipe)({"image": str(tmp_path / "scan.nii.gz"), "modality": "CT"})
-    assert tuple(out["image"].shape) == (3, *GRID) and out["image"].meta["intensity"]["mode"] == "ct_windows"
+    assert tuple(out["image"].shape) == (3, *GRID)
+    assert json.loads(out["image"].meta["intensity"])["mode"] == "ct_windows"  # the manifest's modality hint
     loaded = LoadScand("image")({"image": str(tmp_path / "scan.nii.gz")})["image"]
     assert tuple(loaded.shape) == (1, *SHAPE)

@@ -42,7 +42,7 @@ _ORGAN_ADJ = {"kidney": "renal", "liver": "hepatic", "spleen": "splenic", "lung"
 _MODALITY_NAME = {"CT": "CT", "T1": "T1-weighted MRI", "T2": "T2-weighted MRI"}
 _REGION_FINDING_ORGANS = {"head": [("brain", "right"), ("brain", "left")],
                           "chest": [("lung", "right"), ("lung", "left")],
-                          "abdomen": [("liver", "right"), ("spleen", "left"), ("kidney", "right"), ("kidney", "left")]}
+                          "abdomen": [("liver", "none"), ("spleen", "none"), ("kidney", "right"), ("kidney", "left")]}
 _SITES = {"brain": ("hemorrhage", "mass", "cyst", "calcification"), "lung": ("nodule", "mass", "calcification"),
           "liver": ("cyst", "mass", "calcification"), "spleen": ("cyst", "calcification"),
           "kidney": ("cyst", "mass", "calcification")}
@@ -88,7 +88,7 @@ def _finding_sentence(f: dict[str, Any], rng: np.random.Generator) -> str:
 
 
 def _impression_item(f: dict[str, Any]) -> str:
-    side = f"{f['side']} " if f["side"] in ("left", "right") and f["organ"] not in ("liver", "spleen") else ""
+    side = f"{f['side']} " if f["side"] in ("left", "right") else ""
     return f"{_mm(f['size_mm'])} mm {side}{_ORGAN_ADJ.get(f['organ'], f['organ'])} {f['type']}"
 
 
@@ -114,9 +114,9 @@ def _negatives(gt: dict[str, Any], rng: np.random.Generator) -> list[str]:
         out.append(_pick(rng, ["Heart size is normal.", "The heart is not enlarged."]))
         out.append(_pick(rng, ["No pleural effusion.", "No effusion."]))
     else:
-        if ("liver", "right") not in found:
+        if ("liver", "none") not in found:
             out.append(_pick(rng, ["No focal liver lesion.", "The liver is unremarkable."]))
-        if ("spleen", "left") not in found:
+        if ("spleen", "none") not in found:
             out.append(_pick(rng, ["No focal splenic lesion.", "The spleen is unremarkable."]))
         for side in ("right", "left"):
             if ("kidney", side) not in found:

@@ -70,7 +70,9 @@ GENERATOR_VERSION = 1
 REGIONS = ("head", "chest", "abdomen")
 #: finding types the generator produces (the evaluation vocabulary merges these names)
 FINDING_TYPES = ("nodule", "mass", "cyst", "hemorrhage", "calcification")
-#: organ names used in ground truth (``organ`` + ``side`` identify a structure, e.g. kidney/left)
+#: organ names used in ground truth (``organ`` + ``side`` identify a structure, e.g. kidney/left). ``side`` is
+#: "left"/"right" for paired structures (lungs, kidneys, cerebral hemispheres, ventricles) and "none" otherwise
+#: (liver, spleen, heart ...); ``body_side`` always gives the patient side of a centre (x > midline = right).
 ORGANS = ("brain", "ventricles", "skull", "lung", "heart", "spine", "liver", "spleen", "kidney")
 SIDES = ("left", "right", "none")
 CHANGES = ("new", "grown", "shrunk", "resolved", "stable")
@@ -184,8 +186,8 @@ _ANATOMY: dict[str, list[tuple[str, str, str, str, tuple[float, float, float], t
     "abdomen": [
         ("body_fat", "", "none", "fat", (0, 0, 0), (1.0, 1.0, 1.15)),
         ("body_muscle", "", "none", "soft", (0, 0, 0), (0.9, 0.86, 1.2)),
-        ("liver", "liver", "right", "liver", (0.38, 0.08, 0.32), (0.44, 0.52, 0.42)),
-        ("spleen", "spleen", "left", "spleen", (-0.55, -0.15, 0.32), (0.18, 0.26, 0.3)),
+        ("liver", "liver", "none", "liver", (0.38, 0.08, 0.32), (0.44, 0.52, 0.42)),
+        ("spleen", "spleen", "none", "spleen", (-0.55, -0.15, 0.32), (0.18, 0.26, 0.3)),
         ("right_kidney", "kidney", "right", "kidney", (0.4, -0.42, -0.28), (0.15, 0.17, 0.3)),
         ("left_kidney", "kidney", "left", "kidney", (-0.4, -0.42, -0.22), (0.15, 0.17, 0.3)),
         ("spine", "spine", "none", "vertebra", (0, -0.64, 0), (0.1, 0.12, 1.6)),
@@ -193,8 +195,11 @@ _ANATOMY: dict[str, list[tuple[str, str, str, str, tuple[float, float, float], t
 }
 #: body half-extent as a fraction of the field of view along (x, y, z) world axes
 _BODY_FRACTION = {"head": (0.40, 0.45, 0.44), "chest": (0.46, 0.36, 0.44), "abdomen": (0.46, 0.38, 0.44)}
-#: organs that never carry findings / that a finding must not overlap
-_NO_FINDINGS = {"skull", "ventricles", "heart", "spine", ""}
+
+
+def _body_side(x: float, midline_x: float) -> str:
+    """Patient side of a world x (RAS: +x = patient Right) relative to the body midline."""
+    return "right" if x > midline_x else "left"
 
 
 def organ_label(organ: str, side: str) -> str:
@@ -202,7 +207,7 @@ def organ_label(organ: str, side: str) -> str:
     hemisphere"; ("liver", "right") -> "liver" (side implied)."""
     if organ == "brain" and side in ("left", "right"):
         return f"{side} cerebral hemisphere"
-    if organ in ("liver", "spleen") or side == "none":
+    if side not in ("left", "right"):
         return organ
     return f"{side} {organ}"
 
@@ -562,7 +567,8 @@ def _sample_findings(region: str, modality: str, organs: list[Ellipsoid], spacin
     return findings
 
 
-def _finding_record(k: int, f: Ellipsoid, acq: Acquisition, n_vox: int, geom: Any) -> dict[str, Any]:
+def _finding_record(k: int, f: Ellipsoid, acq: Acquisition, n_vox: int, geom: Any, midline_x: float
+                    ) -> dict[str, Any]:
     """JSON ground truth of one finding (world mm, voxel indices of the stored NIfTI, model grid)."""
     box_w = f.world_box()
     inv = np.linalg.inv(acq.affine)
@@ -573,6 +579,7 @@ def _finding_record(k: int, f: Ellipsoid, acq: Acquisition, n_vox: int, geom: An
     diam = np.sort(2 * f.radii)[::-1]
     rec = {
         "id": f"f{k}", "type": f.tissue, "organ": f.organ, "side": f.side,
+        "body_side": _body_side(float(f.centre[0]), midline_x),
         "location": organ_label(f.organ, f.side), "size_mm": round(float(diam[0]), 1),
         "diameters_mm": _r(diam, 1), "centre_world_mm": _r(f.centre, 2), "box_world_mm": _r(box_w, 2),
         "centre_voxel": _r(centre_v, 2), "box_voxel": _r(box_v, 2), "n_voxels": int(n_vox),
@@ -686,7 +693,7 @@ def render_case(seed: int, index: int, *, grid: Sequence[int] | None = (128, 128
     geom = _grid_geometry(acq, grid)
     arr, labels, counts = render_scan(acq, organs, findings, modality, sequence, values,
                                       np.random.default_rng([seed, index, _S_NOISE]))
-    f_recs = [_finding_record(k, f, acq, counts[k], geom) for k, f in enumerate(findings)]
+    f_recs = [_finding_record(k, f, acq, counts[k], geom, body_centre[0]) for k, f in enumerate(findings)]
     scan = PhantomScan(arr, acq.affine, labels, acq, modality, f_recs)
     case_id = f"case-{index:06d}"
     gt: dict[str, Any] = {
@@ -694,7 +701,7 @@ def render_case(seed: int, index: int, *, grid: Sequence[int] | None = (128, 128
         "split": split_of(seed, index), "modality": modality, "sequence": sequence, "region": region,
         "space": "RAS", "units": "HU" if modality == "CT" else "a.u.", "dicom": bool(dicom),
         "geometry": acq.to_dict(), "body_centre_world_mm": _r(body_centre, 2),
-        "organs": [_organ_record(o, acq, geom) for o in organs if o.organ],
+        "organs": [_organ_record(o, acq, geom, body_centre[0]) for o in organs if o.organ],
         "findings": f_recs,
         "grid_geometry": geom.to_dict() if geom is not None else None,
         "prior": None,
@@ -708,17 +715,20 @@ def render_case(seed: int, index: int, *, grid: Sequence[int] | None = (128, 128
         pgeom = _grid_geometry(pacq, grid)
         parr, plabels, pcounts = render_scan(pacq, organs, prior_findings, modality, sequence, values,
                                              np.random.default_rng([seed, index, _S_PRIOR_NOISE]))
-        p_recs = [_finding_record(k, f, pacq, pcounts[k], pgeom) for k, f in enumerate(prior_findings)]
+        p_recs = [_finding_record(k, f, pacq, pcounts[k], pgeom, body_centre[0])
+                  for k, f in enumerate(prior_findings)]
         prior_scan = PhantomScan(parr, pacq.affine, plabels, pacq, modality, p_recs)
         gt["prior"] = {"geometry": pacq.to_dict(), "findings": p_recs, "changes": changes,
                        "grid_geometry": pgeom.to_dict() if pgeom is not None else None}
     return scan, prior_scan, gt
 
 
-def _organ_record(o: Ellipsoid, acq: Acquisition, geom: Any) -> dict[str, Any]:
+def _organ_record(o: Ellipsoid, acq: Acquisition, geom: Any, midline_x: float) -> dict[str, Any]:
     """JSON record of an organ: name, side, centre and box (world mm, clipped to the field of view)."""
     box = _clip_box_to_fov(o.world_box(), acq)
-    rec = {"structure": o.name, "organ": o.organ, "side": o.side, "location": organ_label(o.organ, o.side),
+    rec = {"structure": o.name, "organ": o.organ, "side": o.side,
+           "body_side": "none" if o.organ == "spine" else _body_side(float(o.centre[0]), midline_x),
+           "location": organ_label(o.organ, o.side),
            "centre_world_mm": _r(o.centre, 2), "box_world_mm": _r(box, 2)}
     if geom is not None:
         rec.update(_grid_box_fields(geom, box))
@@ -1003,6 +1013,10 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
             bar.update(1)
     else:
         import multiprocessing as mp
+
+        # import the heavy modules (torch/monai via io and transforms) once here, so forked workers share them
+        import radfm3d.io  # noqa: F401
+        import radfm3d.transforms  # noqa: F401
 
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:

@@ -3,7 +3,7 @@
 
 Output folder (``radfm3d convert-radfm CHECKPOINT OUT``)::
 
-    OUT/config.json                 RadFM3DConfig (radfm-13b preset or the given config); names OUT/language_model
+    OUT/config.json                 RadFM3DConfig (radfm-13b preset or the given config); base LLM "language_model"
     OUT/model.safetensors           vision_model.*, resampler.*, projector.*, extra_token_embeddings.* (~108 M params)
     OUT/language_model/             a stock transformers LLaMA folder (sharded safetensors + index, config.json,
                                     generation_config.json with eos 2): ``LlamaForCausalLM.from_pretrained`` works on
@@ -365,7 +365,8 @@ def peak_rss_bytes() -> int:
 
 def peak_rss_bound(largest_source_bytes: int, largest_target_bytes: int, baseline_bytes: int) -> int:
     """The stated converter bound: ``baseline + largest source tensor + its converted copy + 256 MiB`` (allocator
-    slack, header, metadata). For RadFM-13B: baseline ~0.6 GB + 655 MB + 328 MB (bf16) -> ~1.8 GB << 50 GB."""
+    slack, header, metadata); ``baseline`` = RSS after imports and key planning, before any weight is read.
+    For RadFM-13B: ~0.6 GB + 655 MB + 328 MB (bf16) -> ~1.9 GB, vs the 50 GB file."""
     return int(baseline_bytes + largest_source_bytes + largest_target_bytes + 256 * 2**20)
 
 
@@ -467,10 +468,10 @@ def convert_radfm(
     limit = parse_size(shard_size)
     if out.exists() and not overwrite:
         raise _input_error(out, "output folder exists (pass overwrite=True / --overwrite to replace it)")
-    baseline_rss = _current_rss()
     config = _resolve_config(config)
     state = load_radfm_state_dict(source)
     plan = plan_conversion(state, config)
+    baseline_rss = _current_rss()  # interpreter + torch/transformers + the mapped key tree, before any weight is read
 
     def target_dtype(src: torch.Tensor) -> torch.dtype:
         return dtype if src.is_floating_point() else src.dtype
@@ -565,7 +566,7 @@ def convert_radfm(
             "baseline_rss_bytes": baseline_rss,
             "largest_tensor_bytes": {"source": largest_source, "target": largest_target},
         }
-        config.text_model_name_or_path = str(out / LLM_SUBFOLDER)
+        config.text_model_name_or_path = LLM_SUBFOLDER  # relative: resolved inside the checkpoint folder
         config.architectures = ["RadFM3DForCausalLM"]
         config.save_pretrained(partial)  # config.json last among the model files: a partial folder never looks whole
         (partial / REPORT_NAME).write_text(json.dumps(report, indent=2))

@@ -421,9 +421,10 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         """Load a checkpoint folder (or build a fresh model from a preset name, e.g. ``"demo"``).
 
         The named base LLM is loaded through :func:`radfm3d.interop.llm.load_base_llm` (with ``dtype`` and
-        ``device_map``); the saved parts are then loaded strictly (missing or unexpected keys raise).
+        ``device_map``; a relative ``text_model_name_or_path`` is looked up inside the checkpoint folder first, e.g.
+        ``"llm"`` for a converted RadFM); the saved parts are then loaded strictly (missing or unexpected keys raise).
         """
-        from radfm3d.interop.llm import load_base_llm
+        from radfm3d.interop.llm import is_alias, load_base_llm
 
         source = Path(pretrained_model_name_or_path)
         is_folder = (source / "config.json").is_file()
@@ -433,8 +434,12 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             config = RadFM3DConfig.from_preset(pretrained_model_name_or_path)
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
-        if config.text_model_name_or_path:
-            language_model, _ = load_base_llm(config.text_model_name_or_path, dtype=dtype, device_map=device_map)
+        base_name = config.text_model_name_or_path
+        if base_name and is_folder and not is_alias(base_name) and not Path(base_name).is_absolute() \
+                and (source / base_name).exists():
+            base_name = str(source / base_name)  # a base stored inside the checkpoint folder, named relatively
+        if base_name:
+            language_model, _ = load_base_llm(base_name, dtype=dtype, device_map=device_map)
         else:
             language_model = AutoModelForCausalLM.from_config(
                 config.text_config, dtype=dtype if isinstance(dtype, torch.dtype) else None

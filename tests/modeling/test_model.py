@@ -211,6 +211,23 @@ def test_save_load_roundtrip_bit_for_bit(model, tmp_path):
     assert torch.equal(out, ref)  # random tiny LLM (no named base) is saved with the checkpoint
     assert torch.equal(again.generate(ids, pixel_values=px, max_new_tokens=4, do_sample=False),
                        model.generate(ids, pixel_values=px, max_new_tokens=4, do_sample=False))
+    half = RadFM3DForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(half(input_ids=ids, pixel_values=px).logits.float(), ref, rtol=0.1, atol=0.1)
+
+
+def test_base_llm_named_relative_to_the_checkpoint(model, tmp_path):
+    model.language_model.save_pretrained(tmp_path / "llm")  # e.g. a converted RadFM keeps its LLaMA in ./llm
+    cfg = RadFM3DConfig.from_preset("tiny", text_model_name_or_path="llm")
+    named = RadFM3DForCausalLM(cfg, language_model=model.language_model)
+    named.load_state_dict(model.state_dict())
+    named.save_pretrained(tmp_path)
+    again = RadFM3DForCausalLM.from_pretrained(tmp_path)
+    ids = sample(cfg, [1, "img", 5])
+    px = volumes(1, 15)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, pixel_values=px).logits, model(input_ids=ids, pixel_values=px).logits)
 
 
 def test_named_base_saves_only_trainable_parts_and_loads_strictly(model, tmp_path):

@@ -16,7 +16,7 @@ def _known_geometry() -> GridGeometry:
     """Grid 100x50x10 with 2 x 3 x 5 mm steps, origin (-100, 20, -30) mm; the original file is stored LPS-like
     (axis 0 towards Left, 1 towards Posterior) at 1 mm, 1 mm, 5 mm."""
     grid_affine = np.array([[2.0, 0, 0, -100.0], [0, 3.0, 0, 20.0], [0, 0, 5.0, -30.0], [0, 0, 0, 1]])
-    original_affine = np.array([[-1.0, 0, 0, 99.5], [0, -1.0, 0, 168.5], [0, 0, 5.0, -30.0], [0, 0, 0, 1]])
+    original_affine = np.array([[-1.0, 0, 0, 98.5], [0, -1.0, 0, 168.0], [0, 0, 5.0, -30.0], [0, 0, 0, 1]])
     return GridGeometry(grid_affine, original_affine, (200, 150, 10), (100, 50, 10))
 
 
@@ -32,7 +32,7 @@ def test_known_grid_box_maps_to_the_right_world_and_voxel_box():
     np.testing.assert_allclose(whole["box_world_mm"], [-101.0, 18.5, -32.5, 99.0, 168.5, 17.5])
     np.testing.assert_allclose(whole["centre_world_mm"], [-1.0, 93.5, -7.5])
     np.testing.assert_allclose(whole["size_mm"], [200.0, 150.0, 50.0])
-    # original voxels: x = 99.5 - i, y = 168.5 - j -> the grid covers voxel extents [-0.5, 199.5] x [-0.5, 149.5]
+    # original voxels: x = 98.5 - i, y = 168 - j -> the grid covers voxel extents [-0.5, 199.5] x [-0.5, 149.5]
     np.testing.assert_allclose(whole["box_voxel"], [-0.5, -0.5, -0.5, 199.5, 149.5, 9.5])
     np.testing.assert_allclose(whole["centre_voxel"], [99.5, 74.5, 4.5])
 

@@ -1,0 +1,160 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""The radfm3d_demo bundle end to end, the model-zoo way: ConfigWorkflow + overrides + check_properties.
+
+Tiny preset, a handful of tiny phantoms generated into a temp folder, one short epoch: train -> evaluate -> infer,
+plus a 2-process torchrun (gloo, CPU) training run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("radfm3d.processing")
+pytest.importorskip("radfm3d.data.phantoms")
+
+from monai.bundle import ConfigWorkflow  # noqa: E402
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_demo"
+CONFIGS = BUNDLE / "configs"
+META = str(CONFIGS / "metadata.json")
+LOGGING = str(CONFIGS / "logging.conf")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Tiny RadPhantom set (32x32x8 grid) under a temp folder."""
+    from radfm3d.data.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("radfm3d_demo")
+    generate_phantoms(root / "phantoms", n=4, seed=0, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10),
+                      dicom_fraction=0.0, prior_fraction=0.0, progress=False)
+    return root
+
+
+def _train_overrides(work: Path) -> dict:
+    return {
+        "bundle_root": str(BUNDLE), "dataset_dir": str(work / "phantoms"), "model_name_or_path": "tiny",
+        "output_dir": str(work / "run"), "model_dir": str(work / "model"), "max_epochs": 1, "batch_size": 2,
+        "limit": 4, "num_workers": 0, "show_progress": False, "save_interval": 1, "warmup_steps": 1, "log_every": 1,
+    }
+
+
+def _check_workflow(workflow: ConfigWorkflow) -> None:
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+
+
+@pytest.fixture(scope="module")
+def trained(workdir: Path) -> Path:
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=META, logging_file=LOGGING,
+                              workflow_type="train", **_train_overrides(workdir))
+    _check_workflow(workflow)
+    return workdir
+
+
+def test_metadata_and_layout():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    for key in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
+                "description", "authors", "copyright", "network_data_format", "schema", "changelog"):
+        assert key in meta, key
+    assert meta["version"] in meta["changelog"]
+    assert {"image", "text"} <= set(meta["network_data_format"]["inputs"])
+    for name in ("LICENSE", "docs/README.md", "configs/logging.conf", "configs/inference.json"):
+        assert (BUNDLE / name).is_file(), name
+    # every _target_ points into radfm3d, monai, torch or ignite
+    for cfg in CONFIGS.glob("*.json"):
+        text = cfg.read_text()
+        targets = [line.split('"_target_":')[1].strip().strip('",') for line in text.splitlines() if "_target_" in line]
+        for target in targets:
+            assert target.split(".")[0] in ("radfm3d", "torch", "monai", "ignite") or "." not in target, (cfg, target)
+
+
+def test_train(trained: Path):
+    model_dir = trained / "model"
+    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+    assert (model_dir / "preprocessing.json").is_file()  # the recipe travels with the model
+    ckpts = sorted((trained / "run" / "checkpoints").glob("checkpoint_*.pt"))
+    assert ckpts and ckpts[-1].name == "checkpoint_00000002.pt"  # 4 records / batch 2 = 2 iterations
+    assert list((trained / "run").glob("events.out.tfevents*"))  # TensorBoard
+
+
+def test_evaluate(trained: Path):
+    eval_dir = trained / "eval"
+    overrides = {**_train_overrides(trained), "eval_manifest": str(trained / "phantoms" / "val.jsonl"),
+                 "eval_dir": str(eval_dir), "eval_limit": 3, "eval_batch_size": 2, "max_new_tokens": 4,
+                 "embeddings": False, "n_resamples": 20}
+    workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")],
+                              meta_file=META, logging_file=LOGGING, workflow_type="eval", **overrides)
+    _check_workflow(workflow)
+    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("prediction" in r and "grid_geometry" in r for r in rows)
+    assert len((eval_dir / "blind_predictions.jsonl").read_text().splitlines()) == 3
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert results["meta"]["runs"] == ["blind", "model"] and results["meta"]["n_records"] == 3
+    assert (eval_dir / "report.md").is_file()
+
+
+def test_infer(trained: Path):
+    from radfm3d.io import load_image, save_dicom_series
+
+    scans = trained / "scans"
+    scans.mkdir()
+    record = json.loads((trained / "phantoms" / "val.jsonl").read_text().splitlines()[0])
+    nifti = trained / "phantoms" / record["images"][0]
+    (scans / "ct.nii.gz").write_bytes(nifti.read_bytes())
+    save_dicom_series(load_image(nifti), scans / "series", modality=record.get("modality", "CT"))
+    out = trained / "outputs"
+    overrides = {"bundle_root": str(BUNDLE), "model_dir": str(trained / "model"), "dataset_dir": str(scans),
+                 "output_dir": str(out), "max_new_tokens": 4,
+                 "prompts": ["report", "Is there a lesion?", "Locate the spleen."]}
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING,
+                              workflow_type="infer", **overrides)
+    _check_workflow(workflow)
+    results = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(results) == ["ct.json", "series.json"]
+    for res in results.values():
+        assert len(res["answers"]) == 3 and res["answers"][1]["prompt"] == "<image> Is there a lesion?"
+        assert res["grid_geometry"]["spatial_size"] == [32, 32, 8]
+        assert res["recipe"]["spatial_size"] == [32, 32, 8] and res["model"] == str(trained / "model")
+        assert set(res["timings_s"]) >= {"load", "preprocess", "generate"}
+    assert results["series.json"]["source_format"].startswith("dicom")
+
+
+def test_finetune_own_manifest_with_lora(trained: Path):
+    """finetune.json: continue from the trained model on a user's manifest, LoRA on the LLM (instruction stage)."""
+    overrides = {**_train_overrides(trained), "manifest": str(trained / "phantoms" / "val.jsonl"),
+                 "model_name_or_path": str(trained / "model"), "output_dir": str(trained / "ft"),
+                 "model_dir": str(trained / "ft_model")}
+    workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "finetune.json")],
+                              meta_file=META, logging_file=LOGGING, workflow_type="train", **overrides)
+    _check_workflow(workflow)
+    adapter = json.loads((trained / "ft_model" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8
+    from radfm3d.engine.training import has_lora, load_trained_model
+
+    assert has_lora(load_trained_model(trained / "ft_model"))
+
+
+@pytest.mark.slow
+def test_multi_gpu_train_two_cpu_processes(workdir: Path, tmp_path: Path):
+    overrides = {**_train_overrides(workdir), "output_dir": str(tmp_path / "run"), "model_dir": str(tmp_path / "m")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run",
+           "--config_file", str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")]),
+           "--meta_file", META, "--logging_file", LOGGING]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # 4 records over 2 ranks, batch 2 -> 1 iteration per epoch; rank 0 saved the checkpoint and the model
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_00000001.pt").is_file()
+    assert (tmp_path / "m" / "model.safetensors").is_file()
