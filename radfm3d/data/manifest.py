@@ -36,6 +36,7 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "write_jsonl",
+    "ManifestWriter",
     "validate_record",
     "validate_manifest",
     "resolve_images",
@@ -208,6 +209,65 @@ def write_jsonl(records: Iterable[Any], path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+class ManifestWriter:
+    """Streaming, atomic JSONL writer for manifests too large to hold in memory.
+
+    Records are validated one by one (``validate=True``; ids must be unique) and written to a hidden temporary
+    file in the target folder, which replaces ``path`` only on a clean ``close()`` / ``with`` exit; on an
+    exception the temporary file is removed and ``path`` is left untouched::
+
+        with ManifestWriter(out / "train.jsonl") as w:
+            for rec in records:
+                w.write(rec)
+    """
+
+    def __init__(self, path: str | os.PathLike, *, validate: bool = True) -> None:
+        self.path = Path(path)
+        self.validate = validate
+        self.count = 0
+        self._ids: set[str] = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._fh = os.fdopen(fd, "w", encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one record (raises ``RadFM3DInputError`` naming the record number if it is invalid)."""
+        self.count += 1
+        if self.validate:
+            problems = validate_record(record)
+            rid = record.get("id") if isinstance(record, Mapping) else None
+            if isinstance(rid, str):
+                if rid in self._ids:
+                    problems.append(f"duplicate id {rid!r}")
+                self._ids.add(rid)
+            if problems:
+                raise _input_error(self.path, f"record {self.count}: " + "; ".join(problems))
+        self._fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+    def close(self) -> Path:
+        """Finish: move the temporary file onto ``path``."""
+        if not self._fh.closed:
+            self._fh.close()
+            os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far (``path`` is not touched)."""
+        if not self._fh.closed:
+            self._fh.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def resolve_images(record: Mapping[str, Any], manifest_path: str | os.PathLike) -> list[Path]:

@@ -22,7 +22,7 @@ Output layout of :func:`generate_phantoms` (``out_dir``)::
 
     images/shard-000/case-000123.nii.gz          current scan (int16; HU for CT, a.u. for MR)
     images/shard-000/case-000123-prior.nii.gz    prior scan (comparison cases only)
-    dicom/shard-000/case-000123/0000.dcm ...     DICOM series copy (a ``dicom_fraction`` of cases)
+    dicom/shard-000/case-000123/slice_0000.dcm   DICOM series copy (a ``dicom_fraction`` of cases)
     meta/shard-000/case-000123.json              per-case sidecar (ground truth + task records) = done marker
     train.jsonl / val.jsonl / test.jsonl         task manifests (CONTRACTS.md format)
     cases.jsonl                                  ground truth per case
@@ -991,7 +991,7 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
         summary dict: n, seed, generated, skipped, volumes, seconds, volumes_per_minute, cases per split,
         records per split, manifest paths.
     """
-    from radfm3d.data.manifest import write_jsonl, write_manifest
+    from radfm3d.data.manifest import ManifestWriter
     from radfm3d.data.phantom_tasks import TASKS
 
     if n < 0:
@@ -1014,9 +1014,11 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
     else:
         import multiprocessing as mp
 
+        import importlib
+
         # import the heavy modules (torch/monai via io and transforms) once here, so forked workers share them
-        import radfm3d.io  # noqa: F401
-        import radfm3d.transforms  # noqa: F401
+        for module in ("radfm3d.io", "radfm3d.transforms"):
+            importlib.import_module(module)
 
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
@@ -1026,30 +1028,35 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
     bar.close()
     seconds = time.perf_counter() - t0
 
-    # assemble manifests from the sidecars (in case order)
-    per_split: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in SPLITS}
-    cases = []
-    for i in range(n):
-        with open(out / _case_paths(i)["sidecar"], encoding="utf-8") as fh:
-            meta = json.load(fh)
-        gt = meta["ground_truth"]
-        per_split[gt["split"]].extend(meta["records"])
-        cases.append({"id": gt["case_id"], **gt})
-    manifests = {}
-    for name, recs in per_split.items():
-        manifests[name] = str(write_manifest(recs, out / f"{name}.jsonl"))
-    manifests["cases"] = str(write_jsonl(cases, out / "cases.jsonl"))
+    # assemble the manifests from the sidecars, streaming (in case order; scales to 100k+ cases)
+    writers = {name: ManifestWriter(out / f"{name}.jsonl") for name, _ in SPLITS}
+    writers["cases"] = ManifestWriter(out / "cases.jsonl", validate=False)
+    split_counts = {name: 0 for name, _ in SPLITS}
+    try:
+        for i in range(n):
+            with open(out / _case_paths(i)["sidecar"], encoding="utf-8") as fh:
+                meta = json.load(fh)
+            gt = meta["ground_truth"]
+            split_counts[gt["split"]] += 1
+            for rec in meta["records"]:
+                writers[gt["split"]].write(rec)
+            writers["cases"].write({"id": gt["case_id"], **gt})
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    manifests = {name: str(w.close()) for name, w in writers.items()}
+    records_per_split = {name: writers[name].count for name, _ in SPLITS}
     if grid is not None:
         from radfm3d.transforms import PreprocessingRecipe
 
         PreprocessingRecipe(spatial_size=tuple(grid)).save(out)
-    split_counts = {name: sum(c["split"] == name for c in cases) for name, _ in SPLITS}
     summary = {
         "n": n, "seed": int(seed), "out_dir": str(out), "config": config, "generated": len(todo),
         "skipped": n - len(todo), "removed_temporaries": cleaned, "volumes": volumes,
         "seconds": round(seconds, 3), "workers": workers,
         "volumes_per_minute": round(60.0 * volumes / seconds, 1) if volumes and seconds > 0 else None,
-        "cases_per_split": split_counts, "records_per_split": {k: len(v) for k, v in per_split.items()},
+        "cases_per_split": split_counts, "records_per_split": records_per_split,
         "manifests": manifests,
     }
     _write_json_atomic(summary, out / "dataset.json")

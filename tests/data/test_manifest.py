@@ -67,3 +67,19 @@ def test_check_files_and_missing_manifest(tmp_path):
     assert validate_record(GOOD, base_dir=tmp_path, check_files=True) == []
     with pytest.raises(RadFM3DInputError, match="does not exist"):
         read_manifest(tmp_path / "nope.jsonl")
+
+
+def test_streaming_writer_is_atomic(tmp_path):
+    from radfm3d.data.manifest import ManifestWriter
+
+    path = tmp_path / "m.jsonl"
+    with ManifestWriter(path) as w:
+        w.write(GOOD)
+        w.write({**GOOD, "id": "case-2"})
+    assert [r["id"] for r in read_manifest(path)] == ["case-1", "case-2"]
+    with pytest.raises(RadFM3DInputError, match="record 2: duplicate id 'case-1'"):
+        with ManifestWriter(path) as w:
+            w.write(GOOD)
+            w.write(GOOD)
+    assert [r["id"] for r in read_manifest(path)] == ["case-1", "case-2"]  # old file untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
