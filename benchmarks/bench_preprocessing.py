@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             cases["monai_naive"] = lambda: naive({"image": str(path)})
         results = best_of_rounds(cases, args.repeats)
         out = preprocess(loaded, recipe)
-        assert tuple(out.shape) == (3, 128, 128, 32) and out.meta["intensity"]["mode"] == "ct_windows"
+        assert tuple(out.shape) == (3, 128, 128, 32) and json.loads(out.meta["intensity"])["mode"] == "ct_windows"
         # the SimpleITK-backed variant must give the same tensor (same geometry, same values)
         diff = float((preprocess(sitk_metatensor(path), recipe) - out).abs().max())
         print(f"max |radfm3d - sitk_preprocess| = {diff:.2e}")

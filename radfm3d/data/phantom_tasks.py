@@ -273,7 +273,8 @@ def build_records(gt: dict[str, Any], images: Sequence[str], prior_image: str | 
     if geom is not None and "box_text" in (findings[0] if findings else {"box_text": ""}):
         if "grounding" in wanted:
             for f in by_type_loc[:2]:
-                p = _pick(rng, ["<image> Locate the {t} in the {l}.", "<image> Find the {t} in the {l} and give its box.",
+                p = _pick(rng, ["<image> Locate the {t} in the {l}.",
+                                "<image> Find the {t} in the {l} and give its box.",
                                 "<image> Draw a bounding box around the {t} in the {l}."])
                 add("grounding", p.format(t=f["type"], l=f["location"]), f["box_text"], None,
                     {"target": f, "target_ids": [f["id"]], "grid_geometry": geom})

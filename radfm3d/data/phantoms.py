@@ -310,7 +310,8 @@ class PhantomScan:
         from monai.data import MetaTensor
 
         meta = {"space": "RAS", "source_format": "array", "modality": self.modality,
-                "original_shape": tuple(self.array.shape), "original_spacing": tuple(map(float, self.acquisition.spacing)),
+                "original_shape": tuple(self.array.shape),
+                "original_spacing": tuple(map(float, self.acquisition.spacing)),
                 "original_affine": self.affine.copy(), "is_2d": False, "filename_or_obj": ""}
         return MetaTensor(torch.from_numpy(np.ascontiguousarray(self.array[None])),
                           affine=torch.as_tensor(self.affine, dtype=torch.float64), meta=meta)

@@ -54,7 +54,8 @@ def test_outputs_manifests_and_splits(run_dir):
     from radfm3d.io import load_image
 
     c = dicom_cases[0]
-    recs = [r for s in ("train", "val", "test") for r in read_manifest(run_dir / f"{s}.jsonl") if r["case_id"] == c["id"]]
+    recs = [r for s in ("train", "val", "test") for r in read_manifest(run_dir / f"{s}.jsonl")
+            if r["case_id"] == c["id"]]
     assert recs[0]["images"][0] == c["images"]["dicom"]
     dcm = load_image(run_dir / c["images"]["dicom"])
     nii = load_image(run_dir / c["images"]["nifti"])
