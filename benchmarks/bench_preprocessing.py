@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
         grid_spacing = compute_grid_geometry(affine, shape, recipe).grid_spacing
         naive = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image"),
-                         Orientationd("image", axcodes="RAS"),
+                         Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
                          Spacingd("image", pixdim=grid_spacing, mode="bilinear"),
                          Resized("image", spatial_size=recipe.spatial_size, mode="trilinear")])
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nradfm3d load+preprocess = {verdict:.2f}x the SimpleITK read (target <= 2x)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
-        "command": "python -m benchmarks.bench_preprocessing " + " ".join(argv or []),
+        "command": " ".join(["python -m benchmarks.bench_preprocessing", *(sys.argv[1:] if argv is None else argv)]),
         "input": {"shape": list(shape), "dtype": "int16", "format": ".nii.gz", "axcodes": "LPS"},
         "grid": list(recipe.spatial_size), "ct_windows": recipe.ct_windows, "repeats": args.repeats,
         "seconds": results, "ratio_vs_sitk_read": {k: v / ref for k, v in results.items()},
