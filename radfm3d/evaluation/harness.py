@@ -248,7 +248,8 @@ def true_boxes_world_mm(record: Mapping[str, Any]) -> list[list[float]]:
 
 
 def _grid_geometry(entry: Mapping[str, Any], record: Mapping[str, Any], recipe: Any, cache: dict) -> Any:
-    """GridGeometry for a record: from the prediction, the ground truth, or by preprocessing its first image."""
+    """GridGeometry for a record: from the prediction, the ground truth, or by preprocessing its first image;
+    None when the record has neither geometry nor image."""
     from radfm3d.transforms import GridGeometry
 
     geom = entry.get("grid_geometry") or (record.get("ground_truth") or {}).get("grid_geometry")
@@ -258,7 +259,7 @@ def _grid_geometry(entry: Mapping[str, Any], record: Mapping[str, Any], recipe: 
         return geom if isinstance(geom, GridGeometry) else GridGeometry.from_dict(geom)
     images = record.get("images") or []
     if not images:
-        raise RadFM3DInputError(str(record.get("id")), "grounding record without image or grid_geometry")
+        return None  # nothing to map the 0-99 text box through: it cannot hit, scored as no box
     key = (images[0], id(recipe))
     if key not in cache:
         cache[key] = grid_geometry_of_image(images[0], recipe)
@@ -286,6 +287,8 @@ def predicted_boxes_world_mm(entry: Mapping[str, Any], record: Mapping[str, Any]
     from radfm3d.text.postprocess import boxes_from_text
 
     geom = _grid_geometry(entry, record, recipe, {} if cache is None else cache)
+    if geom is None:
+        return []
     out = []
     for item in boxes_from_text(entry["prediction"], geom):
         box = item.get("box_world_mm", item.get("world_mm")) if isinstance(item, Mapping) else item

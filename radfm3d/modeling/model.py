@@ -61,6 +61,10 @@ def _is_adapter_key(name: str) -> bool:
     return any(marker in name for marker in _ADAPTER_MARKERS)
 
 
+# options of ``from_pretrained`` handed to the base LLM's loader (accelerate offload, bitsandbytes int8)
+_LLM_LOAD_OPTIONS = ("max_memory", "offload_folder", "offload_state_dict", "quantization_config", "low_cpu_mem_usage")
+
+
 class RadFM3DPreTrainedModel(PreTrainedModel):
     """Base class: config class, gradient-checkpointing support, no re-initialisation of a loaded LLM."""
 
@@ -249,6 +253,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         """Logits ``(B, L, base vocab)``; ``loss`` = mean shifted cross-entropy over labels != -100 (labels of
         image/extra ids are ignored too); with ``num_items_in_batch`` the sum is divided by it instead.
         ``cache`` (alias ``past_key_values``) is the LLM's KV cache (transformers 5 naming)."""
+        kwargs.pop("grid_geometry", None)  # processor output kept for box post-processing; not a model input
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         if cache is not None:
@@ -302,6 +307,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         """Embed once (images scattered in), then run the LLM's own ``generate`` (KV cache, greedy/sampling,
         every HF option). Returns ``prompt ids + new ids`` (or the usual output object with ``.sequences``).
         Left-pad batches (positions are taken from ``attention_mask``)."""
+        gen_kwargs.pop("grid_geometry", None)  # so that ``model.generate(**processor(...))`` works as is
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
         gen_config = self.language_model.generation_config
         eos = gen_config.eos_token_id if gen_config.eos_token_id is not None else self.config.text_config.eos_token_id
@@ -439,7 +445,9 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
                 and (source / base_name).exists():
             base_name = str(source / base_name)  # a base stored inside the checkpoint folder, named relatively
         if base_name:
-            language_model, _ = load_base_llm(base_name, dtype=dtype, device_map=device_map)
+            # big-model options (max_memory, offload_folder, quantization_config, ...) go to transformers' loader
+            llm_kwargs = {k: kwargs[k] for k in _LLM_LOAD_OPTIONS if k in kwargs}
+            language_model, _ = load_base_llm(base_name, dtype=dtype, device_map=device_map, **llm_kwargs)
         else:
             language_model = AutoModelForCausalLM.from_config(
                 config.text_config, dtype=dtype if isinstance(dtype, torch.dtype) else None
