@@ -274,3 +274,23 @@ def resolve_images(record: Mapping[str, Any], manifest_path: str | os.PathLike) 
     """Absolute image paths of a record (relative paths are relative to the manifest's folder)."""
     base = Path(manifest_path).parent
     return [Path(p) if os.path.isabs(p) else (base / p) for p in record.get("images", [])]
+
+
+def sample_by_task(records: Sequence[Mapping[str, Any]], counts: Mapping[str, int], seed: int = 0) -> list[dict]:
+    """A task-balanced random subset: up to ``counts[task]`` records of each task, shuffled together.
+
+    Used to build a training mix that fits a compute budget (e.g. the CPU-trained demo model) while keeping every
+    case's images eligible; deterministic for a given seed. Tasks absent from ``counts`` are dropped.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by_task: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        by_task.setdefault(str(record.get("task")), []).append(record)
+    chosen: list[dict] = []
+    for task in sorted(counts):
+        pool = by_task.get(task, [])
+        take = min(int(counts[task]), len(pool))
+        chosen += [dict(pool[i]) for i in rng.choice(len(pool), size=take, replace=False)]
+    return [chosen[i] for i in rng.permutation(len(chosen))]
