@@ -8,8 +8,8 @@ Public API (imported lazily, so `import radfm3d` stays light)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from radfm3d.utils import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -30,7 +30,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'radfm3d' has no attribute {name!r}")
+__getattr__ = lazy_exports("radfm3d", _EXPORTS)

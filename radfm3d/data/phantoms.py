@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from radfm3d.utils import progress_bar
+
 __all__ = [
     "GENERATOR_VERSION",
     "REGIONS",
@@ -1006,7 +1008,7 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
     todo = [i for i in range(n) if not _case_done(out, i, config)]
     t0 = time.perf_counter()
     volumes = 0
-    bar = _progress(len(todo), progress)
+    bar = progress_bar(len(todo), progress, desc="phantoms", unit="case")
     jobs = [(str(out), int(seed), i, config) for i in todo]
     if workers <= 1 or len(todo) <= 1:
         for job in jobs:
@@ -1062,22 +1064,6 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
     }
     _write_json_atomic(summary, out / "dataset.json")
     return summary
-
-
-class _NoBar:
-    def update(self, k: int = 1) -> None:  # noqa: D401 - tqdm stand-in
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="phantoms", unit="case", dynamic_ncols=True)
 
 
 def _grid_arg(text: str) -> tuple[int, int, int] | None:

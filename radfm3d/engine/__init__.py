@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from radfm3d.utils import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "PrepareBatchVLM": "radfm3d.engine.prepare",
@@ -42,7 +42,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'radfm3d.engine' has no attribute {name!r}")
+__getattr__ = lazy_exports("radfm3d.engine", _EXPORTS)

@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from radfm3d.utils import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Figure": "radfm3d.evaluation.metrics",
@@ -28,7 +28,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'radfm3d.evaluation' has no attribute {name!r}")
+__getattr__ = lazy_exports("radfm3d.evaluation", _EXPORTS)

@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from radfm3d.utils import progress_bar
+
 __all__ = [
     "RADFM_PRESET",
     "DROPPED_MODULES",
@@ -488,7 +490,7 @@ def convert_radfm(
     partial = out.parent / f"{out.name}.partial-{os.getpid()}"
     if partial.exists():
         shutil.rmtree(partial)
-    bar = _progress(total, progress)
+    bar = progress_bar(total, progress, unit="B", unit_scale=True, unit_divisor=1024, desc="convert-radfm")
     written_files: list[dict[str, Any]] = []
     try:
         (partial / LLM_SUBFOLDER).mkdir(parents=True)
@@ -633,22 +635,6 @@ def _current_rss() -> int:
         return int(psutil.Process().memory_info().rss)
     except ImportError:  # pragma: no cover - psutil is a dependency
         return peak_rss_bytes()
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert-radfm")
 
 
 # ============================================================================ CLI
