@@ -359,7 +359,9 @@ def _read_nifti(path: Path, max_voxels: int) -> _Loaded:
         extra["geometry_known"] = False
     _check_affine(path, aff)
     try:
-        data = np.asanyarray(img.dataobj)
+        data = _fast_gzip_nifti_data(path, img)
+        if data is None:
+            data = np.asanyarray(img.dataobj)
     except FileNotFoundError as err:
         raise RadFM3DInputError(path, f"the pixel data file {err.filename!r} is missing") from None
     except Exception as err:  # EOFError, zlib.error, OSError, ValueError from short data
@@ -369,6 +371,35 @@ def _read_nifti(path: Path, max_voxels: int) -> _Loaded:
         raise RadFM3DInputError(path, f"unsupported NIfTI data type {header.get_data_dtype()} (complex/RGB)")
     data = data.reshape(*spatial, -1) if len(shape) == 5 else data.reshape(spatial)[..., None]
     return _Loaded(np.moveaxis(data, -1, 0), aff, "nifti", str(path), extra=extra)
+
+
+def _fast_gzip_nifti_data(path: Path, img: Any) -> np.ndarray | None:
+    """Voxel array of an unscaled ``.nii.gz`` through ISA-L's gzip (``isal``), or None to use nibabel's reader.
+
+    Why not nibabel alone: it inflates with Python's zlib, which made reading a 512x512x300 CT ~85% of the whole
+    load+preprocess time; ISA-L inflates the same stream about 5-10x faster. The header (shape, affine, dtype,
+    offset) still comes from nibabel; only the inflate differs, and the bytes are viewed, not copied.
+    Raises EOFError/OSError on truncated or corrupt streams (the caller turns them into RadFM3DInputError).
+    """
+    if not str(path).lower().endswith(".gz"):
+        return None
+    try:
+        from isal import igzip
+    except ImportError:  # optional speed-up; nibabel's reader gives the same values
+        return None
+    proxy = img.dataobj
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    if not (slope in (1.0, None) or np.isnan(slope)) or not (inter in (0.0, None) or np.isnan(inter)):
+        return None  # scaled data: let nibabel apply scl_slope/scl_inter exactly as it documents
+    # the ArrayProxy knows where the voxels really start (a NIfTI-1 header may say vox_offset 0) and their layout
+    dtype, offset, order = np.dtype(proxy.dtype), int(proxy.offset), getattr(proxy, "order", "F")
+    shape = tuple(int(s) for s in proxy.shape)
+    count = int(np.prod(shape)) if shape else 0
+    with igzip.open(str(path), "rb") as stream:
+        raw = stream.read(offset + count * dtype.itemsize)
+    if len(raw) < offset + count * dtype.itemsize:
+        raise EOFError(f"pixel data ends after {max(len(raw) - offset, 0):,} of {count * dtype.itemsize:,} bytes")
+    return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order=order)
 
 
 def _file_layout(source: Any, shape: tuple[int, ...]) -> tuple[tuple[int, int, int], int]:
