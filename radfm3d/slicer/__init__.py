@@ -1,1 +1,0 @@
-# Copyright (c) radfm3d contributors. Apache-2.0.
