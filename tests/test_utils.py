@@ -17,6 +17,6 @@ def test_lazy_exports_resolves_and_rejects():
 def test_progress_bar_updates_or_stays_silent(enabled):
     bar = progress_bar(3, enabled, desc="work")
     bar.update(3)
-    bar.close()
     assert bar.disable is (not enabled)
     assert bar.n == (3 if enabled else 0)
+    bar.close()
