@@ -58,7 +58,8 @@ def task_family(record: Mapping[str, Any]) -> str:
     if task.startswith("vqa"):
         sub = re.sub(r"^vqa[_:]?", "", task)
         sub = re.sub(r"^closed[_:]?", "", sub) or "closed"
-        if sub.startswith("open") or sub in OPEN_VQA or (not record.get("choices") and sub not in CLOSED_VQA):
+        offers_choices = bool(record.get("choices"))
+        if sub.startswith("open") or (not offers_choices and (sub in OPEN_VQA or sub not in CLOSED_VQA)):
             return "vqa_open"
         return f"vqa_closed:{sub}"
     return task or "unknown"
@@ -333,10 +334,13 @@ def _score_family(
             except ImportError as err:
                 notes.append(f"embedding similarity skipped: {err}")
         fig, per_case = finding_figures(preds, answers, **bootstrap)
-        figures.update(fig)
-        for c, pc in zip(cases, per_case):
-            c.update({"finding_f1": pc["f1"], "findings_predicted": pc["predicted"],
-                      "findings_reference": pc["reference"]})
+        if any(pc["reference"] for pc in per_case):
+            figures.update(fig)
+            for c, pc in zip(cases, per_case):
+                c.update({"finding_f1": pc["f1"], "findings_predicted": pc["predicted"],
+                          "findings_reference": pc["reference"]})
+        else:  # e.g. "In the left lung.": no finding to count, and an empty-vs-empty F1 of 1 would flatter anyone
+            notes.append("finding-level F1 not applicable: the references name no findings")
     else:  # grounding
         ious, errs = [], []
         for r, e, c in zip(records, entries, cases):

@@ -190,3 +190,22 @@ def test_grounding_from_box_text_through_the_codec():
     cases = {c["id"]: c for c in res["cases"]["grounding"]}
     assert cases["g0"]["iou"] > 0.7 and cases["g0"]["centre_error_mm"] < 4.0
     assert cases["g1"]["iou"] == 0.0 and cases["g1"]["centre_error_mm"] == pytest.approx(40.0, abs=4.0)
+
+
+def test_vqa_with_choices_is_closed_even_for_size_questions():
+    from radfm3d.evaluation.harness import task_family
+
+    closed = {"task": "vqa_size", "choices": ["Smaller than 10 mm.", "10 to 20 mm."]}
+    assert task_family(closed) == "vqa_closed:size"
+    assert task_family({"task": "vqa_size"}) == "vqa_open"
+
+
+def test_finding_f1_is_not_reported_when_references_name_no_findings():
+    from radfm3d.evaluation.harness import evaluate_predictions
+
+    records = [{"id": f"loc-{i}", "task": "open_location", "images": [], "prompt": "Where?",
+                "answer": "In the left lung."} for i in range(4)]
+    results = evaluate_predictions(records, {r["id"]: "In the left lung." for r in records}, embeddings=False,
+                                   n_resamples=50)
+    figures = results["families"]["open_location"]["figures"]
+    assert "bleu4" in figures and "finding_f1" not in figures
