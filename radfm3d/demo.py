@@ -23,13 +23,16 @@ from typing import Any
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "radfm3d_demo"
 EXAMPLE_SEED = 2026
-# (file name, phantom case index, writer): a CT abdomen with a liver mass, an MR chest with a left-lung mass
-EXAMPLES = (("ct_abdomen.nii.gz", 10, "nifti"), ("mr_chest_dicom", 9, "dicom"))
+# (file name, phantom case index, writer, grounding prompt): a CT abdomen with a liver mass, an MR chest with a
+# left-lung mass; grounding prompts name their target, as in the benchmark's grounding task
+EXAMPLES = (
+    ("ct_abdomen.nii.gz", 10, "nifti", "<image> Locate the mass in the liver."),
+    ("mr_chest_dicom", 9, "dicom", "<image> Locate the mass in the left lung."),
+)
 DEMO_PROMPTS = (
     "<image> Please provide the FINDINGS and IMPRESSION for this study.",
     "<image> Is this a CT or an MRI scan (and which weighting)?",
     "<image> Is this a scan of the head, chest or abdomen?",
-    "<image> Locate the largest lesion.",
 )
 
 
@@ -41,7 +44,7 @@ def make_example_scans(folder: str | os.PathLike = BUNDLE / "examples", *, overw
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, index, writer in EXAMPLES:
+    for name, index, writer, _ in EXAMPLES:
         path = folder / name
         paths.append(path)
         if path.exists() and not overwrite:
@@ -86,14 +89,15 @@ def describe_scan(path: Path, recipe: Any) -> str:
             f"[{float(grid.min()):.2f}, {float(grid.max()):.2f}] ({1000 * (t2 - t1):.0f} ms)")
 
 
-def _run_bundle_inference(model_dir: Path, examples: Path, output_dir: Path) -> None:
+def _run_bundle_inference(model_dir: Path, scan: Path, prompts: list[str], output_dir: Path) -> None:
+    """The bundle's own `inference.json` (as `python -m monai.bundle run` would run it) on one scan."""
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(
         config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer",
         logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        bundle_root=str(BUNDLE), model_dir=str(model_dir), dataset_dir=str(examples),
-        output_dir=str(output_dir), prompts=list(DEMO_PROMPTS), max_new_tokens=96,
+        bundle_root=str(BUNDLE), model_dir=str(model_dir), dataset_dir=str(scan.parent), scans=[str(scan)],
+        output_dir=str(output_dir), prompts=prompts, max_new_tokens=96,
     )
     workflow.initialize()
     workflow.run()
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if trained:
         print(f"\nRunning the bundle's inference.json with the trained model in {model_dir} ...", flush=True)
         t0 = time.perf_counter()
-        _run_bundle_inference(model_dir, examples, Path(args.output_dir))
+        for scan, (_, _, _, grounding) in zip(scans, EXAMPLES):
+            _run_bundle_inference(model_dir, scan, [*DEMO_PROMPTS, grounding], Path(args.output_dir))
         print(f"(inference took {time.perf_counter() - t0:.1f} s)")
         _print_truth(Path(args.output_dir), examples)
         return 0
