@@ -107,7 +107,30 @@ def load_image(source: str | os.PathLike | np.ndarray | Any, *, affine: np.ndarr
         loaded = _read_path(path, series_uid, max_voxels)
     if modality:
         loaded.modality = str(modality)
+    elif loaded.modality in (None, "", "unknown") and loaded.source_format in _UNTAGGED_FORMATS:
+        _infer_ct_from_hu(loaded)
     return _finish(loaded, dtype)
+
+
+# formats that carry no modality tag (DICOM does)
+_UNTAGGED_FORMATS = ("nifti", "nrrd", "mha", "mhd")
+
+
+def _infer_ct_from_hu(loaded: _Loaded) -> None:
+    """Call an untagged volume CT when its values span air in Hounsfield units (<= -900) to tissue (>= 100).
+
+    NIfTI/NRRD/MHA have no modality field, yet the CT recipe (HU windows) differs from the MR one (percentiles);
+    guessing "unknown" would preprocess a CT differently at inference than in training from a tagged manifest.
+    MR intensities are non-negative, so the air signature does not fire on them. ``modality=`` always wins.
+    """
+    data = loaded.data
+    if data.size == 0 or data.dtype.kind not in "iuf":
+        return
+    lo, hi = float(data.min()), float(data.max())
+    if lo <= -900.0 and hi >= 100.0:
+        loaded.modality = "CT"
+        loaded.extra["modality_inferred"] = (f"CT inferred from the value range [{lo:g}, {hi:g}] (air in HU); "
+                                             "pass modality= to override")
 
 
 def save_nifti(image: Any, path: str | os.PathLike) -> Path:

@@ -573,3 +573,18 @@ def test_gzip_magic_without_nifti_suffix_is_rejected(tmp_path):
         load_image(path)
     assert_error(excinfo, "scan.gz", "not a recognised image file")
     assert os.path.exists(path)
+
+
+@pytest.mark.parametrize(
+    "low, high, hint, expected",
+    [(-1024, 1500, None, "CT"), (0, 1200, None, "unknown"), (-1024, 1500, "MR", "MR"), (-50, 80, None, "unknown")],
+)
+def test_untagged_nifti_modality_is_inferred_only_from_an_hu_signature(tmp_path, low, high, hint, expected):
+    import nibabel as nib
+
+    data = np.linspace(low, high, 8 * 8 * 4).reshape(8, 8, 4).astype(np.int16)
+    path = tmp_path / "untagged.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    image = load_image(path, modality=hint)
+    assert image.meta["modality"] == expected
+    assert ("modality_inferred" in image.meta) is (expected == "CT" and hint is None)
