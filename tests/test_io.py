@@ -34,14 +34,13 @@ META_KEYS = ("filename_or_obj", "source_format", "original_shape", "original_spa
 
 
 def pydicom_file(name: str) -> str:
-    """A file shipped with pydicom or pydicom-data (skip if this install lacks it)."""
+    """A file shipped with pydicom or pydicom-data (both installed by `make test`; a missing one fails)."""
     from pydicom.data import get_testdata_file
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = get_testdata_file(name)
-    if path is None:
-        pytest.skip(f"{name} not installed (pip install pydicom-data)")
+    assert path is not None, f"{name} not found: pip install pydicom-data"
     return path
 
 

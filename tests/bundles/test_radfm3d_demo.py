@@ -15,10 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("radfm3d.processing")
-pytest.importorskip("radfm3d.data.phantoms")
-
-from monai.bundle import ConfigWorkflow  # noqa: E402
+from monai.bundle import ConfigWorkflow
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_demo"
 CONFIGS = BUNDLE / "configs"

@@ -12,14 +12,12 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
 
-pytest.importorskip("radfm3d.modeling.model")
-
-from radfm3d.engine.data import ResumableSampler, TrainingCollate, build_dataloader  # noqa: E402
-from radfm3d.engine.handlers import TrainingCheckpointer, atomic_torch_save, latest_checkpoint  # noqa: E402
-from radfm3d.engine.inferer import ForwardInferer, GenerationInferer  # noqa: E402
-from radfm3d.engine.loss import CausalLMLoss  # noqa: E402
-from radfm3d.engine.prepare import PrepareBatchVLM  # noqa: E402
-from radfm3d.engine.training import (  # noqa: E402
+from radfm3d.engine.data import ResumableSampler, TrainingCollate, build_dataloader
+from radfm3d.engine.handlers import TrainingCheckpointer, atomic_torch_save, latest_checkpoint
+from radfm3d.engine.inferer import ForwardInferer, GenerationInferer
+from radfm3d.engine.loss import CausalLMLoss
+from radfm3d.engine.prepare import PrepareBatchVLM
+from radfm3d.engine.training import (
     build_model,
     build_optimizer,
     configure_stage,

@@ -170,7 +170,6 @@ def test_bad_predictions_file_names_the_file(tmp_path):
 
 def test_grounding_from_box_text_through_the_codec():
     """`<box>` answers on the model grid are mapped to world mm through the recorded grid geometry."""
-    pytest.importorskip("radfm3d.text.postprocess", reason="box post-processing not available")
     from radfm3d.text.boxes import format_box, grid_box_to_normalised
     from radfm3d.transforms import GridGeometry
 

