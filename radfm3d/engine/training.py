@@ -117,36 +117,25 @@ def apply_lora(
     dropout: float = 0.0,
     target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
 ) -> nn.Module:
-    """Add LoRA adapters (peft, through the transformers adapter API) to the model's LLM, in place.
+    """Add LoRA adapters (peft, via ``RadFM3DForCausalLM.add_lora``) to the model's LLM, in place.
 
     The LLM's own weights are frozen and keep their values; only the adapters of the LLM train. The model's
     ``save_pretrained`` writes the adapter weights and ``adapter_config.json`` (the base LLM stays named).
     """
     from peft import LoraConfig
 
+    inner = unwrap_model(model)
     llm = _part(model, "llm")
-    if llm is None:
-        raise ValueError("apply_lora: the model has no `language_model`")
+    if llm is None or not hasattr(inner, "add_lora"):
+        raise ValueError("apply_lora: expected a RadFM3DForCausalLM (with a `language_model`)")
     if has_lora(model):
         logger.info("LoRA adapters already present; not adding them again")
     else:
-        config = LoraConfig(r=int(r), lora_alpha=int(alpha), lora_dropout=float(dropout),
-                            target_modules=list(target_modules), bias="none")
-        _inject_lora(llm, config)
+        inner.add_lora(LoraConfig(r=int(r), lora_alpha=int(alpha), lora_dropout=float(dropout),
+                                  target_modules=list(target_modules), bias="none"))
     for name, p in llm.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
-
-
-def _inject_lora(llm: nn.Module, config: Any) -> None:
-    """Inject a LoRA adapter named "default" into ``llm`` and record its config where transformers/our
-    ``save_pretrained`` look for it (``llm.peft_config``). Uses peft directly: transformers' ``add_adapter`` needs
-    peft >= 0.22, which is not installable here."""
-    from peft import inject_adapter_in_model
-
-    inject_adapter_in_model(config, llm, adapter_name="default")
-    llm.peft_config = {"default": config}
-    llm._hf_peft_config_loaded = True
 
 
 def configure_stage(
@@ -306,45 +295,9 @@ def load_trained_model(
     from radfm3d.modeling.model import RadFM3DForCausalLM
 
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-    try:
-        model = RadFM3DForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except ValueError as err:
-        if "PEFT" not in str(err):
-            raise
-        model = _load_with_lora(Path(model_dir), dtype)
+    model = RadFM3DForCausalLM.from_pretrained(str(model_dir), **kwargs)
     model.eval()
     return model.to(device)
-
-
-def _load_with_lora(model_dir: Path, dtype: Any = None) -> nn.Module:
-    """Fallback for checkpoints with a LoRA adapter when transformers' ``add_adapter`` refuses the installed peft:
-    same steps as ``RadFM3DForCausalLM.from_pretrained``, with the adapter injected by :func:`_inject_lora`."""
-    import json
-
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
-
-    from radfm3d.modeling.configuration import RadFM3DConfig
-    from radfm3d.modeling.model import RadFM3DForCausalLM
-
-    config = RadFM3DConfig.from_pretrained(model_dir)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if config.text_model_name_or_path:
-        from radfm3d.interop.llm import load_base_llm
-
-        llm, _ = load_base_llm(config.text_model_name_or_path, dtype=dtype)
-    else:
-        llm = AutoModelForCausalLM.from_config(config.text_config, dtype=dtype)
-    data = json.loads((model_dir / "adapter_config.json").read_text())
-    fields = set(LoraConfig.__dataclass_fields__)
-    _inject_lora(llm, LoraConfig(**{k: v for k, v in data.items() if k in fields and k not in ("peft_type",
-                                                                                              "task_type")}))
-    model = RadFM3DForCausalLM(config, language_model=llm)
-    if dtype is not None:
-        model.to(dtype=dtype)
-    model._load_checkpoint_state(model_dir)
-    return model
 
 
 def parameters_digest(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
