@@ -24,8 +24,9 @@ class RadFM3DInputError(RadFM3DError, ValueError):
         problem: what is wrong, phrased so the user knows what to do.
     """
 
-    def __init__(self, source: str | os.PathLike | None, problem: str) -> None:
-        self.source = None if source is None else os.fspath(source)
+    def __init__(self, source: str | os.PathLike | object | None, problem: str) -> None:
+        self.source = None if source is None else (
+            os.fspath(source) if isinstance(source, (str, os.PathLike)) else str(source))
         self.problem = str(problem)
         super().__init__(f"{self.source}: {self.problem}" if self.source is not None else self.problem)
 

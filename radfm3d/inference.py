@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from radfm3d.errors import RadFM3DInputError
+
 __all__ = [
     "SCAN_SUFFIXES",
     "TASK_PROMPTS",
@@ -37,12 +39,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-def _input_error(source: Any, problem: str) -> Exception:
-    from radfm3d.errors import RadFM3DInputError
-
-    return RadFM3DInputError(source, problem)
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -79,7 +75,7 @@ def prompt_list(prompt: str | Sequence[str] | None = None, prompts: Sequence[str
     for text in chosen:
         text = str(text).strip()
         if not text:
-            raise _input_error("prompt", "empty prompt")
+            raise RadFM3DInputError("prompt", "empty prompt")
         if text.lower() in TASK_PROMPTS:
             out.append(TASK_PROMPTS[text.lower()])
         else:
@@ -118,18 +114,18 @@ def find_scans(dataset_dir: str | os.PathLike | None = None, scans: Sequence[str
         paths = [Path(s) for s in items]
         for p in paths:
             if not p.exists():
-                raise _input_error(p, "scan not found")
+                raise RadFM3DInputError(p, "scan not found")
         return [str(p) for p in paths]
     if dataset_dir is None:
-        raise _input_error("inference", "give --dataset_dir (a folder of scans) or --scans")
+        raise RadFM3DInputError("inference", "give --dataset_dir (a folder of scans) or --scans")
     root = Path(dataset_dir)
     if not root.exists():
-        raise _input_error(root, "dataset_dir not found")
+        raise RadFM3DInputError(root, "dataset_dir not found")
     if root.is_file() or _is_dicom_folder(root):
         return [str(root)]
     found = [p for p in sorted(root.iterdir()) if (p.is_file() and _is_scan_file(p)) or _is_dicom_folder(p)]
     if not found:
-        raise _input_error(root, f"no scans ({', '.join(SCAN_SUFFIXES)} files or DICOM-series folders) inside")
+        raise RadFM3DInputError(root, f"no scans ({', '.join(SCAN_SUFFIXES)} files or DICOM-series folders) inside")
     return [str(p) for p in found]
 
 

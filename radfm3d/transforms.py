@@ -51,6 +51,8 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform, Transform
 from monai.utils import TransformBackends
 
+from radfm3d.errors import RadFM3DInputError
+
 __all__ = [
     "RECIPE_FILENAME",
     "PreprocessingRecipe",
@@ -76,15 +78,6 @@ _BACKENDS = ("torch", "scipy")
 CT_BACKGROUND_HU = -1024.0
 # axcode letter -> (world RAS axis, direction)
 _AXCODE = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
-
-
-def _input_error(source: Any, problem: str) -> Exception:
-    """``RadFM3DInputError(source, problem)`` (radfm3d.errors); a plain ValueError until that module exists."""
-    try:
-        from radfm3d.errors import RadFM3DInputError
-    except ImportError:  # pragma: no cover - errors.py is written in parallel by the io room
-        return ValueError(f"{source}: {problem}")
-    return RadFM3DInputError(source, problem)
 
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -145,7 +138,7 @@ class PreprocessingRecipe:
         """Normalise types and raise ``RadFM3DInputError`` naming the bad field."""
 
         def bad(problem: str) -> Exception:
-            return _input_error(source, problem)
+            return RadFM3DInputError(source, problem)
 
         def int_triple(name: str, value: Any) -> tuple[int, int, int]:
             try:
@@ -232,19 +225,19 @@ class PreprocessingRecipe:
     def from_dict(cls, data: Mapping[str, Any], source: str = "PreprocessingRecipe") -> PreprocessingRecipe:
         """Inverse of :meth:`to_dict`; unknown keys or a newer version are errors naming ``source``."""
         if not isinstance(data, Mapping):
-            raise _input_error(source, f"a preprocessing recipe must be a JSON object, got {type(data).__name__}")
+            raise RadFM3DInputError(source, f"a preprocessing recipe must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         fmt = data.pop("format", _RECIPE_FORMAT)
         version = data.pop("version", _RECIPE_VERSION)
         if fmt != _RECIPE_FORMAT:
-            raise _input_error(source, f"not a radfm3d preprocessing recipe (format={fmt!r})")
+            raise RadFM3DInputError(source, f"not a radfm3d preprocessing recipe (format={fmt!r})")
         if not isinstance(version, int) or version > _RECIPE_VERSION:
-            raise _input_error(source, f"recipe version {version!r} is newer than this radfm3d "
+            raise RadFM3DInputError(source, f"recipe version {version!r} is newer than this radfm3d "
                                        f"(supports <= {_RECIPE_VERSION})")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise _input_error(source, f"unknown recipe field(s) {unknown}; known: {sorted(known)}")
+            raise RadFM3DInputError(source, f"unknown recipe field(s) {unknown}; known: {sorted(known)}")
         for key in ("spatial_size", "spatial_size_2d", "target_spacing", "mr_percentiles"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
@@ -270,7 +263,7 @@ class PreprocessingRecipe:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise _input_error(source, f"invalid JSON in preprocessing recipe ({err})") from None
+            raise RadFM3DInputError(source, f"invalid JSON in preprocessing recipe ({err})") from None
         return cls.from_dict(data, source=source)
 
     @staticmethod
@@ -290,7 +283,7 @@ class PreprocessingRecipe:
         """Read a recipe from a folder holding ``preprocessing.json`` or from a .json file."""
         target = cls._recipe_path(path)
         if not target.is_file():
-            raise _input_error(str(target), "preprocessing recipe file not found")
+            raise RadFM3DInputError(str(target), "preprocessing recipe file not found")
         return cls.from_json(target.read_text(encoding="utf-8"), source=str(target))
 
 
@@ -423,6 +416,24 @@ def _is_2d(shape: Sequence[int], meta: Mapping[str, Any] | None) -> bool:
     return sum(int(s) == 1 for s in shape) == 1
 
 
+def grid_geometry_of(image: Any, recipe: PreprocessingRecipe) -> GridGeometry:
+    """Where the model grid of ``recipe`` sits for a channel-first image (its affine, shape and 2D flag); no
+    resampling. :class:`ResampleToGrid` samples exactly this grid."""
+    shape = tuple(int(s) for s in image.shape[1:])
+    return compute_grid_geometry(_affine_of(image), shape, recipe, is_2d=_is_2d(shape, _meta_of(image)))
+
+
+def _grid_steps_mm(extent_mm: np.ndarray, size: np.ndarray, recipe: PreprocessingRecipe) -> np.ndarray:
+    """Grid step (mm) per grid axis for a field of view ``extent_mm`` on a grid of ``size`` voxels, by ``recipe.fit``:
+    stretch (whole FOV on the grid), letterbox (one in-plane step, depth stretched), crop_or_pad (target spacing)."""
+    if recipe.fit == "stretch":
+        return extent_mm / size
+    if recipe.fit == "letterbox":
+        common = max(extent_mm[0] / size[0], extent_mm[1] / size[1])
+        return np.array([common, common, extent_mm[2] / size[2]])
+    return np.array(recipe.target_spacing, dtype=np.float64)
+
+
 def compute_grid_geometry(affine: Any, shape: Sequence[int], recipe: PreprocessingRecipe,
                           is_2d: bool = False) -> GridGeometry:
     """Place the model grid for an image of spatial ``shape`` with voxel->world RAS ``affine``.
@@ -444,14 +455,9 @@ def compute_grid_geometry(affine: Any, shape: Sequence[int], recipe: Preprocessi
         plane = [ax for ax in range(3) if ax != depth_ax]
         order = plane + [depth_ax]  # grid axis k <- voxel axis order[k]
         ext_mm = n[order] * vox_spacing[order]
-        if recipe.fit == "stretch":
-            step_mm = ext_mm / size
-        elif recipe.fit == "letterbox":
-            common = max(ext_mm[0] / size[0], ext_mm[1] / size[1])
-            step_mm = np.array([common, common, ext_mm[2] / size[2]])
-        else:
-            step_mm = np.asarray(recipe.target_spacing, dtype=np.float64)
-            step_mm[2] = ext_mm[2] / size[2]
+        step_mm = _grid_steps_mm(ext_mm, size, recipe)
+        if recipe.fit == "crop_or_pad":
+            step_mm[2] = ext_mm[2] / size[2]  # the single slice always spans the grid depth
         m = np.zeros((4, 4))
         m[3, 3] = 1.0
         for k, ax in enumerate(order):
@@ -474,13 +480,7 @@ def compute_grid_geometry(affine: Any, shape: Sequence[int], recipe: Preprocessi
         w2 = world_axes[2]
         vox_ax = int(np.argmax(np.abs(a[w2, :3]) / vox_spacing))
         size[2] = _snap_depth(n[vox_ax], recipe.depth_multiple, recipe.spatial_size[2])
-    if recipe.fit == "stretch":
-        spacing = ext / size
-    elif recipe.fit == "letterbox":
-        common = max(ext[0] / size[0], ext[1] / size[1])
-        spacing = np.array([common, common, ext[2] / size[2]])
-    else:
-        spacing = np.asarray(recipe.target_spacing, dtype=np.float64)
+    spacing = _grid_steps_mm(ext, size, recipe)
     g = np.zeros((4, 4))
     g[3, 3] = 1.0
     for k, w in enumerate(world_axes):
@@ -597,13 +597,12 @@ class ResampleToGrid(Transform):
     def __call__(self, img: Any) -> MetaTensor:
         data = _plain(img)
         if data.ndim != 4:
-            raise _input_error(_meta_of(img).get("filename_or_obj", "image"),
+            raise RadFM3DInputError(_meta_of(img).get("filename_or_obj", "image"),
                                f"expected a channel-first (C, X, Y, Z) image, got shape {tuple(data.shape)}")
         meta = _meta_of(img)
-        affine = _affine_of(img)
         shape = tuple(int(s) for s in data.shape[1:])
         modality = _modality(meta, self.modality)
-        geometry = compute_grid_geometry(affine, shape, self.recipe, is_2d=_is_2d(shape, meta))
+        geometry = grid_geometry_of(img, self.recipe)
         m = geometry.grid_to_voxel_affine
         coords = _grid_coordinates(m, geometry.spatial_size)
         eps = 1e-4

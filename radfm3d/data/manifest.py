@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from radfm3d.errors import RadFM3DInputError
+
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "REQUIRED_KEYS",
@@ -45,15 +47,6 @@ __all__ = [
 IMAGE_PLACEHOLDER = "<image>"
 REQUIRED_KEYS = ("id", "images", "prompt")
 _OPTIONAL_STR_KEYS = ("answer", "task", "modality", "region")
-
-
-def _input_error(source: Any, problem: str) -> Exception:
-    """``RadFM3DInputError(source, problem)``; a ValueError with the same text if radfm3d.errors is absent."""
-    try:
-        from radfm3d.errors import RadFM3DInputError
-    except ImportError:  # pragma: no cover - errors.py is written in parallel by the io room
-        return ValueError(f"{source}: {problem}")
-    return RadFM3DInputError(str(source), problem)
 
 
 def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
@@ -138,7 +131,7 @@ def validate_manifest(source: str | os.PathLike | Sequence[Mapping[str, Any]], *
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise _input_error(path, "manifest file does not exist")
+            raise RadFM3DInputError(path, "manifest file does not exist")
         base_dir: Path | None = path.parent
         entries: Iterable[tuple[int, Any, str | None]] = _iter_lines(path)
         name = str(path)
@@ -159,7 +152,7 @@ def validate_manifest(source: str | os.PathLike | Sequence[Mapping[str, Any]], *
     if len(errors) > max_errors:
         errors = errors[:max_errors] + [f"... and {len(errors) - max_errors} more problem(s)"]
     if errors and raise_on_error:
-        raise _input_error(name, "invalid manifest:\n  " + "\n  ".join(errors))
+        raise RadFM3DInputError(name, "invalid manifest:\n  " + "\n  ".join(errors))
     return errors
 
 
@@ -171,13 +164,13 @@ def read_manifest(path: str | os.PathLike, *, validate: bool = True, check_files
     """
     path = Path(path)
     if not path.is_file():
-        raise _input_error(path, "manifest file does not exist")
+        raise RadFM3DInputError(path, "manifest file does not exist")
     if validate:
         validate_manifest(path, check_files=check_files)
     records = []
     for lineno, rec, problem in _iter_lines(path):
         if problem:
-            raise _input_error(path, f"line {lineno}: {problem}")
+            raise RadFM3DInputError(path, f"line {lineno}: {problem}")
         records.append(rec)
     return records
 
@@ -243,7 +236,7 @@ class ManifestWriter:
                     problems.append(f"duplicate id {rid!r}")
                 self._ids.add(rid)
             if problems:
-                raise _input_error(self.path, f"record {self.count}: " + "; ".join(problems))
+                raise RadFM3DInputError(self.path, f"record {self.count}: " + "; ".join(problems))
         self._fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
 
     def close(self) -> Path:

@@ -601,25 +601,15 @@ def _grid_box_fields(geom: Any, box_world: np.ndarray) -> dict[str, Any]:
 
 def grid_box_to_0_99(box_ijk: Sequence[float], spatial_size: Sequence[int]) -> list[int]:
     """Continuous grid box (voxel centres at integers, grid spans [-0.5, n-0.5]) -> ints 0..99."""
-    try:
-        from radfm3d.text.boxes import grid_box_to_normalised
-    except ImportError:
-        grid_box_to_normalised = None
-    if grid_box_to_normalised is not None:
-        return [int(v) for v in grid_box_to_normalised(list(map(float, box_ijk)), tuple(spatial_size))]
-    b = np.asarray(box_ijk, dtype=np.float64)
-    n = np.asarray(list(spatial_size) * 2, dtype=np.float64)
-    frac = (b + 0.5) / n
-    out = np.floor(np.clip(frac, 0.0, 1.0) * 100.0)
-    return [int(v) for v in np.clip(out, 0, 99)]
+    from radfm3d.text.boxes import grid_box_to_normalised
+
+    return [int(v) for v in grid_box_to_normalised(list(map(float, box_ijk)), tuple(spatial_size))]
 
 
 def format_box_text(box99: Sequence[int]) -> str:
-    """``<box>x1,y1,z1,x2,y2,z2</box>`` (radfm3d.text.boxes.format_box when available)."""
-    try:
-        from radfm3d.text.boxes import format_box
-    except ImportError:
-        return "<box>" + ",".join(str(int(v)) for v in box99) + "</box>"
+    """``<box>x1,y1,z1,x2,y2,z2</box>`` (:func:`radfm3d.text.boxes.format_box`)."""
+    from radfm3d.text.boxes import format_box
+
     return format_box(tuple(int(v) for v in box99))
 
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-
 from radfm3d.utils import lazy_exports
 
 _EXPORTS: dict[str, str] = {

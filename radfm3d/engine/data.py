@@ -50,14 +50,9 @@ def read_records(
     path = Path(manifest)
     if not path.is_file():
         raise RadFM3DInputError(path, "manifest file not found")
-    try:
-        from radfm3d.data.manifest import read_manifest
-    except ImportError:  # the data room's reader is not there: plain JSONL
-        import json
+    from radfm3d.data.manifest import read_manifest
 
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        records = list(read_manifest(path))
+    records = list(read_manifest(path))
     base = path.resolve().parent
     out = []
     for i, rec in enumerate(records):

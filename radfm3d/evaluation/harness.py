@@ -106,19 +106,13 @@ def _read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def read_records(manifest_path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Manifest records (via `radfm3d.data.manifest.read_manifest` when available), image paths absolute."""
+    """Manifest records (`radfm3d.data.manifest.read_manifest`), image paths absolute."""
+    from radfm3d.data.manifest import read_manifest, resolve_images
+
     manifest_path = Path(manifest_path)
-    try:
-        from radfm3d.data.manifest import read_manifest, resolve_images
-    except ImportError:  # the data room's reader is optional for scoring a plain JSONL file
-        records = _read_jsonl(manifest_path)
-        base = manifest_path.resolve().parent
-        for rec in records:
-            rec["images"] = [str(base / p) for p in rec.get("images") or []]
-    else:
-        records = read_manifest(manifest_path)
-        for rec in records:
-            rec["images"] = [str(p) for p in resolve_images(rec, manifest_path)]
+    records = read_manifest(manifest_path)
+    for rec in records:
+        rec["images"] = [str(p) for p in resolve_images(rec, manifest_path)]
     for i, rec in enumerate(records):
         if "id" not in rec:
             raise RadFM3DInputError(manifest_path, f"record {i + 1} has no 'id'")
@@ -268,12 +262,12 @@ def _grid_geometry(entry: Mapping[str, Any], record: Mapping[str, Any], recipe: 
 
 
 def grid_geometry_of_image(path: str | os.PathLike, recipe: Any = None) -> Any:
-    """GridGeometry of an image under a preprocessing recipe (default recipe if None)."""
+    """GridGeometry of an image under a preprocessing recipe (default recipe if None): placed from the image's
+    affine and shape, without resampling it."""
     from radfm3d.io import load_image
-    from radfm3d.transforms import GridGeometry, PreprocessingRecipe, preprocess
+    from radfm3d.transforms import PreprocessingRecipe, grid_geometry_of
 
-    out = preprocess(load_image(path), recipe or PreprocessingRecipe())
-    return GridGeometry.from_dict(out.meta["grid_geometry"])
+    return grid_geometry_of(load_image(path), recipe or PreprocessingRecipe())
 
 
 def predicted_boxes_world_mm(entry: Mapping[str, Any], record: Mapping[str, Any], recipe: Any = None,

@@ -26,16 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-try:
-    from radfm3d.errors import RadFM3DInputError
-except ImportError:  # pragma: no cover - errors.py is written in parallel by the io room; drop this fallback then
-
-    class RadFM3DInputError(ValueError):  # type: ignore[no-redef]
-        """Stand-in for radfm3d.errors.RadFM3DInputError: str() is "<source>: <problem>"."""
-
-        def __init__(self, source: Any, problem: str) -> None:
-            super().__init__(f"{source}: {problem}")
-            self.source, self.problem = source, problem
+from radfm3d.errors import RadFM3DInputError
 
 N_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0

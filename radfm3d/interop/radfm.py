@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from radfm3d.utils import progress_bar
+from radfm3d.errors import RadFM3DInputError
 
 __all__ = [
     "RADFM_PRESET",
@@ -116,14 +117,6 @@ _FORWARD = [(_compile(src), dst) for src, dst in _PREFIX_RULES]
 _INVERSE = [(_compile(dst), src) for src, dst in _PREFIX_RULES]
 
 
-def _input_error(source: Any, problem: str) -> Exception:
-    try:
-        from radfm3d.errors import RadFM3DInputError
-    except ImportError:  # pragma: no cover - errors.py is owned by io
-        return ValueError(f"{source}: {problem}")
-    return RadFM3DInputError(source, problem)
-
-
 def _rewrite(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
     for pattern, template in rules:
         match = pattern.match(key)
@@ -171,26 +164,26 @@ def load_radfm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise _input_error(path, "checkpoint file not found")
+        raise RadFM3DInputError(path, "checkpoint file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _input_error(
+        raise RadFM3DInputError(
             path,
             "refused: the pickle holds Python objects beyond tensors and plain containers, which weights_only "
             f"loading never executes; a RadFM checkpoint is a plain state dict ({first})",
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise _input_error(
+        raise RadFM3DInputError(
             path, f"not a readable torch zip checkpoint (legacy or damaged pickles cannot be memory-mapped): {err}"
         ) from None
     if not isinstance(state, Mapping):
-        raise _input_error(path, f"expected a state dict {{name: tensor}}, found a {type(state).__name__}")
+        raise RadFM3DInputError(path, f"expected a state dict {{name: tensor}}, found a {type(state).__name__}")
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             hint = " (a training checkpoint? pass the model state dict)" if isinstance(value, Mapping) else ""
-            raise _input_error(
+            raise RadFM3DInputError(
                 path, f"expected a state dict {{name: tensor}}; entry {key!r} is a {type(value).__name__}{hint}"
             )
     return dict(state)
@@ -277,7 +270,7 @@ def plan_conversion(state: Mapping[str, torch.Tensor], config: Any) -> Conversio
     if mismatched:
         problems.append(f"{len(mismatched)} shape/tie mismatch(es): {mismatched[:20]}")
     if problems:
-        raise _input_error("RadFM checkpoint", "; ".join(problems))
+        raise RadFM3DInputError("RadFM checkpoint", "; ".join(problems))
     return plan
 
 
@@ -388,7 +381,7 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
         value = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(str(dtype).lower())
         value = value or getattr(torch, str(dtype).replace("torch.", ""), None)
     if value not in (torch.bfloat16, torch.float16, torch.float32):
-        raise _input_error("dtype", f"must be bfloat16, float16 or float32, got {dtype!r}")
+        raise RadFM3DInputError("dtype", f"must be bfloat16, float16 or float32, got {dtype!r}")
     return value
 
 
@@ -398,7 +391,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", str(size).lower())
     if not match:
-        raise _input_error("shard_size", f"not a size: {size!r} (e.g. 2GB, 500MB)")
+        raise RadFM3DInputError("shard_size", f"not a size: {size!r} (e.g. 2GB, 500MB)")
     unit = match.group(2).rstrip("b")
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
     return int(float(match.group(1)) * scale)
@@ -425,10 +418,10 @@ def _write_tokenizer(tokenizer_dir: Path, out: Path, config: Any) -> dict[str, A
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise _input_error(tokenizer_dir, f"not a tokenizer folder: {err}") from None
+        raise RadFM3DInputError(tokenizer_dir, f"not a tokenizer folder: {err}") from None
     base = int(config.base_vocab_size)
     if len(tokenizer) != base:
-        raise _input_error(
+        raise RadFM3DInputError(
             tokenizer_dir, f"tokenizer has {len(tokenizer)} tokens; the RadFM LLM's base vocabulary is {base} "
             "(give the original LLaMA tokenizer, without RadFM's added <image...> tokens)"
         )
@@ -438,7 +431,7 @@ def _write_tokenizer(tokenizer_dir: Path, out: Path, config: Any) -> dict[str, A
     want = {"image_start_token": config.image_start_token_id, "image_end_token": config.image_end_token_id,
             "image_token": config.image_token_id}
     if ids != want:
-        raise _input_error(tokenizer_dir, f"added image tokens got ids {ids}, the model config expects {want}")
+        raise RadFM3DInputError(tokenizer_dir, f"added image tokens got ids {ids}, the model config expects {want}")
     tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id = 1, 2, 0  # RadFM forces these
     tokenizer.save_pretrained(out)
     return tokens
@@ -469,7 +462,7 @@ def convert_radfm(
     dtype = _parse_dtype(dtype)
     limit = parse_size(shard_size)
     if out.exists() and not overwrite:
-        raise _input_error(out, "output folder exists (pass overwrite=True / --overwrite to replace it)")
+        raise RadFM3DInputError(out, "output folder exists (pass overwrite=True / --overwrite to replace it)")
     config = _resolve_config(config)
     state = load_radfm_state_dict(source)
     plan = plan_conversion(state, config)
@@ -603,10 +596,8 @@ def _write_llm_config(folder: Path, config: Any, dtype: torch.dtype) -> None:
 
 
 def _write_recipe(folder: Path) -> None:
-    try:
-        from radfm3d.transforms import PreprocessingRecipe
-    except ImportError:  # pragma: no cover - transforms is part of the package
-        return
+    from radfm3d.transforms import PreprocessingRecipe
+
     PreprocessingRecipe.radfm().save(folder)
 
 

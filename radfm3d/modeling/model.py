@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.configuration import RadFM3DConfig
 from radfm3d.modeling.resampler import PerceiverResampler
 from radfm3d.modeling.vision import VisionTransformer3D
@@ -35,14 +36,6 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _ADAPTER_MARKERS = ("lora_", "modules_to_save")
-
-
-def _input_error(source: Any, problem: str) -> Exception:
-    try:
-        from radfm3d.errors import RadFM3DInputError
-    except ImportError:  # pragma: no cover - errors.py is owned by io; fall back to the built-in type
-        return ValueError(f"{source}: {problem}")
-    return RadFM3DInputError(source, problem)
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -155,7 +148,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(1)
         if pixel_values.ndim != 6:
-            raise _input_error(
+            raise RadFM3DInputError(
                 "pixel_values", f"expected (B, S, C, H, W, D) or (B, C, H, W, D), got {tuple(pixel_values.shape)}"
             )
         b, s = pixel_values.shape[:2]
@@ -171,7 +164,8 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         if image_mask is None:
             return torch.ones(b, s, dtype=torch.bool, device=pixel_values.device)
         if tuple(image_mask.shape) != (b, s):
-            raise _input_error("image_mask", f"shape {tuple(image_mask.shape)} does not match pixel_values (B, S)=({b}, {s})")
+            raise RadFM3DInputError(
+                "image_mask", f"shape {tuple(image_mask.shape)} does not match pixel_values (B, S)=({b}, {s})")
         return image_mask.to(device=pixel_values.device, dtype=torch.bool)
 
     # ------------------------------------------------------------------ embeddings
@@ -180,7 +174,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         from ``extra_token_embeddings`` (scatter of the few extra rows; no one-hot, no table resize)."""
         base_vocab, n_extra = int(self.config.base_vocab_size), int(self.config.num_extra_tokens)
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= base_vocab + n_extra):
-            raise _input_error(
+            raise RadFM3DInputError(
                 "input_ids", f"ids must lie in [0, {base_vocab + n_extra}) (base vocabulary + {n_extra} extra tokens)"
             )
         table = self.language_model.get_input_embeddings()
@@ -206,12 +200,13 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         n = self.num_image_tokens
         if pixel_values is None:
             if bool(placeholders.any()):
-                raise _input_error("input_ids", "the text holds image placeholder tokens but no pixel_values were given")
+                raise RadFM3DInputError(
+                    "input_ids", "the text holds image placeholder tokens but no pixel_values were given")
             return embeds
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(1)
         if pixel_values.shape[0] != input_ids.shape[0]:
-            raise _input_error(
+            raise RadFM3DInputError(
                 "pixel_values", f"batch size {pixel_values.shape[0]} != input_ids batch size {input_ids.shape[0]}"
             )
         mask = self._image_mask(pixel_values, image_mask)
@@ -222,7 +217,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
                 for i, (p, e) in enumerate(zip(placeholders.tolist(), expected.tolist()))
                 if p != e
             ]
-            raise _input_error("input_ids", "image placeholder count mismatch: " + "; ".join(bad))
+            raise RadFM3DInputError("input_ids", "image placeholder count mismatch: " + "; ".join(bad))
         if not bool(mask.any()):
             return embeds
         visual = self._encode_images(pixel_values[mask])  # (M, N, hidden) in (b, s) order
@@ -260,7 +255,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             kwargs["cache"] = cache
         if inputs_embeds is None:
             if input_ids is None:
-                raise _input_error("forward", "give input_ids (or inputs_embeds)")
+                raise RadFM3DInputError("forward", "give input_ids (or inputs_embeds)")
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
         if position_ids is None and attention_mask is not None:
             position_ids = self._position_ids(attention_mask, inputs_embeds.shape[1])
@@ -481,7 +476,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         expected = set(self._checkpoint_state(with_base))
         missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
         if missing or unexpected:
-            raise _input_error(
+            raise RadFM3DInputError(
                 folder,
                 f"checkpoint does not match the model: missing keys {missing[:20]}"
                 f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
@@ -490,7 +485,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         result = self.load_state_dict(loaded, strict=False)
         still_missing = sorted(set(result.unexpected_keys))
         if still_missing:  # pragma: no cover - guarded by the key check above
-            raise _input_error(folder, f"unexpected keys {still_missing}")
+            raise RadFM3DInputError(folder, f"unexpected keys {still_missing}")
 
     @staticmethod
     def _weight_files(folder: Path) -> list[Path]:
@@ -500,7 +495,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             return [folder / name for name in sorted(set(weight_map.values()))]
-        raise _input_error(folder, f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in the checkpoint folder")
+        raise RadFM3DInputError(folder, f"no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}) in the checkpoint folder")
 
     def trainable_state_keys(self) -> list[str]:
         """Keys that :meth:`save_pretrained` writes without ``save_base`` (for converters and tests)."""
@@ -521,10 +516,10 @@ def _attach_adapter(language_model: PreTrainedModel, adapter_config: Path) -> Pr
     try:
         from peft import LoraConfig
     except ImportError as err:  # pragma: no cover - peft is a dependency
-        raise _input_error(adapter_config, "this checkpoint has adapters; install peft") from err
+        raise RadFM3DInputError(adapter_config, "this checkpoint has adapters; install peft") from err
     data = json.loads(adapter_config.read_text())
     if data.get("peft_type", "LORA") not in ("LORA", "PeftType.LORA"):
-        raise _input_error(adapter_config, f"unsupported adapter type {data.get('peft_type')!r} (only LORA)")
+        raise RadFM3DInputError(adapter_config, f"unsupported adapter type {data.get('peft_type')!r} (only LORA)")
     fields = set(LoraConfig.__dataclass_fields__)
     skip = {"peft_type", "task_type", "runtime_config"}
     _inject_lora(language_model, LoraConfig(**{k: v for k, v in data.items() if k in fields and k not in skip}))

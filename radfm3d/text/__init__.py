@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from radfm3d.text.boxes import (
     BOX_MAX,
     format_box,
@@ -28,6 +26,7 @@ from radfm3d.text.prompts import (
     split_task,
     task_token,
 )
+from radfm3d.utils import lazy_exports
 
 __all__ = [
     "BOX_MAX",
@@ -50,9 +49,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "boxes_from_text":
-        from radfm3d.text.postprocess import boxes_from_text
-
-        return boxes_from_text
-    raise AttributeError(f"module 'radfm3d.text' has no attribute {name!r}")
+__getattr__ = lazy_exports("radfm3d.text", {"boxes_from_text": "radfm3d.text.postprocess"})
