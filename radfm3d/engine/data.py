@@ -71,15 +71,36 @@ def read_records(
     return out
 
 
-class TrainingExample:
-    """record -> ``processor.build_training_example(prompt, answer, images)`` (+ id/task kept as metadata)."""
+def _image_cache(processor: Any, image_cache_dir: str | os.PathLike | None) -> Any:
+    """A :class:`radfm3d.data.cache.PreprocessedImageCache` for the processor's recipe (None without a folder)."""
+    if not image_cache_dir:
+        return None
+    from radfm3d.data.cache import PreprocessedImageCache
 
-    def __init__(self, processor: Any) -> None:
+    return PreprocessedImageCache(image_cache_dir, processor.recipe)
+
+
+def _images(record: Mapping[str, Any], cache: Any) -> tuple[list[Any], bool]:
+    """(images of a record, already preprocessed?): paths, or cached preprocessed tensors when a cache is set."""
+    paths = list(record.get("images") or [])
+    return ([cache(p) for p in paths], True) if cache is not None else (paths, False)
+
+
+class TrainingExample:
+    """record -> ``processor.build_training_example(prompt, answer, images)`` (+ id/task kept as metadata).
+
+    ``image_cache_dir``: read each scan's preprocessed tensor from a :class:`~radfm3d.data.cache.PreprocessedImageCache`
+    (made on first use) instead of loading and resampling it for every record and epoch.
+    """
+
+    def __init__(self, processor: Any, image_cache_dir: str | os.PathLike | None = None) -> None:
         self.processor = processor
+        self.cache = _image_cache(processor, image_cache_dir)
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        images, preprocessed = _images(record, self.cache)
         example = dict(self.processor.build_training_example(record["prompt"], str(record.get("answer", "")),
-                                                              list(record.get("images") or [])))
+                                                              images, images_are_preprocessed=preprocessed))
         for key in ("id", "task"):
             if key in record:
                 example[key] = record[key]
@@ -153,14 +174,17 @@ class PromptCollate:
     geometry dict of its first image (what the harness needs to map boxes back to the scan).
     """
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, image_cache_dir: str | os.PathLike | None = None) -> None:
         self.processor = processor
+        self.cache = _image_cache(processor, image_cache_dir)
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         prompts = [str(r["prompt"]) for r in records]
-        images = [list(r.get("images") or []) for r in records]
+        loaded = [_images(r, self.cache) for r in records]
+        images = [imgs for imgs, _ in loaded]
         if any(images):
-            feats = self.processor(text=prompts, images=images, return_tensors="pt", padding_side="left")
+            feats = self.processor(text=prompts, images=images, return_tensors="pt", padding_side="left",
+                                   images_are_preprocessed=self.cache is not None)
         else:
             feats = self.processor(text=prompts, return_tensors="pt", padding_side="left")
         batch = {k: feats[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_mask") if k in feats}
@@ -202,15 +226,18 @@ class ResumableSampler(DistributedSampler):
 def build_dataset(
     manifest: str | os.PathLike, processor: Any, mode: str = "train", tasks: Sequence[str] | None = None,
     limit: int | None = None, cache_rate: float = 0.0, num_workers: int = 0,
+    image_cache_dir: str | os.PathLike | None = None,
 ) -> Dataset:
-    """A MONAI dataset over a manifest: ``mode="train"`` builds training examples (cacheable, ``cache_rate``);
-    ``mode="generate"`` yields the records themselves (batched by :class:`PromptCollate`)."""
+    """A MONAI dataset over a manifest: ``mode="train"`` builds training examples (cacheable in memory with
+    ``cache_rate``; ``image_cache_dir`` keeps one preprocessed tensor per scan on disk instead, see
+    :class:`TrainingExample`); ``mode="generate"`` yields the records themselves (batched by
+    :class:`PromptCollate`)."""
     records = read_records(manifest, tasks=tasks, limit=limit)
     if mode == "generate":
         return Dataset(records)
     if mode != "train":
         raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
-    transform = TrainingExample(processor)
+    transform = TrainingExample(processor, image_cache_dir)
     if cache_rate > 0:
         return CacheDataset(records, transform=transform, cache_rate=cache_rate, num_workers=num_workers or None,
                             progress=False)

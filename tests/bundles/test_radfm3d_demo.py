@@ -155,3 +155,36 @@ def test_multi_gpu_train_two_cpu_processes(workdir: Path, tmp_path: Path):
     # 4 records over 2 ranks, batch 2 -> 1 iteration per epoch; rank 0 saved the checkpoint and the model
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_00000001.pt").is_file()
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path):
+    """pretrain_vision.json (structured labels of cases.jsonl, LLM untouched) exports a full model; train.json starts
+    from it with the vision encoder and resampler frozen, reading scans through the preprocessed-image cache."""
+    import torch
+
+    from radfm3d.engine.training import build_model, load_trained_model
+
+    pre_dir, cache = tmp_path / "vision_pretrained", tmp_path / "cache"
+    overrides = {**_train_overrides(workdir), "output_dir": str(tmp_path / "pre"), "model_dir": str(pre_dir),
+                 "cache_dir": str(cache), "val_split": "train", "val_interval": 1, "batch_size": 2}
+    workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "pretrain_vision.json")],
+                              meta_file=META, logging_file=LOGGING, workflow_type="train", **overrides)
+    _check_workflow(workflow)
+    assert workflow.trainer.state.metrics["val_modality_acc"] >= 0.0  # the validation handler ran
+    assert (pre_dir / "structured_head.safetensors").is_file() and list(cache.rglob("*.safetensors"))
+    fresh, pretrained = build_model("tiny", seed=0), load_trained_model(pre_dir)
+    vision_key = "vision_model.patch_embedding.proj.weight"
+    moved = dict(pretrained.named_parameters())[vision_key]
+    assert not torch.equal(moved, dict(fresh.named_parameters())[vision_key])  # the encoder trained
+    llm_key = next(k for k, _ in fresh.named_parameters() if k.startswith("language_model."))
+    assert torch.equal(dict(pretrained.named_parameters())[llm_key], dict(fresh.named_parameters())[llm_key])
+
+    overrides = {**_train_overrides(workdir), "model_name_or_path": str(pre_dir), "output_dir": str(tmp_path / "ins"),
+                 "model_dir": str(tmp_path / "instructed"), "train_vision": False, "train_resampler": False,
+                 "image_cache_dir": str(cache)}
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=META, logging_file=LOGGING,
+                              workflow_type="train", **overrides)
+    _check_workflow(workflow)
+    instructed = dict(load_trained_model(tmp_path / "instructed").named_parameters())
+    assert torch.equal(instructed[vision_key], moved)  # frozen in the instruction stage
+    assert any(k.startswith("resampler.") for k in instructed)

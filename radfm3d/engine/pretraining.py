@@ -1,0 +1,201 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""Vision pre-training stage: teach the encoder + resampler the scan's structured content before the LLM stage.
+
+Run by the bundle's ``pretrain_vision.json`` with MONAI's ``SupervisedTrainer`` (same checkpointer, progress bar
+and TensorBoard handlers as the language stages). The network is :class:`radfm3d.modeling.heads.VisionPretrainingModel`
+(vision encoder + resampler + :class:`~radfm3d.modeling.heads.StructuredFindingsHead`; the LLM is untouched), the
+data are the images of ``cases.jsonl`` with :func:`radfm3d.data.structured_labels.labels_for_image`, read through
+the :class:`radfm3d.data.cache.PreprocessedImageCache`. The exported folder is a complete ``RadFM3DForCausalLM``
+that the instruction stage (``train.json``) starts from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.data import Dataset
+from monai.engines.utils import PrepareBatch
+from torch import nn
+
+from radfm3d.data.structured_labels import IGNORE
+
+__all__ = [
+    "CachedImageLabel",
+    "build_structured_dataset",
+    "PrepareBatchStructured",
+    "StructuredLoss",
+    "structured_metrics",
+    "StructuredValidation",
+    "build_pretraining_model",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CachedImageLabel:
+    """``{"image": path, "label": {...}}`` -> ``{"image": (C, H, W, D) float32, "label": {...}, "id": ...}``."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        image = self.cache(record["image"])
+        return {"image": image.as_tensor(), "label": dict(record["label"]), "id": record.get("id", "")}
+
+
+def build_structured_dataset(
+    cases_file: str | os.PathLike, recipe: Any, cache_dir: str | os.PathLike, split: str | None = "train",
+    include_priors: bool = True, limit: int | None = None, warm_workers: int = 0,
+) -> Dataset:
+    """A MONAI ``Dataset`` of (preprocessed image, structured labels) for one split of ``cases.jsonl``.
+
+    ``recipe``: a ``PreprocessingRecipe``, its dict or a ``preprocessing.json`` path. ``warm_workers > 0`` fills the
+    image cache up front (with a progress bar) instead of during the first epoch.
+    """
+    from radfm3d.data.cache import PreprocessedImageCache
+    from radfm3d.data.structured_labels import structured_records
+    from radfm3d.transforms import PreprocessingRecipe
+
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = PreprocessingRecipe.load(recipe)
+    cache = PreprocessedImageCache(cache_dir, recipe)
+    records = structured_records(cases_file, split=split, include_priors=include_priors)
+    if limit is not None:
+        records = records[: int(limit)]
+    if warm_workers:
+        cache.warm([r["image"] for r in records], num_workers=int(warm_workers))
+    return Dataset(records, transform=CachedImageLabel(cache))
+
+
+class PrepareBatchStructured(PrepareBatch):
+    """Collated ``{"image": (B, C, H, W, D), "label": {key: (B, ...)}}`` -> ``(image, label dict, (), {})`` on
+    ``device``."""
+
+    def __call__(self, batchdata: Mapping[str, Any], device: str | torch.device | None = None,
+                 non_blocking: bool = False, **kwargs: Any) -> tuple[torch.Tensor, dict, tuple, dict]:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = torch.as_tensor(t)
+            return t.to(device=device, non_blocking=non_blocking) if device is not None else t
+
+        return move(batchdata["image"]), {k: move(v) for k, v in batchdata["label"].items()}, (), {}
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class StructuredLoss(nn.Module):
+    """Sum of the structured objectives (cross-entropy for classes, BCE for presence, L1 on [0, 1] boxes scaled by
+    ``box_weight``, smooth L1 on log sizes), each averaged over its supervised entries. Returns a scalar."""
+
+    def __init__(self, box_weight: float = 5.0) -> None:
+        super().__init__()
+        self.box_weight = float(box_weight)
+
+    def terms(self, pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        present = label["structure_present"]
+        terms = {
+            "modality": F.cross_entropy(pred["modality"], label["modality"]),
+            "region": F.cross_entropy(pred["region"], label["region"]),
+            "total_count": F.cross_entropy(pred["total_count"], label["total_count"]),
+            "structure_present": F.binary_cross_entropy_with_logits(pred["structure_present"], present),
+            "finding_present": _masked_mean(F.binary_cross_entropy_with_logits(
+                pred["finding_present"], label["finding_present"], reduction="none"), present),
+            "finding_count": F.cross_entropy(pred["finding_count"].flatten(0, 1), label["finding_count"].flatten(),
+                                             ignore_index=IGNORE),
+            "structure_box": self.box_weight * _masked_mean(
+                (pred["structure_box"] - label["structure_box"]).abs().mean(-1), label["structure_box_mask"]),
+            "finding_box": self.box_weight * _masked_mean(
+                (pred["finding_box"] - label["finding_box"]).abs().mean(-1), label["finding_mask"]),
+            "finding_size": _masked_mean(F.smooth_l1_loss(pred["finding_size"], label["finding_size"],
+                                                          reduction="none"), label["finding_mask"]),
+        }
+        if (label["finding_type"] != IGNORE).any():
+            terms["finding_type"] = F.cross_entropy(pred["finding_type"].flatten(0, 1),
+                                                    label["finding_type"].flatten(), ignore_index=IGNORE)
+        return terms
+
+    def forward(self, pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(self.terms(pred, label).values())).sum()
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """3D IoU of ``(..., 6)`` corner boxes."""
+    lo, hi = torch.maximum(a[..., :3], b[..., :3]), torch.minimum(a[..., 3:], b[..., 3:])
+    inter = (hi - lo).clamp_min(0).prod(-1)
+    vol = lambda x: (x[..., 3:] - x[..., :3]).clamp_min(0).prod(-1)  # noqa: E731
+    return inter / (vol(a) + vol(b) - inter).clamp_min(1e-9)
+
+
+@torch.no_grad()
+def structured_metrics(pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Accuracies and box IoU of one (or a concatenated) batch: modality, region, finding presence per structure in
+    the region, largest-finding type, structure / finding box IoU and hit@0.3."""
+    present = label["structure_present"] > 0
+    out = {
+        "modality_acc": (pred["modality"].argmax(-1) == label["modality"]).float().mean(),
+        "region_acc": (pred["region"].argmax(-1) == label["region"]).float().mean(),
+        "finding_present_acc": ((pred["finding_present"] > 0) == (label["finding_present"] > 0))[present]
+        .float().mean(),
+    }
+    typed = label["finding_type"] != IGNORE
+    if typed.any():
+        out["finding_type_acc"] = (pred["finding_type"].argmax(-1) == label["finding_type"])[typed].float().mean()
+    for kind, mask in (("structure", label["structure_box_mask"] > 0), ("finding", label["finding_mask"] > 0)):
+        if mask.any():
+            iou = _box_iou(pred[f"{kind}_box"], label[f"{kind}_box"])[mask]
+            out[f"{kind}_box_iou"], out[f"{kind}_hit@0.3"] = iou.mean(), (iou >= 0.3).float().mean()
+    return {k: float(v) for k, v in out.items()}
+
+
+class StructuredValidation:
+    """Every ``interval`` epochs (and at the end), run the network over ``data_loader`` and log
+    :func:`structured_metrics`; the numbers also land in ``engine.state.metrics`` (``val_...``)."""
+
+    def __init__(self, data_loader: Any, interval: int = 1, prepare_batch: Any = None) -> None:
+        self.data_loader, self.interval = data_loader, max(1, int(interval))
+        self.prepare_batch = prepare_batch or PrepareBatchStructured()
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Any) -> dict[str, float]:
+        network = engine.network
+        was_training = network.training
+        network.eval()
+        preds: dict[str, list[torch.Tensor]] = {}
+        labels: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for batch in self.data_loader:
+                image, label, _, _ = self.prepare_batch(batch, engine.state.device)
+                for k, v in network(image).items():
+                    preds.setdefault(k, []).append(v.cpu())
+                for k, v in label.items():
+                    labels.setdefault(k, []).append(v.cpu())
+        network.train(was_training)
+        metrics = structured_metrics({k: torch.cat(v) for k, v in preds.items()},
+                                     {k: torch.cat(v) for k, v in labels.items()})
+        engine.state.metrics.update({f"val_{k}": v for k, v in metrics.items()})
+        logger.info(f"epoch {engine.state.epoch} validation: "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+
+def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0,
+                            parts: Sequence[str] = ("vision", "resampler")) -> nn.Module:
+    """``VisionPretrainingModel`` over ``build_model(name_or_path)``: ``parts`` train (default vision encoder and
+    resampler), everything else of the VLM is frozen; the head always trains."""
+    from radfm3d.engine.training import MODEL_PARTS, build_model, set_trainable
+    from radfm3d.modeling.heads import VisionPretrainingModel
+
+    model = build_model(name_or_path, device="cpu", seed=seed)
+    set_trainable(model, **{name: name in parts for name in MODEL_PARTS})
+    wrapper = VisionPretrainingModel(model)
+    return wrapper.to(device).train()

@@ -1,0 +1,105 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""Auxiliary heads on the resampler's visual tokens, used only while pre-training the vision side.
+
+:class:`StructuredFindingsHead` reads the ``(B, N, dim)`` latents the LLM will later receive and predicts the
+structured labels of :mod:`radfm3d.data.structured_labels`. Because it sees the latents through one hidden layer,
+whatever it learns to read is present in the very tokens handed to the projector and the LLM. It is not part of
+``RadFM3DForCausalLM`` and is not needed at inference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["StructuredFindingsHead", "VisionPretrainingModel"]
+
+N_MODALITY, N_REGION, N_COUNT, BOX = 3, 3, 4, 6
+
+
+class StructuredFindingsHead(nn.Module):
+    """``latents (B, N, dim)`` -> dict of logits / regressions (shapes as the label table, ``S`` structures).
+
+    Per structure: ``structure_present (B, S)``, ``structure_box (B, S, 6)`` (sigmoid, in [0, 1]),
+    ``finding_present (B, S)``, ``finding_count (B, S, 4)``, ``finding_type (B, S, n_types)``,
+    ``finding_box (B, S, 6)``, ``finding_size (B, S)``; per scan: ``modality (B, 3)``, ``region (B, 3)``,
+    ``total_count (B, 4)``.
+    """
+
+    def __init__(self, dim: int, num_tokens: int, num_structures: int, num_finding_types: int,
+                 hidden: int = 512) -> None:
+        super().__init__()
+        self.num_structures, self.num_finding_types = int(num_structures), int(num_finding_types)
+        per_structure = 1 + BOX + 1 + N_COUNT + self.num_finding_types + BOX + 1
+        self._split = [N_MODALITY, N_REGION, N_COUNT, self.num_structures * per_structure]
+        self.net = nn.Sequential(
+            nn.Flatten(1), nn.LayerNorm(num_tokens * dim), nn.Linear(num_tokens * dim, hidden), nn.GELU(),
+            nn.Linear(hidden, sum(self._split)),
+        )
+        self.per_structure = per_structure
+
+    def forward(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        modality, region, total_count, rest = self.net(latents).split(self._split, dim=-1)
+        rest = rest.reshape(latents.shape[0], self.num_structures, self.per_structure)
+        parts = rest.split([1, BOX, 1, N_COUNT, self.num_finding_types, BOX, 1], dim=-1)
+        present, s_box, f_present, f_count, f_type, f_box, f_size = parts
+        return {
+            "modality": modality, "region": region, "total_count": total_count,
+            "structure_present": present.squeeze(-1), "structure_box": torch.sigmoid(s_box),
+            "finding_present": f_present.squeeze(-1), "finding_count": f_count, "finding_type": f_type,
+            "finding_box": torch.sigmoid(f_box), "finding_size": f_size.squeeze(-1),
+        }
+
+
+class VisionPretrainingModel(nn.Module):
+    """``RadFM3DForCausalLM``'s vision encoder + resampler with a :class:`StructuredFindingsHead` on top.
+
+    ``forward(pixel_values (B, C, H, W, D))`` -> the head's dict. ``save_pretrained`` writes the whole
+    ``RadFM3DForCausalLM`` (so the next stage starts from it by folder name) and the head beside it
+    (``structured_head.safetensors``, ignored by ``from_pretrained``).
+    """
+
+    head_file = "structured_head.safetensors"
+
+    def __init__(self, model: nn.Module, num_structures: int | None = None,
+                 num_finding_types: int | None = None, hidden: int = 512) -> None:
+        super().__init__()
+        from radfm3d.data.phantoms import FINDING_TYPES
+        from radfm3d.data.structured_labels import STRUCTURES
+
+        self.model = model
+        cfg = model.config
+        self.head = StructuredFindingsHead(
+            cfg.vision.hidden_size, int(cfg.num_image_tokens),
+            len(STRUCTURES) if num_structures is None else num_structures,
+            len(FINDING_TYPES) if num_finding_types is None else num_finding_types, hidden)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def visual_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W, D)`` -> resampler latents ``(B, N, dim)`` (before the projector)."""
+        return self.model.resampler(self.model.vision_model(pixel_values))
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(self.visual_latents(pixel_values))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(save_directory)
+        self.model.save_pretrained(out, **kwargs)
+        tmp = out / f".{self.head_file}.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
+        os.replace(tmp, out / self.head_file)
+        return out
+
+    def load_head(self, folder: str | os.PathLike) -> None:
+        from safetensors.torch import load_file
+
+        self.head.load_state_dict(load_file(str(Path(folder) / self.head_file)))

@@ -1,0 +1,56 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from radfm3d.data.cache import PreprocessedImageCache
+from radfm3d.transforms import PreprocessingRecipe, preprocess
+
+
+def _scan(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    volume = rng.uniform(-1000, 1000, size=(24, 20, 10)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.9, 2.5, 1.0])), str(path))
+    return path
+
+
+def test_cached_equals_preprocessed_and_is_reused(tmp_path: Path):
+    recipe = PreprocessingRecipe(spatial_size=(16, 16, 8))
+    scan = _scan(tmp_path / "a.nii.gz")
+    cache = PreprocessedImageCache(tmp_path / "cache", recipe)
+    first = cache(scan)
+    direct = preprocess(str(scan), recipe)
+    assert first.shape == direct.shape and first.dtype == torch.float32
+    assert torch.allclose(first.as_tensor(), direct.as_tensor(), atol=3e-4)  # float16 storage
+    assert first.meta["grid_geometry"] == direct.meta["grid_geometry"]
+    entry = cache.entry_path(scan)
+    stamp = entry.stat().st_mtime_ns
+    again = cache(scan)
+    assert entry.stat().st_mtime_ns == stamp and torch.equal(again.as_tensor(), first.as_tensor())
+    assert not list(entry.parent.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_recipe_or_file_change_gives_a_new_entry(tmp_path: Path):
+    scan = _scan(tmp_path / "a.nii.gz")
+    small = PreprocessedImageCache(tmp_path / "c", PreprocessingRecipe(spatial_size=(16, 16, 8)))
+    large = PreprocessedImageCache(tmp_path / "c", PreprocessingRecipe(spatial_size=(24, 24, 8)))
+    assert small.entry_path(scan) != large.entry_path(scan)
+    before = small.entry_path(scan)
+    time.sleep(0.01)
+    _scan(scan, seed=1)
+    os.utime(scan, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert small.entry_path(scan) != before
+
+
+def test_warm_fills_in_parallel_and_skips_done(tmp_path: Path):
+    scans = [_scan(tmp_path / f"s{i}.nii.gz", seed=i) for i in range(3)]
+    cache = PreprocessedImageCache(tmp_path / "cache", PreprocessingRecipe(spatial_size=(16, 16, 8)))
+    assert cache.warm(scans[:1], progress=False) == 1
+    assert cache.warm(scans, num_workers=2, progress=False) == 2
+    assert cache.warm(scans, progress=False) == 0 and all(cache.has(s) for s in scans)
