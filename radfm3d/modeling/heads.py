@@ -84,7 +84,7 @@ class VisionPretrainingModel(nn.Module):
 
     def visual_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W, D)`` -> resampler latents ``(B, N, dim)`` (before the projector)."""
-        return self.model.resampler(self.model.vision_model(pixel_values))
+        return self.model.get_visual_latents(pixel_values)
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(self.visual_latents(pixel_values))

@@ -128,11 +128,17 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         return int(self.config.num_image_tokens)
 
     # ------------------------------------------------------------------ images
-    def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(M, C, H, W, D)`` -> projected visual tokens ``(M, N, text_hidden)``."""
+    def get_visual_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(M, C, H, W, D)`` -> resampler latents ``(M, N, vision_hidden)`` (before the projector)."""
         param = next(self.vision_model.parameters())
         tokens = self.vision_model(pixel_values.to(device=param.device, dtype=param.dtype))
-        latents = self.resampler(tokens)
+        patch = self.config.vision.patch_size
+        grid = tuple(int(s) // int(p) for s, p in zip(pixel_values.shape[-3:], patch))
+        return self.resampler(tokens, grid=grid)
+
+    def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(M, C, H, W, D)`` -> projected visual tokens ``(M, N, text_hidden)``."""
+        latents = self.get_visual_latents(pixel_values)
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(latents.to(proj_dtype))
 

@@ -70,3 +70,28 @@ def test_bad_input_shape_raises():
     model = PerceiverResampler(ResamplerConfig(dim=16, num_latents=2, depth=1, heads=2, dim_head=8))
     with pytest.raises(ValueError, match="expected media tokens"):
         model(torch.randn(2, 5, 8))
+
+
+def test_pooled_latent_init_ties_each_latent_to_one_block_of_the_volume():
+    config = ResamplerConfig(dim=16, num_latents=8, depth=1, heads=2, dim_head=8, latent_init="pooled",
+                             pool_grid=(2, 2, 2))
+    model = PerceiverResampler(config).eval()
+    grid = (4, 4, 2)
+    media = torch.randn(2, 32, 16)
+    pooled = model.pooled_media(media, grid)
+    volume = media.transpose(1, 2).reshape(2, 16, *grid)
+    # latent 0 = mean over the first 2x2x1 block of the (h w d)-ordered patch grid
+    torch.testing.assert_close(pooled[:, 0], volume[:, :, :2, :2, :1].mean(dim=(2, 3, 4)))
+    torch.testing.assert_close(pooled[:, 7], volume[:, :, 2:, 2:, 1:].mean(dim=(2, 3, 4)))
+    out = model(media, grid=grid)
+    assert out.shape == (2, 8, 16)
+    # a change confined to one block of the volume moves its own latent most
+    changed = volume.clone()
+    changed[:, :, 2:, 2:, 1:] += 5.0
+    moved = (model(changed.flatten(2).transpose(1, 2), grid=grid) - out).norm(dim=-1)
+    assert int(moved.argmax(dim=-1)[0]) == 7 and int(moved.argmax(dim=-1)[1]) == 7
+    with pytest.raises(ValueError, match="grid"):
+        model(media)
+    with pytest.raises(ValueError, match="pool_grid"):
+        ResamplerConfig(num_latents=8, latent_init="pooled", pool_grid=(2, 2, 3))
+    assert ResamplerConfig.from_dict(config.to_dict()) == config
