@@ -27,3 +27,26 @@ def progress_bar(total: int, enabled: bool = True, **tqdm_kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, dynamic_ncols=True, **tqdm_kwargs)
+
+
+_TRUE, _FALSE, _NONE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}, {"none", "null", ""}
+
+
+def as_bool(value: Any, name: str = "flag") -> bool | None:
+    """A command-line switch as a bool (None stays None).
+
+    Why: ``python -m monai.bundle run --resume false`` hands the config the *string* "false" (python-fire only
+    parses ``False``), which is truthy; bundle configs pass every switch through this instead.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    if text in _NONE:
+        return None
+    raise ValueError(f"{name}: expected true/false, got {value!r}")

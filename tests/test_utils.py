@@ -20,3 +20,15 @@ def test_progress_bar_updates_or_stays_silent(enabled):
     assert bar.disable is (not enabled)
     assert bar.n == (3 if enabled else 0)
     bar.close()
+
+
+def test_as_bool_reads_command_line_switches():
+    import pytest
+
+    from radfm3d.utils import as_bool
+
+    assert [as_bool(v) for v in ("false", "False", "no", "0", 0, False)] == [False] * 6
+    assert [as_bool(v) for v in ("true", "TRUE", "yes", "1", 1, True)] == [True] * 6
+    assert as_bool(None) is None and as_bool("null") is None
+    with pytest.raises(ValueError, match="resume"):
+        as_bool("maybe", "resume")

@@ -180,7 +180,7 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
     assert torch.equal(dict(pretrained.named_parameters())[llm_key], dict(fresh.named_parameters())[llm_key])
 
     overrides = {**_train_overrides(workdir), "model_name_or_path": str(pre_dir), "output_dir": str(tmp_path / "ins"),
-                 "model_dir": str(tmp_path / "instructed"), "train_vision": False, "train_resampler": False,
+                 "model_dir": str(tmp_path / "instructed"), "train_vision": "false", "train_resampler": "false",  # as typed on a command line
                  "image_cache_dir": str(cache)}
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="train", **overrides)
