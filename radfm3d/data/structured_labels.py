@@ -26,6 +26,8 @@ finding_count        (S,) long    findings in the structure, capped at 3 (-100 o
 finding_type         (S,) long    type of its largest finding (index in FINDING_TYPES; -100 when none)
 finding_box          (S, 6) float box of its largest finding (mask ``finding_mask``)
 finding_size         (S,) float   log(longest diameter / 10 mm) of the largest finding (mask ``finding_mask``)
+findings_box         (F, 6) float every finding's box, F = MAX_FINDINGS slots (zeros when unused)
+findings_type        (F,) long    every finding's type (-100 on unused slots); drives the per-patch objective
 ==================== ============ ===========================================================
 """
 
@@ -42,7 +44,7 @@ import torch
 
 from radfm3d.data.phantoms import _ANATOMY, FINDING_TYPES, REGIONS
 
-__all__ = ["STRUCTURES", "MODALITY_CLASSES", "labels_for_image", "structured_records", "MAX_COUNT"]
+__all__ = ["STRUCTURES", "MODALITY_CLASSES", "labels_for_image", "structured_records", "MAX_COUNT", "MAX_FINDINGS"]
 
 #: every named structure of the phantom anatomy, in a fixed order (13)
 STRUCTURES: tuple[str, ...] = tuple(dict.fromkeys(s for region in REGIONS for s, organ, *_ in _ANATOMY[region] if organ))
@@ -53,6 +55,7 @@ _REGION_STRUCTURES: dict[str, set[str]] = {
     region: {s for s, organ, *_ in _ANATOMY[region] if organ} for region in REGIONS}
 MODALITY_CLASSES: tuple[str, ...] = ("CT", "T1", "T2")
 MAX_COUNT = 3
+MAX_FINDINGS = 4
 IGNORE = -100
 
 
@@ -99,6 +102,11 @@ def labels_for_image(case: Mapping[str, Any], prior: bool = False) -> dict[str, 
             finding_box[i] = torch.tensor(_unit_box(f["box_grid"], spatial_size))
             finding_size[i] = math.log(float(f["size_mm"]) / 10.0)
     finding_mask = (largest > 0).float()
+    findings_box = torch.zeros(MAX_FINDINGS, 6)
+    findings_type = torch.full((MAX_FINDINGS,), IGNORE, dtype=torch.long)
+    for slot, f in enumerate(sorted(findings, key=lambda g: -float(g["size_mm"]))[:MAX_FINDINGS]):
+        findings_box[slot] = torch.tensor(_unit_box(f["box_grid"], spatial_size))
+        findings_type[slot] = FINDING_TYPES.index(f["type"])
     return {
         "modality": torch.tensor(_modality_class(case["modality"], case.get("sequence"))),
         "region": torch.tensor(REGIONS.index(case["region"])),
@@ -112,6 +120,8 @@ def labels_for_image(case: Mapping[str, Any], prior: bool = False) -> dict[str, 
         "finding_box": finding_box,
         "finding_mask": finding_mask,
         "finding_size": finding_size,
+        "findings_box": findings_box,
+        "findings_type": findings_type,
     }
 
 

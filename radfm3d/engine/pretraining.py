@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "CachedImageLabel",
     "build_structured_dataset",
     "PrepareBatchStructured",
+    "patch_targets",
     "StructuredLoss",
     "structured_metrics",
     "StructuredValidation",
@@ -89,13 +91,43 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def patch_targets(findings_box: torch.Tensor, findings_type: torch.Tensor, grid: Sequence[int],
+                  min_fraction: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which patches hold a finding: ``findings_box (B, F, 6)`` in [0, 1] grid units, ``findings_type (B, F)`` (-100 =
+    empty slot), patch ``grid (nh, nw, nd)`` -> ``(positive (B, T) bool, type (B, T) long, -100 where none)`` with
+    ``T = nh*nw*nd`` in the encoder's ``(h w d)`` token order.
+
+    A patch is positive when it holds the finding's centre or at least ``min_fraction`` of its box volume; where
+    findings share a patch, the largest one (first slot) gives the type.
+    """
+    nh, nw, nd = (int(g) for g in grid)
+    device = findings_box.device
+    axes = [torch.arange(n, device=device, dtype=findings_box.dtype) / n for n in (nh, nw, nd)]
+    lo = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (T, 3)
+    hi = lo + torch.tensor([1.0 / nh, 1.0 / nw, 1.0 / nd], device=device, dtype=findings_box.dtype)
+    b_lo, b_hi = findings_box[..., None, :3], findings_box[..., None, 3:]  # (B, F, 1, 3)
+    overlap = (torch.minimum(hi, b_hi) - torch.maximum(lo, b_lo)).clamp_min(0).prod(-1)  # (B, F, T)
+    volume = (b_hi - b_lo).clamp_min(1e-9).prod(-1)  # (B, F, 1)
+    centre = (b_lo + b_hi) / 2
+    holds_centre = ((centre >= lo) & (centre < hi)).all(-1)
+    hit = ((overlap / volume >= min_fraction) | holds_centre) & (findings_type[..., None] != IGNORE)
+    positive = hit.any(1)
+    types = torch.full(positive.shape, IGNORE, dtype=torch.long, device=device)
+    for slot in reversed(range(findings_type.shape[1])):  # smaller findings first, the largest overwrites
+        types = torch.where(hit[:, slot], findings_type[:, slot, None].expand_as(types), types)
+    return positive, types
+
+
 class StructuredLoss(nn.Module):
     """Sum of the structured objectives (cross-entropy for classes, BCE for presence, L1 on [0, 1] boxes scaled by
-    ``box_weight``, smooth L1 on log sizes), each averaged over its supervised entries. Returns a scalar."""
+    ``box_weight``, smooth L1 on log sizes), each averaged over its supervised entries, plus, when the network gives
+    ``patch_logits``, a per-patch finding objective (BCE with ``patch_pos_weight`` on positives, times
+    ``patch_weight``; type cross-entropy on positive patches; see :func:`patch_targets`). Returns a scalar."""
 
-    def __init__(self, box_weight: float = 5.0) -> None:
+    def __init__(self, box_weight: float = 5.0, patch_weight: float = 2.0, patch_pos_weight: float = 5.0) -> None:
         super().__init__()
         self.box_weight = float(box_weight)
+        self.patch_weight, self.patch_pos_weight = float(patch_weight), float(patch_pos_weight)
 
     def terms(self, pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         present = label["structure_present"]
@@ -118,6 +150,14 @@ class StructuredLoss(nn.Module):
         if (label["finding_type"] != IGNORE).any():
             terms["finding_type"] = F.cross_entropy(pred["finding_type"].flatten(0, 1),
                                                     label["finding_type"].flatten(), ignore_index=IGNORE)
+        if "patch_logits" in pred and "findings_box" in label:
+            positive, types = patch_targets(label["findings_box"], label["findings_type"], pred["patch_grid"][0])
+            logits = pred["patch_logits"]
+            weight = torch.tensor(self.patch_pos_weight, device=logits.device, dtype=logits.dtype)
+            terms["patch_finding"] = self.patch_weight * F.binary_cross_entropy_with_logits(
+                logits[..., 0], positive.to(logits.dtype), pos_weight=weight)
+            if positive.any():
+                terms["patch_type"] = F.cross_entropy(logits[..., 1:][positive], types[positive])
         return terms
 
     def forward(self, pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -146,6 +186,11 @@ def structured_metrics(pred: Mapping[str, torch.Tensor], label: Mapping[str, tor
     typed = label["finding_type"] != IGNORE
     if typed.any():
         out["finding_type_acc"] = (pred["finding_type"].argmax(-1) == label["finding_type"])[typed].float().mean()
+    if "patch_logits" in pred and "findings_box" in label:
+        positive, _ = patch_targets(label["findings_box"], label["findings_type"], pred["patch_grid"][0])
+        said = pred["patch_logits"][..., 0] > 0
+        out["patch_recall"] = (said & positive).sum() / positive.sum().clamp_min(1)
+        out["patch_precision"] = (said & positive).sum() / said.sum().clamp_min(1)
     for kind, mask in (("structure", label["structure_box_mask"] > 0), ("finding", label["finding_mask"] > 0)):
         if mask.any():
             iou = _box_iou(pred[f"{kind}_box"], label[f"{kind}_box"])[mask]
@@ -198,4 +243,8 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
     model = build_model(name_or_path, device="cpu", seed=seed)
     set_trainable(model, **{name: name in parts for name in MODEL_PARTS})
     wrapper = VisionPretrainingModel(model)
+    head_file = Path(str(name_or_path)) / VisionPretrainingModel.head_file
+    if head_file.is_file():  # continuing from an earlier pre-training run: keep its heads too
+        missing = wrapper.load_head(head_file.parent, strict=False)
+        logger.info(f"heads loaded from {head_file}" + (f" (new: {missing})" if missing else ""))
     return wrapper.to(device).train()

@@ -73,10 +73,12 @@ class VisionPretrainingModel(nn.Module):
 
         self.model = model
         cfg = model.config
+        n_types = len(FINDING_TYPES) if num_finding_types is None else num_finding_types
         self.head = StructuredFindingsHead(
             cfg.vision.hidden_size, int(cfg.num_image_tokens),
-            len(STRUCTURES) if num_structures is None else num_structures,
-            len(FINDING_TYPES) if num_finding_types is None else num_finding_types, hidden)
+            len(STRUCTURES) if num_structures is None else num_structures, n_types, hidden)
+        #: per patch token: logit "a finding overlaps this patch" + finding-type logits
+        self.patch_head = nn.Linear(cfg.vision.hidden_size, 1 + n_types)
 
     @property
     def config(self) -> Any:
@@ -87,7 +89,13 @@ class VisionPretrainingModel(nn.Module):
         return self.model.get_visual_latents(pixel_values)
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.head(self.visual_latents(pixel_values))
+        """The head's dict plus ``patch_logits (B, nh*nw*nd, 1 + n_types)`` from the encoder's patch tokens and
+        ``patch_grid (B, 3)`` (the patch grid, so a loss can place boxes on it)."""
+        latents, tokens, grid = self.model.get_visual_latents(pixel_values, return_patch_tokens=True)
+        out = self.head(latents)
+        out["patch_logits"] = self.patch_head(tokens)
+        out["patch_grid"] = torch.tensor(grid, device=tokens.device).expand(tokens.shape[0], 3)
+        return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
         from safetensors.torch import save_file
@@ -95,11 +103,24 @@ class VisionPretrainingModel(nn.Module):
         out = Path(save_directory)
         self.model.save_pretrained(out, **kwargs)
         tmp = out / f".{self.head_file}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
+        heads = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        heads.update({f"patch_head.{k}": v for k, v in self.patch_head.state_dict().items()})
+        save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, str(tmp))
         os.replace(tmp, out / self.head_file)
         return out
 
-    def load_head(self, folder: str | os.PathLike) -> None:
+    def load_head(self, folder: str | os.PathLike, strict: bool = True) -> list[str]:
+        """Load the heads saved by :meth:`save_pretrained`; returns the names of head weights not in the file
+        (``strict=False`` allows a file from an older head layout, e.g. without ``patch_head``)."""
         from safetensors.torch import load_file
 
-        self.head.load_state_dict(load_file(str(Path(folder) / self.head_file)))
+        state = load_file(str(Path(folder) / self.head_file))
+        if not any(k.startswith(("head.", "patch_head.")) for k in state):  # layout before the patch head
+            state = {f"head.{k}": v for k, v in state.items()}
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(("head.", "patch_head."))}
+        missing = sorted(set(own) - set(state))
+        if strict and missing:
+            raise ValueError(f"{folder}: head weights missing {missing[:4]}")
+        own.update({k: v for k, v in state.items() if k in own})
+        self.load_state_dict(own, strict=False)
+        return missing

@@ -128,13 +128,18 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         return int(self.config.num_image_tokens)
 
     # ------------------------------------------------------------------ images
-    def get_visual_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(M, C, H, W, D)`` -> resampler latents ``(M, N, vision_hidden)`` (before the projector)."""
+    def get_visual_latents(self, pixel_values: torch.Tensor, return_patch_tokens: bool = False) -> Any:
+        """``(M, C, H, W, D)`` -> resampler latents ``(M, N, vision_hidden)`` (before the projector).
+
+        ``return_patch_tokens``: also return the encoder's patch tokens ``(M, nh*nw*nd, vision_hidden)`` and the
+        patch grid ``(nh, nw, nd)``, as ``(latents, tokens, grid)``.
+        """
         param = next(self.vision_model.parameters())
         tokens = self.vision_model(pixel_values.to(device=param.device, dtype=param.dtype))
         patch = self.config.vision.patch_size
         grid = tuple(int(s) // int(p) for s, p in zip(pixel_values.shape[-3:], patch))
-        return self.resampler(tokens, grid=grid)
+        latents = self.resampler(tokens, grid=grid)
+        return (latents, tokens, grid) if return_patch_tokens else latents
 
     def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(M, C, H, W, D)`` -> projected visual tokens ``(M, N, text_hidden)``."""

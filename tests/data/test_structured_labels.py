@@ -53,6 +53,10 @@ def test_labels_match_the_case(cases: Path):
                           key=lambda g: g["size_mm"])
             assert lab["finding_type"][i].item() == FINDING_TYPES.index(biggest["type"])
             assert lab["finding_size"][i].item() == pytest.approx(math.log(biggest["size_mm"] / 10.0), abs=1e-5)
+        slots = [t for t in lab["findings_type"].tolist() if t != -100]
+        by_size = sorted(case["findings"], key=lambda g: -g["size_mm"])[: len(slots)]
+        assert slots == [FINDING_TYPES.index(f["type"]) for f in by_size]
+        assert len(slots) == min(len(case["findings"]), lab["findings_box"].shape[0])
         outside = lab["structure_present"] == 0
         assert (lab["finding_count"][outside] == -100).all() and (lab["finding_type"][outside] == -100).all()
 

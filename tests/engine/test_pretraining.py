@@ -67,3 +67,37 @@ def test_loss_gradients_reach_every_output():
     StructuredLoss()(pred, labels).backward()
     for k, v in pred.items():
         assert v.grad is not None and v.grad.abs().sum() > 0, k
+
+
+def test_patch_targets_mark_the_patches_holding_each_finding():
+    from radfm3d.engine.pretraining import patch_targets
+
+    boxes = torch.tensor([[[0.0, 0.0, 0.0, 0.1, 0.1, 0.1],     # small, in the first patch
+                           [0.5, 0.5, 0.5, 0.76, 0.6, 0.6],    # 4% of it spills into x-patch 3: not counted
+                           [0.2, 0.0, 0.0, 0.3, 0.1, 0.1],     # half in x-patch 0 (shared with slot 0), centre in 1
+                           [0.0] * 6]])
+    types = torch.tensor([[1, 3, 4, -100]])
+    positive, kinds = patch_targets(boxes, types, (4, 4, 2))
+    index = lambda i, j, k: (i * 4 + j) * 2 + k  # noqa: E731  (h w d) token order
+    assert sorted(torch.nonzero(positive[0]).flatten().tolist()) == [index(0, 0, 0), index(1, 0, 0), index(2, 2, 1)]
+    assert kinds[0, index(0, 0, 0)] == 1  # two findings in one patch: the first slot (the largest) wins
+    assert kinds[0, index(1, 0, 0)] == 4
+    assert kinds[0, index(2, 2, 1)] == 3
+    assert (kinds[0][~positive[0]] == -100).all()
+
+
+def test_patch_objective_enters_the_loss_and_metrics():
+    from radfm3d.data.structured_labels import MAX_FINDINGS
+
+    labels = _labels()
+    labels["findings_box"] = torch.zeros(2, MAX_FINDINGS, 6)
+    labels["findings_box"][:, 0] = torch.tensor([0.1, 0.1, 0.1, 0.2, 0.2, 0.3])
+    labels["findings_type"] = torch.full((2, MAX_FINDINGS), -100)
+    labels["findings_type"][:, 0] = 2
+    pred = _perfect(labels)
+    pred["patch_grid"] = torch.tensor([[4, 4, 2]] * 2)
+    pred["patch_logits"] = torch.zeros(2, 32, 6)
+    terms = StructuredLoss().terms(pred, labels)
+    assert terms["patch_finding"] > 0 and "patch_type" in terms
+    metrics = structured_metrics(pred, labels)
+    assert metrics["patch_recall"] == 0.0
