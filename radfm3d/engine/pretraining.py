@@ -124,7 +124,7 @@ class StructuredLoss(nn.Module):
     ``patch_logits``, a per-patch finding objective (BCE with ``patch_pos_weight`` on positives, times
     ``patch_weight``; type cross-entropy on positive patches; see :func:`patch_targets`). Returns a scalar."""
 
-    def __init__(self, box_weight: float = 5.0, patch_weight: float = 2.0, patch_pos_weight: float = 5.0) -> None:
+    def __init__(self, box_weight: float = 5.0, patch_weight: float = 2.0, patch_pos_weight: float = 50.0) -> None:
         super().__init__()
         self.box_weight = float(box_weight)
         self.patch_weight, self.patch_pos_weight = float(patch_weight), float(patch_pos_weight)
