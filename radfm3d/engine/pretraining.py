@@ -122,7 +122,8 @@ class StructuredLoss(nn.Module):
     """Sum of the structured objectives (cross-entropy for classes, BCE for presence, L1 on [0, 1] boxes scaled by
     ``box_weight``, smooth L1 on log sizes), each averaged over its supervised entries, plus, when the network gives
     ``patch_logits``, a per-patch finding objective (BCE with ``patch_pos_weight`` on positives, times
-    ``patch_weight``; type cross-entropy on positive patches; see :func:`patch_targets`). Returns a scalar."""
+    ``patch_weight``; type cross-entropy on positive patches; see :func:`patch_targets`; ``patch_weight=0`` turns
+    both off). Returns a scalar."""
 
     def __init__(self, box_weight: float = 5.0, patch_weight: float = 2.0, patch_pos_weight: float = 50.0) -> None:
         super().__init__()
@@ -150,7 +151,7 @@ class StructuredLoss(nn.Module):
         if (label["finding_type"] != IGNORE).any():
             terms["finding_type"] = F.cross_entropy(pred["finding_type"].flatten(0, 1),
                                                     label["finding_type"].flatten(), ignore_index=IGNORE)
-        if "patch_logits" in pred and "findings_box" in label:
+        if self.patch_weight > 0 and "patch_logits" in pred and "findings_box" in label:
             positive, types = patch_targets(label["findings_box"], label["findings_type"], pred["patch_grid"][0])
             logits = pred["patch_logits"]
             weight = torch.tensor(self.patch_pos_weight, device=logits.device, dtype=logits.dtype)
