@@ -8,6 +8,8 @@
 - :mod:`.handlers`: ``TrainingCheckpointer`` (atomic, exact resume), ``PredictionWriter``,
   ``EvaluationReportHandler``, ``ProgressBar``
 - :mod:`.training`: stages (alignment / instruction with LoRA), freeze switches, optimizer, warm-up + cosine LR
+- :mod:`.pretraining`: stage 0, vision pre-training on structured labels (``StructuredLoss``,
+  ``build_structured_dataset``, ``StructuredValidation``, ``build_pretraining_model``)
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ _EXPORTS: dict[str, str] = {
     "load_trained_model": "radfm3d.engine.training",
     "load_processor": "radfm3d.engine.training",
     "seed_everything": "radfm3d.engine.training",
+    "StructuredLoss": "radfm3d.engine.pretraining",
+    "PrepareBatchStructured": "radfm3d.engine.pretraining",
+    "StructuredValidation": "radfm3d.engine.pretraining",
+    "build_structured_dataset": "radfm3d.engine.pretraining",
+    "build_pretraining_model": "radfm3d.engine.pretraining",
 }
 
 __all__ = sorted(_EXPORTS)

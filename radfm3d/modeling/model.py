@@ -44,6 +44,9 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved model should be readable like any file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
