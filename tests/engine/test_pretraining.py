@@ -86,7 +86,7 @@ def test_patch_targets_mark_the_patches_holding_each_finding():
     assert (kinds[0][~positive[0]] == -100).all()
 
 
-def test_patch_objective_enters_the_loss_and_metrics():
+def _with_one_finding_and_patch_logits() -> tuple[dict, dict]:
     from radfm3d.data.structured_labels import MAX_FINDINGS
 
     labels = _labels()
@@ -97,6 +97,11 @@ def test_patch_objective_enters_the_loss_and_metrics():
     pred = _perfect(labels)
     pred["patch_grid"] = torch.tensor([[4, 4, 2]] * 2)
     pred["patch_logits"] = torch.zeros(2, 32, 6)
+    return labels, pred
+
+
+def test_patch_objective_enters_the_loss_and_metrics():
+    labels, pred = _with_one_finding_and_patch_logits()
     terms = StructuredLoss().terms(pred, labels)
     assert terms["patch_finding"] > 0 and "patch_type" in terms
     metrics = structured_metrics(pred, labels)
@@ -104,14 +109,5 @@ def test_patch_objective_enters_the_loss_and_metrics():
 
 
 def test_patch_weight_zero_turns_the_patch_objective_off():
-    from radfm3d.data.structured_labels import MAX_FINDINGS
-
-    labels = _labels()
-    labels["findings_box"] = torch.zeros(2, MAX_FINDINGS, 6)
-    labels["findings_box"][:, 0] = torch.tensor([0.1, 0.1, 0.1, 0.2, 0.2, 0.3])
-    labels["findings_type"] = torch.full((2, MAX_FINDINGS), -100)
-    labels["findings_type"][:, 0] = 2
-    pred = _perfect(labels)
-    pred["patch_grid"] = torch.tensor([[4, 4, 2]] * 2)
-    pred["patch_logits"] = torch.zeros(2, 32, 6)
+    labels, pred = _with_one_finding_and_patch_logits()
     assert not {"patch_finding", "patch_type"} & set(StructuredLoss(patch_weight=0).terms(pred, labels))
