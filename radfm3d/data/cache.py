@@ -91,15 +91,19 @@ class PreprocessedImageCache:
         todo = sorted({str(Path(p).resolve()) for p in images if not self.has(p)})
         if not todo:
             return 0
-        if num_workers and num_workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
         bar = progress_bar(len(todo), enabled=progress, desc="preprocessing cache", unit="scan")
         try:
             if num_workers and num_workers > 1:
+                import multiprocessing as mp
                 from concurrent.futures import ProcessPoolExecutor
 
-                with ProcessPoolExecutor(num_workers) as pool:
+                # Each worker runs torch single-threaded: a child forked from a process whose OpenMP pool is running
+                # (the caller has usually built a model by now) hangs for ever in its first parallel op (seen: the
+                # val-split warm-up stuck at 0%); with one thread torch never enters that pool. Not forkserver/spawn:
+                # they re-import __main__, which fails for `python -` scripts.
+                ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+                with ProcessPoolExecutor(int(num_workers), mp_context=ctx, initializer=_limit_threads,
+                                         initargs=(1,)) as pool:
                     for _ in pool.map(self._warm_one, todo, chunksize=4):
                         bar.update(1)
             else:
@@ -114,6 +118,11 @@ class PreprocessedImageCache:
         entry = self.entry_path(image)
         if not entry.is_file():
             self._write(image, entry)
+
+
+def _limit_threads(threads: int) -> None:
+    """Pool initializer: torch threads of a worker process (see ``warm``)."""
+    torch.set_num_threads(threads)
 
 
 def images_of(records: Sequence[dict[str, Any]]) -> list[str]:

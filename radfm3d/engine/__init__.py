@@ -5,7 +5,7 @@
 - :mod:`.prepare`: ``PrepareBatchVLM`` (token ids, masks, images -> engine inputs)
 - :mod:`.loss`: ``CausalLMLoss``
 - :mod:`.inferer`: ``ForwardInferer`` (bf16 autocast), ``GenerationInferer``
-- :mod:`.handlers`: ``TrainingCheckpointer`` (atomic, exact resume), ``PredictionWriter``,
+- :mod:`.handlers`: ``TrainingCheckpointer`` (atomic, exact resume), ``TimeLimit``, ``PredictionWriter``,
   ``EvaluationReportHandler``, ``ProgressBar``
 - :mod:`.training`: stages (alignment / instruction with LoRA), freeze switches, optimizer, warm-up + cosine LR
 - :mod:`.pretraining`: stage 0, vision pre-training on structured labels (``StructuredLoss``,
@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "ForwardInferer": "radfm3d.engine.inferer",
     "GenerationInferer": "radfm3d.engine.inferer",
     "TrainingCheckpointer": "radfm3d.engine.handlers",
+    "TimeLimit": "radfm3d.engine.handlers",
     "PredictionWriter": "radfm3d.engine.handlers",
     "EvaluationReportHandler": "radfm3d.engine.handlers",
     "ProgressBar": "radfm3d.engine.handlers",

@@ -26,6 +26,7 @@ from radfm3d.engine.training import save_trained_model, unwrap_model
 
 __all__ = [
     "TrainingCheckpointer",
+    "TimeLimit",
     "PredictionWriter",
     "EvaluationReportHandler",
     "ProgressBar",
@@ -175,6 +176,7 @@ class TrainingCheckpointer:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
         if self.save_every_epoch:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.TERMINATE, self.save)  # a stopped run (TimeLimit, ...) resumes from here
         if self.export_dir is not None:
             engine.add_event_handler(Events.COMPLETED, self.export)
 
@@ -284,6 +286,45 @@ class TrainingCheckpointer:
 
 
 # ------------------------------------------------------------------------------------------- predictions
+class TimeLimit:
+    """Stop training cleanly after ``max_minutes`` of wall time (counted from ``STARTED``, so loading data and a
+    resume are not charged): the trainer terminates at the next iteration end, ``TrainingCheckpointer`` saves the
+    state (a rerun with ``resume`` continues from there) and exports the model as at a normal end.
+
+    The learning-rate schedule is not shortened: size ``max_epochs`` to the time you have and keep this as the
+    guard that the run ends with a usable model.
+    """
+
+    def __init__(self, max_minutes: float) -> None:
+        if float(max_minutes) <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
+        self.max_seconds = float(max_minutes) * 60.0
+        self._start: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.monotonic()
+
+    def _check(self, engine: Engine) -> None:
+        if self._start is None:
+            return
+        over = time.monotonic() - self._start >= self.max_seconds
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must stop at the same iteration, or the others hang in the next all-reduce
+            device = torch.device("cuda", torch.cuda.current_device()) \
+                if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            flag = torch.tensor([1.0 if over else 0.0], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item() > 0)
+        if over:
+            logger.warning(f"time limit of {self.max_seconds / 60:.1f} min reached at iteration "
+                           f"{engine.state.iteration} (epoch {engine.state.epoch}): stopping, saving and exporting")
+            engine.terminate()
+
+
 class PredictionWriter:
     """Write one JSON line per sample: ``{"id", "prediction", "task", "grid_geometry"}`` (harness format).
 

@@ -206,13 +206,20 @@ class StructuredValidation:
     def __init__(self, data_loader: Any, interval: int = 1, prepare_batch: Any = None) -> None:
         self.data_loader, self.interval = data_loader, max(1, int(interval))
         self.prepare_batch = prepare_batch or PrepareBatchStructured()
+        self._validated_at = -1
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self._final)
+
+    def _final(self, engine: Any) -> None:
+        if self._validated_at != engine.state.iteration:  # the last epoch was not a multiple of interval, or a stop
+            self(engine)
 
     def __call__(self, engine: Any) -> dict[str, float]:
+        self._validated_at = engine.state.iteration
         network = engine.network
         was_training = network.training
         network.eval()
@@ -235,13 +242,19 @@ class StructuredValidation:
 
 
 def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0,
-                            parts: Sequence[str] = ("vision", "resampler")) -> nn.Module:
+                            parts: Sequence[str] = ("vision", "resampler"), load_text_weights: bool = True,
+                            ) -> nn.Module:
     """``VisionPretrainingModel`` over ``build_model(name_or_path)``: ``parts`` train (default vision encoder and
-    resampler), everything else of the VLM is frozen; the head always trains."""
+    resampler), everything else of the VLM is frozen; the head always trains.
+
+    ``load_text_weights=False`` skips loading the base LLM (this stage never runs it; the exported folder still names
+    it). Start such a run from a saved folder, so the image-token rows it exports come from the real base."""
     from radfm3d.engine.training import MODEL_PARTS, build_model, set_trainable
     from radfm3d.modeling.heads import VisionPretrainingModel
 
-    model = build_model(name_or_path, device="cpu", seed=seed)
+    model = build_model(name_or_path, device="cpu", seed=seed, load_text_weights=bool(load_text_weights))
+    if not load_text_weights:
+        logger.info("base LLM not loaded (load_text_weights=false): random LLM weights, unused by this stage")
     set_trainable(model, **{name: name in parts for name in MODEL_PARTS})
     wrapper = VisionPretrainingModel(model)
     head_file = Path(str(name_or_path)) / VisionPretrainingModel.head_file

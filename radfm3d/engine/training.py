@@ -261,18 +261,20 @@ def autocast_dtype(device: str | torch.device, precision: str = "auto") -> torch
 # ----------------------------------------------------------------------------------------- model in/out
 def build_model(
     name_or_path: str | os.PathLike, device: str | torch.device = "cpu", seed: int | None = 0,
+    load_text_weights: bool = True,
 ) -> nn.Module:
     """A ``RadFM3DForCausalLM`` from a preset name ("tiny", "demo"), a preset JSON or a saved model folder, in train
     mode on ``device``.
 
     A saved folder (``config.json``) continues from its trained parts and LoRA adapter; a preset gives fresh visual
     parts (seeded by ``seed``, so two runs start from the same weights) on top of the named base LLM.
+    ``load_text_weights=False``: random LLM weights instead of the named base (see ``from_pretrained``).
     """
     from radfm3d.modeling.model import RadFM3DForCausalLM
 
     if seed is not None:
         seed_everything(seed)
-    model = RadFM3DForCausalLM.from_pretrained(str(name_or_path))
+    model = RadFM3DForCausalLM.from_pretrained(str(name_or_path), load_text_weights=load_text_weights)
     model.train()
     return model.to(device)
 
@@ -313,7 +315,7 @@ def load_processor(name_or_path: str | os.PathLike, recipe: Any = None) -> Any:
     ``recipe`` (a ``PreprocessingRecipe``, its dict, or a ``preprocessing.json`` file/folder, e.g. the one a phantom
     set is written with) replaces the preset's preprocessing; a path that does not exist is ignored (None).
     """
-    from radfm3d.processing import RadFM3DProcessor
+    from radfm3d.processing import PROCESSOR_CONFIG_NAME, RadFM3DProcessor
     from radfm3d.transforms import PreprocessingRecipe
 
     if isinstance(recipe, (str, os.PathLike)):
@@ -322,4 +324,8 @@ def load_processor(name_or_path: str | os.PathLike, recipe: Any = None) -> Any:
         recipe = PreprocessingRecipe.from_dict(recipe)
     if recipe is None:
         return RadFM3DProcessor.from_pretrained(str(name_or_path))
+    if (Path(name_or_path) / PROCESSOR_CONFIG_NAME).is_file():  # a saved model: its own tokenizer, no base LLM needed
+        processor = RadFM3DProcessor.from_pretrained(str(name_or_path))
+        processor.recipe = recipe
+        return processor
     return RadFM3DProcessor.from_model_config(str(name_or_path), recipe=recipe)

@@ -100,13 +100,14 @@ class VisionPretrainingModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
         from safetensors.torch import save_file
 
+        from radfm3d.modeling.model import _atomic_write
+
         out = Path(save_directory)
         self.model.save_pretrained(out, **kwargs)
-        tmp = out / f".{self.head_file}.tmp"
         heads = {f"head.{k}": v for k, v in self.head.state_dict().items()}
         heads.update({f"patch_head.{k}": v for k, v in self.patch_head.state_dict().items()})
-        save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, str(tmp))
-        os.replace(tmp, out / self.head_file)
+        state = {k: v.detach().cpu().contiguous() for k, v in heads.items()}
+        _atomic_write(out / self.head_file, lambda tmp: save_file(state, tmp))
         return out
 
     def load_head(self, folder: str | os.PathLike, strict: bool = True) -> list[str]:

@@ -431,9 +431,14 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         pretrained_model_name_or_path: str | os.PathLike,
         dtype: torch.dtype | str | None = None,
         device_map: Any = None,
+        load_text_weights: bool = True,
         **kwargs: Any,
     ) -> RadFM3DForCausalLM:
         """Load a checkpoint folder (or build a fresh model from a preset name, e.g. ``"demo"``).
+
+        ``load_text_weights=False`` builds the LLM from ``config.text_config`` with random weights instead of loading
+        the named base (which stays named in the config, so a later save/load uses the real one): for work that never
+        runs the LLM, e.g. vision pre-training on a machine without the base LLM's files.
 
         The named base LLM is loaded through :func:`radfm3d.interop.llm.load_base_llm` (with ``dtype`` and
         ``device_map``; a relative ``text_model_name_or_path`` is looked up inside the checkpoint folder first, e.g.
@@ -453,7 +458,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         if base_name and is_folder and not is_alias(base_name) and not Path(base_name).is_absolute() \
                 and (source / base_name).exists():
             base_name = str(source / base_name)  # a base stored inside the checkpoint folder, named relatively
-        if base_name:
+        if base_name and load_text_weights:
             # big-model options (max_memory, offload_folder, quantization_config, ...) go to transformers' loader
             llm_kwargs = {k: kwargs[k] for k in _LLM_LOAD_OPTIONS if k in kwargs}
             language_model, _ = load_base_llm(base_name, dtype=dtype, device_map=device_map, **llm_kwargs)

@@ -13,7 +13,7 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
 
 from radfm3d.engine.data import ResumableSampler, TrainingCollate, build_dataloader
-from radfm3d.engine.handlers import TrainingCheckpointer, atomic_torch_save, latest_checkpoint
+from radfm3d.engine.handlers import TimeLimit, TrainingCheckpointer, atomic_torch_save, latest_checkpoint
 from radfm3d.engine.inferer import ForwardInferer, GenerationInferer
 from radfm3d.engine.loss import CausalLMLoss
 from radfm3d.engine.prepare import PrepareBatchVLM
@@ -229,3 +229,27 @@ def test_run_can_be_extended(tmp_path: Path):
     trainer, _ = _trainer(model, _loader(model), 1, tmp_path / "ext")
     with pytest.raises(ValueError, match="max_epochs"):
         trainer.run()
+
+
+def test_time_limit_stops_saves_and_the_rerun_finishes_like_an_uninterrupted_run(tmp_path: Path, reference_weights,
+                                                                                 monkeypatch):
+    import radfm3d.engine.handlers as handlers
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock["now"])
+    model = build_model("tiny", seed=0)
+    trainer, _ = _trainer(model, _loader(model), 2, tmp_path / "run", save_interval=100)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: clock.__setitem__("now", 15.0 * e.state.iteration))
+    TimeLimit(max_minutes=1).attach(trainer)
+    trainer.run()  # 15 s per iteration: the limit of 60 s is reached after iteration 4, mid-epoch
+    assert trainer.state.iteration == 4 and trainer.should_terminate
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint_00000004.pt"  # saved on TERMINATE
+    model = build_model("tiny", seed=0)
+    trainer, checkpointer = _trainer(model, _loader(model), 2, tmp_path / "run", save_interval=100)
+    trainer.run()
+    assert checkpointer.resumed_from is not None and trainer.state.iteration == 6
+    resumed = _state(model)
+    for key in reference_weights:
+        assert torch.equal(reference_weights[key], resumed[key]), key
+    with pytest.raises(ValueError, match="max_minutes"):
+        TimeLimit(0)

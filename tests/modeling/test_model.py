@@ -256,6 +256,27 @@ def test_named_base_saves_only_trainable_parts_and_loads_strictly(model, tmp_pat
         RadFM3DForCausalLM.from_pretrained(ckpt)
 
 
+def test_load_text_weights_false_keeps_the_visual_parts_and_the_base_name(model, tmp_path):
+    base_dir, ckpt = tmp_path / "base-llm", tmp_path / "ckpt"
+    model.language_model.save_pretrained(base_dir)
+    cfg = RadFM3DConfig.from_preset("tiny", text_model_name_or_path=str(base_dir))
+    named = RadFM3DForCausalLM(cfg, language_model=model.language_model)
+    named.load_state_dict(model.state_dict())
+    named.save_pretrained(ckpt)
+    import shutil
+
+    shutil.rmtree(base_dir)  # the base LLM's files are gone: a vision-only load must not need them
+    with pytest.raises(ValueError, match="base-llm"):
+        RadFM3DForCausalLM.from_pretrained(ckpt)
+    vision_only = RadFM3DForCausalLM.from_pretrained(ckpt, load_text_weights=False)
+    px = volumes(1, 12)
+    with torch.no_grad():
+        assert torch.equal(vision_only.get_image_features(px), named.get_image_features(px))
+    assert not torch.equal(vision_only.language_model.lm_head.weight, named.language_model.lm_head.weight)
+    vision_only.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["text_model_name_or_path"] == str(base_dir)
+
+
 def test_lora_adapter_roundtrip(model, tmp_path):
     from peft import LoraConfig
 
