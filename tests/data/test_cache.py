@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -54,3 +57,23 @@ def test_warm_fills_in_parallel_and_skips_done(tmp_path: Path):
     assert cache.warm(scans[:1], progress=False) == 1
     assert cache.warm(scans, num_workers=2, progress=False) == 2
     assert cache.warm(scans, progress=False) == 0 and all(cache.has(s) for s in scans)
+
+
+def test_warm_after_torch_ran_multithreaded_does_not_hang(tmp_path: Path):
+    """A forked worker of a process whose OpenMP pool is running hung for ever in its first parallel op (the
+    bundle's val-split warm-up after the model was built); workers now run torch single-threaded."""
+    scans = [_scan(tmp_path / f"s{i}.nii.gz", seed=i) for i in range(4)]
+    script = textwrap.dedent(f"""
+        import torch, torch.nn.functional as F
+        from radfm3d.data.cache import PreprocessedImageCache
+        from radfm3d.transforms import PreprocessingRecipe
+        torch.set_num_threads(2)
+        for _ in range(3):  # start the intra-op pool, as building/running a model does
+            F.interpolate(torch.rand(1, 3, 64, 64, 32), size=(128, 128, 32), mode="trilinear")
+            torch.rand(512, 512) @ torch.rand(512, 512)
+        cache = PreprocessedImageCache({str(tmp_path / "cache")!r}, PreprocessingRecipe(spatial_size=(32, 32, 16)))
+        print("warmed", cache.warm({[str(s) for s in scans]!r}, num_workers=2, progress=False))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warmed 4" in done.stdout

@@ -253,3 +253,26 @@ def test_time_limit_stops_saves_and_the_rerun_finishes_like_an_uninterrupted_run
         assert torch.equal(reference_weights[key], resumed[key]), key
     with pytest.raises(ValueError, match="max_minutes"):
         TimeLimit(0)
+
+
+def test_load_processor_of_a_saved_folder_never_needs_the_base_llm(tmp_path: Path, monkeypatch):
+    import json
+
+    import radfm3d.processing as processing
+    from radfm3d.engine.training import load_processor
+    from radfm3d.transforms import PreprocessingRecipe
+
+    model = build_model("tiny", seed=0)
+    save_trained_model(model, tmp_path / "m", load_processor("tiny"))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["text_model_name_or_path"] = "smollm2-135m-instruct"  # a named base whose files this machine lacks
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base LLM's tokenizer was loaded")
+
+    monkeypatch.setattr(processing, "_load_base_tokenizer", no_base)
+    recipe = PreprocessingRecipe(spatial_size=(40, 40, 12))
+    processor = load_processor(tmp_path / "m", recipe)
+    assert processor.recipe == recipe
+    assert processor.tokenizer("abc")["input_ids"] == load_processor(tmp_path / "m").tokenizer("abc")["input_ids"]
