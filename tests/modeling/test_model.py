@@ -230,7 +230,8 @@ def test_base_llm_named_relative_to_the_checkpoint(model, tmp_path):
         assert torch.equal(again(input_ids=ids, pixel_values=px).logits, model(input_ids=ids, pixel_values=px).logits)
 
 
-def test_named_base_saves_only_trainable_parts_and_loads_strictly(model, tmp_path):
+def _save_with_named_base(model, tmp_path):
+    """``model`` with its LLM saved to ``tmp_path/base-llm`` and named as the base; the checkpoint in ``ckpt``."""
     base_dir, ckpt = tmp_path / "base-llm", tmp_path / "ckpt"
     model.language_model.save_pretrained(base_dir)
     cfg = RadFM3DConfig.from_preset("tiny", text_model_name_or_path=str(base_dir))
@@ -238,6 +239,11 @@ def test_named_base_saves_only_trainable_parts_and_loads_strictly(model, tmp_pat
     named.load_state_dict(model.state_dict())
     named.eval()
     named.save_pretrained(ckpt)
+    return named, cfg, base_dir, ckpt
+
+
+def test_named_base_saves_only_trainable_parts_and_loads_strictly(model, tmp_path):
+    named, cfg, base_dir, ckpt = _save_with_named_base(model, tmp_path)
     keys = load_file(ckpt / "model.safetensors").keys()
     assert not any(k.startswith("language_model.") for k in keys)
     assert {k.split(".")[0] for k in keys} == {"vision_model", "resampler", "projector", "extra_token_embeddings"}
@@ -257,14 +263,9 @@ def test_named_base_saves_only_trainable_parts_and_loads_strictly(model, tmp_pat
 
 
 def test_load_text_weights_false_keeps_the_visual_parts_and_the_base_name(model, tmp_path):
-    base_dir, ckpt = tmp_path / "base-llm", tmp_path / "ckpt"
-    model.language_model.save_pretrained(base_dir)
-    cfg = RadFM3DConfig.from_preset("tiny", text_model_name_or_path=str(base_dir))
-    named = RadFM3DForCausalLM(cfg, language_model=model.language_model)
-    named.load_state_dict(model.state_dict())
-    named.save_pretrained(ckpt)
     import shutil
 
+    named, _, base_dir, ckpt = _save_with_named_base(model, tmp_path)
     shutil.rmtree(base_dir)  # the base LLM's files are gone: a vision-only load must not need them
     with pytest.raises(ValueError, match="base-llm"):
         RadFM3DForCausalLM.from_pretrained(ckpt)
