@@ -166,7 +166,8 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
 
     pre_dir, cache = tmp_path / "vision_pretrained", tmp_path / "cache"
     overrides = {**_train_overrides(workdir), "output_dir": str(tmp_path / "pre"), "model_dir": str(pre_dir),
-                 "cache_dir": str(cache), "val_split": "train", "val_interval": 1, "batch_size": 2}
+                 "cache_dir": str(cache), "val_split": "train", "val_interval": 1, "batch_size": 2,
+                 "load_text_weights": "false", "max_minutes": 30}  # both switches as typed on a command line
     workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "pretrain_vision.json")],
                               meta_file=META, logging_file=LOGGING, workflow_type="train", **overrides)
     _check_workflow(workflow)
