@@ -549,7 +549,8 @@ class RadFM3DProcessor:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> RadFM3DProcessor:
         """Load a processor saved by :meth:`save_pretrained`; a model folder or preset without one is built with
-        :meth:`from_model_config`. ``overrides`` replace ``__init__`` arguments (e.g. ``use_chat_template``)."""
+        :meth:`from_model_config`. ``overrides`` replace ``__init__`` arguments (e.g. ``use_chat_template``, or
+        ``recipe`` instead of the saved ``preprocessing.json``)."""
         path = Path(name_or_path)
         config_file = path / PROCESSOR_CONFIG_NAME
         if not config_file.is_file():
@@ -565,8 +566,9 @@ class RadFM3DProcessor:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         kwargs = {k: data[k] for k in ("num_image_tokens", "image_start_token", "image_end_token",
                                        "image_pad_token", "image_placeholder", "use_chat_template") if k in data}
+        recipe = overrides.pop("recipe", None) or PreprocessingRecipe.load(path)
         kwargs.update(overrides)
-        processor = cls(tokenizer, PreprocessingRecipe.load(path), **kwargs)
+        processor = cls(tokenizer, recipe, **kwargs)
         saved = {k: data[k] for k in processor.image_token_ids if k in data}
         if saved and saved != processor.image_token_ids:
             raise RadFM3DInputError(config_file, f"token ids changed on reload: saved {saved}, "

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -50,3 +53,20 @@ def as_bool(value: Any, name: str = "flag") -> bool | None:
     if text in _NONE:
         return None
     raise ValueError(f"{name}: expected true/false, got {value!r}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` to a temporary sibling of ``path``, then ``os.replace`` it into place (never a half-written
+    file under ``path``); the file gets the usual umask permissions (``mkstemp`` alone makes it 0600)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

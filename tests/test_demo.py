@@ -17,7 +17,7 @@ def test_shipped_demo_model_tells_ct_from_mri_on_the_example_scans():
     """The trained demo model in the bundle (real SmolLM2 base) answers the modality question from the image: "CT."
     for the NIfTI CT abdomen and an MRI answer for the DICOM-series MR chest (neither scan is in the training split).
     An image-blind model gives one answer for both. (The MR weighting and the region are not asserted: the shipped
-    model gets them right on 83% of held-out test records, not on every scan; see the bundle docs.)"""
+    model gets them right on 80% of held-out test records, not on every scan; see the bundle docs.)"""
     import json
 
     import torch

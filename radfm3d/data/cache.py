@@ -102,7 +102,7 @@ class PreprocessedImageCache:
                 # val-split warm-up stuck at 0%); with one thread torch never enters that pool. Not forkserver/spawn:
                 # they re-import __main__, which fails for `python -` scripts.
                 ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-                with ProcessPoolExecutor(int(num_workers), mp_context=ctx, initializer=_limit_threads,
+                with ProcessPoolExecutor(int(num_workers), mp_context=ctx, initializer=torch.set_num_threads,
                                          initargs=(1,)) as pool:
                     for _ in pool.map(self._warm_one, todo, chunksize=4):
                         bar.update(1)
@@ -118,11 +118,6 @@ class PreprocessedImageCache:
         entry = self.entry_path(image)
         if not entry.is_file():
             self._write(image, entry)
-
-
-def _limit_threads(threads: int) -> None:
-    """Pool initializer: torch threads of a worker process (see ``warm``)."""
-    torch.set_num_threads(threads)
 
 
 def images_of(records: Sequence[dict[str, Any]]) -> list[str]:

@@ -315,17 +315,12 @@ def load_processor(name_or_path: str | os.PathLike, recipe: Any = None) -> Any:
     ``recipe`` (a ``PreprocessingRecipe``, its dict, or a ``preprocessing.json`` file/folder, e.g. the one a phantom
     set is written with) replaces the preset's preprocessing; a path that does not exist is ignored (None).
     """
-    from radfm3d.processing import PROCESSOR_CONFIG_NAME, RadFM3DProcessor
+    from radfm3d.processing import RadFM3DProcessor
     from radfm3d.transforms import PreprocessingRecipe
 
     if isinstance(recipe, (str, os.PathLike)):
         recipe = PreprocessingRecipe.load(recipe) if Path(recipe).exists() else None
     elif isinstance(recipe, dict):
         recipe = PreprocessingRecipe.from_dict(recipe)
-    if recipe is None:
-        return RadFM3DProcessor.from_pretrained(str(name_or_path))
-    if (Path(name_or_path) / PROCESSOR_CONFIG_NAME).is_file():  # a saved model: its own tokenizer, no base LLM needed
-        processor = RadFM3DProcessor.from_pretrained(str(name_or_path))
-        processor.recipe = recipe
-        return processor
-    return RadFM3DProcessor.from_model_config(str(name_or_path), recipe=recipe)
+    # a saved model folder keeps its own tokenizer (no base LLM needed); a preset is built from its config
+    return RadFM3DProcessor.from_pretrained(str(name_or_path), **({} if recipe is None else {"recipe": recipe}))

@@ -100,14 +100,14 @@ class VisionPretrainingModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
         from safetensors.torch import save_file
 
-        from radfm3d.modeling.model import _atomic_write
+        from radfm3d.utils import atomic_write
 
         out = Path(save_directory)
         self.model.save_pretrained(out, **kwargs)
         heads = {f"head.{k}": v for k, v in self.head.state_dict().items()}
         heads.update({f"patch_head.{k}": v for k, v in self.patch_head.state_dict().items()})
         state = {k: v.detach().cpu().contiguous() for k, v in heads.items()}
-        _atomic_write(out / self.head_file, lambda tmp: save_file(state, tmp))
+        atomic_write(out / self.head_file, lambda tmp: save_file(state, tmp))
         return out
 
     def load_head(self, folder: str | os.PathLike, strict: bool = True) -> list[str]:

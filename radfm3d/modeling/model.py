@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.configuration import RadFM3DConfig
 from radfm3d.modeling.resampler import PerceiverResampler
 from radfm3d.modeling.vision import VisionTransformer3D
+from radfm3d.utils import atomic_write
 
 __all__ = ["RadFM3DPreTrainedModel", "RadFM3DForCausalLM", "WEIGHTS_NAME", "ADAPTER_CONFIG_NAME"]
 
@@ -36,21 +36,6 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _ADAPTER_MARKERS = ("lora_", "modules_to_save")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write a file through a temporary sibling + ``os.replace`` (no half-written file under ``path``)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved model should be readable like any file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _is_adapter_key(name: str) -> bool:
@@ -411,10 +396,10 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         state = {k: v.detach().contiguous().cpu() for k, v in self._checkpoint_state(with_base).items()}
         metadata = {"format": "pt", "radfm3d_with_base": str(with_base)}
         written = [folder / WEIGHTS_NAME, folder / "config.json"]
-        _atomic_write(written[0], lambda tmp: save_file(state, tmp, metadata=metadata))
+        atomic_write(written[0], lambda tmp: save_file(state, tmp, metadata=metadata))
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
-        _atomic_write(written[1], lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+        atomic_write(written[1], lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
         peft_config = getattr(self.language_model, "peft_config", None)
         if peft_config:
             if len(peft_config) > 1:
@@ -422,7 +407,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             adapter = next(iter(peft_config.values())).to_dict()
             adapter = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter.items()}
             written.append(folder / ADAPTER_CONFIG_NAME)
-            _atomic_write(written[-1], lambda tmp: Path(tmp).write_text(json.dumps(adapter, indent=2, default=str)))
+            atomic_write(written[-1], lambda tmp: Path(tmp).write_text(json.dumps(adapter, indent=2, default=str)))
         return written
 
     @classmethod
