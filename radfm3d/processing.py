@@ -120,7 +120,8 @@ class RadFM3DProcessor:
         tokenizer: a transformers (fast) tokenizer; the three image tokens are added if missing, a missing pad
             token is set to the EOS token.
         recipe: preprocessing recipe (default ``PreprocessingRecipe()``).
-        num_image_tokens: N visual tokens per image (= the model's resampler latents).
+        num_image_tokens: N placeholders per image (= the model's ``tokens_per_image``: resampler latents plus any
+            findings-prompt slots).
         image_start_token / image_end_token / image_pad_token: the special token strings.
         image_placeholder: what users write in text for an image (``"<image>"``).
         use_chat_template: wrap every prompt with :func:`radfm3d.text.prompts.format_chat` (the tokenizer's chat
@@ -190,6 +191,8 @@ class RadFM3DProcessor:
         """Raise ``ValueError`` unless ``config`` (a ``RadFM3DConfig``) uses this processor's token ids and N."""
         mine = {**self.image_token_ids, "num_image_tokens": self.num_image_tokens}
         theirs = {k: getattr(config, k, None) for k in mine}
+        # placeholders per image: the visual tokens plus a findings prompt's slots
+        theirs["num_image_tokens"] = getattr(config, "tokens_per_image", theirs["num_image_tokens"])
         if {k: int(v) if v is not None else None for k, v in theirs.items()} != mine:
             raise ValueError(f"processor and model config disagree on the image tokens: processor {mine}, "
                              f"config {theirs}; build the config with processor.config_token_kwargs()")
@@ -612,7 +615,7 @@ class RadFM3DProcessor:
             tokenizer = _load_base_tokenizer(config.text_model_name_or_path)
         else:
             tokenizer = build_char_tokenizer(int(config.image_start_token_id))
-        processor = cls(tokenizer, recipe, int(config.num_image_tokens), **kwargs)
+        processor = cls(tokenizer, recipe, int(config.tokens_per_image), **kwargs)
         processor.check_config(config)
         return processor
 

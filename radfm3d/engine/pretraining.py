@@ -262,3 +262,54 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
         missing = wrapper.load_head(head_file.parent, strict=False)
         logger.info(f"heads loaded from {head_file}" + (f" (new: {missing})" if missing else ""))
     return wrapper.to(device).train()
+
+
+def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                           heads_dir: str | os.PathLike | None = None, num_tokens: int = 24,
+                           threshold: float = 0.5) -> Path:
+    """Write ``out_dir``: the model of ``model_dir`` with a findings prompt (:mod:`radfm3d.modeling.findings_prompt`)
+    built from the vision pre-training heads in ``heads_dir`` (default ``model_dir``; its
+    ``structured_head.safetensors``), and its processor expanding each image to the visual tokens + ``num_tokens``
+    reading slots. The base LLM is not loaded (the folder still names it)."""
+    from safetensors.torch import load_file
+
+    from radfm3d.engine.training import load_processor
+    from radfm3d.errors import RadFM3DInputError
+    from radfm3d.modeling.findings_prompt import build_findings_prompt_config
+    from radfm3d.modeling.heads import VisionPretrainingModel
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+
+    head_file = Path(heads_dir if heads_dir is not None else model_dir) / VisionPretrainingModel.head_file
+    if not head_file.is_file():
+        raise RadFM3DInputError(head_file, "no vision pre-training heads here (run the pretrain_vision stage first)")
+    processor = load_processor(model_dir)
+    model = RadFM3DForCausalLM.from_pretrained(model_dir, load_text_weights=False)
+    spec = build_findings_prompt_config(processor.tokenizer, num_tokens=num_tokens, threshold=threshold)
+    model.add_findings_prompt(spec, load_file(str(head_file)))
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.num_image_tokens = model.tokens_per_image
+    processor.check_config(model.config)
+    processor.save_pretrained(out)
+    logger.info(f"findings prompt ({num_tokens} tokens, threshold {threshold}) attached: {out}")
+    return out
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``radfm3d findings-prompt MODEL --out FOLDER``: attach the findings prompt to a vision-pre-trained model."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="radfm3d findings-prompt", description=(
+        "Give a model a findings prompt: the vision pre-training heads read each image (modality, region, findings "
+        "per site) and the reading is handed to the LLM as text after the visual tokens. Train the LLM stage from "
+        "the written folder."))
+    parser.add_argument("model", help="model folder (e.g. models/vision_pretrained)")
+    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--heads", default=None, help="folder with structured_head.safetensors (default: MODEL)")
+    parser.add_argument("--num-tokens", type=int, default=24, help="reading slots per image (default 24)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="minimum finding score (default 0.5)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    attach_findings_prompt(args.model, args.out, args.heads, args.num_tokens, args.threshold)
+    print(args.out)
+    return 0

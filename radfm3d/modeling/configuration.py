@@ -40,6 +40,8 @@ class RadFM3DConfig(PretrainedConfig):
     - ``image_start_token_id`` / ``image_end_token_id`` / ``image_token_id`` (placeholder): default
       ``base_vocab_size + 0 / 1 / 2``.
     - ``projector_type``: ``"linear"`` (RadFM: one Linear) or ``"mlp"`` (Linear-GELU-Linear).
+    - ``findings_prompt``: None, or the spec of :mod:`radfm3d.modeling.findings_prompt` (the encoder's reading of each
+      image written as ``findings_prompt["num_tokens"]`` text tokens after its visual tokens).
     """
 
     model_type = "radfm3d"
@@ -58,6 +60,7 @@ class RadFM3DConfig(PretrainedConfig):
     projector_type: Literal["linear", "mlp"] = "mlp"
     projector_bias: bool = True
     tie_word_embeddings: bool = False
+    findings_prompt: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -94,6 +97,16 @@ class RadFM3DConfig(PretrainedConfig):
             raise ValueError(f"projector_type must be 'linear' or 'mlp', got {self.projector_type!r}")
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def num_findings_tokens(self) -> int:
+        """Findings-prompt slots per image (0 without a findings prompt)."""
+        return int(self.findings_prompt["num_tokens"]) if self.findings_prompt else 0
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholder tokens per image in the text: visual tokens + findings-prompt slots."""
+        return int(self.num_image_tokens) + self.num_findings_tokens
+
     @property
     def vision(self) -> VisionConfig:
         return VisionConfig.from_dict(self.vision_config)

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.configuration import RadFM3DConfig
+from radfm3d.modeling.findings_prompt import FindingsPrompter
 from radfm3d.modeling.resampler import PerceiverResampler
 from radfm3d.modeling.vision import VisionTransformer3D
 from radfm3d.utils import atomic_write
@@ -102,6 +103,9 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
                 self.extra_token_embeddings.weight.normal_(0.0, 1.0)
                 self.extra_token_embeddings.weight.mul_(base.std()).add_(base.mean(0))
         self.extra_token_embeddings.to(dtype=language_model.get_input_embeddings().weight.dtype)
+        self.findings_prompter: FindingsPrompter | None = None
+        if config.findings_prompt:
+            self.findings_prompter = FindingsPrompter(config.findings_prompt, vision_hidden, config.num_image_tokens)
         self.post_init()
 
     # ------------------------------------------------------------------ transformers plumbing
@@ -129,11 +133,49 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         latents = self.resampler(tokens, grid=grid)
         return (latents, tokens, grid) if return_patch_tokens else latents
 
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholders per image: ``num_image_tokens`` visual tokens + the findings-prompt slots (if any)."""
+        return int(self.config.tokens_per_image)
+
     def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(M, C, H, W, D)`` -> projected visual tokens ``(M, N, text_hidden)``."""
-        latents = self.get_visual_latents(pixel_values)
+        """``(M, C, H, W, D)`` -> projected visual tokens ``(M, N, text_hidden)``, followed, with a findings prompt,
+        by the embedded reading ``(M, N + num_findings_tokens, text_hidden)``."""
         proj_dtype = next(self.projector.parameters()).dtype
-        return self.projector(latents.to(proj_dtype))
+        if self.findings_prompter is None:
+            return self.projector(self.get_visual_latents(pixel_values).to(proj_dtype))
+        latents, tokens, grid = self.get_visual_latents(pixel_values, return_patch_tokens=True)
+        visual = self.projector(latents.to(proj_dtype))
+        reading_ids = self.findings_prompter.token_ids(self.findings_prompter.read(latents, tokens, grid),
+                                                       device=visual.device)
+        return torch.cat([visual, self.embed_tokens(reading_ids).to(visual.dtype)], dim=1)
+
+    @torch.no_grad()
+    def read_findings(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None
+                      ) -> list[list[dict[str, Any]]]:
+        """The findings prompt's reading of each real image, ``pixel_values (B, S, C, H, W, D)`` -> B lists of
+        ``{"text", "modality", "region", "findings": [{"structure", "type", "score"}]}`` (empty lists without a
+        findings prompt)."""
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.unsqueeze(1)
+        mask = self._image_mask(pixel_values, image_mask)
+        if self.findings_prompter is None or not bool(mask.any()):
+            return [[] for _ in range(pixel_values.shape[0])]
+        latents, tokens, grid = self.get_visual_latents(pixel_values[mask], return_patch_tokens=True)
+        readings = iter(self.findings_prompter.read(latents, tokens, grid))
+        return [[self.findings_prompter.describe(next(readings)) for real in row if real] for row in mask.tolist()]
+
+    def add_findings_prompt(self, spec: dict[str, Any], head_state: dict[str, torch.Tensor]) -> None:
+        """Attach a findings prompt (``spec`` from :func:`build_findings_prompt_config`) with the trained heads of the
+        vision pre-training stage (``head_state``: ``head.*`` / ``patch_head.*`` tensors, e.g. the contents of
+        ``structured_head.safetensors``). The processor must then expand each image to ``tokens_per_image``."""
+        if self.findings_prompter is not None:
+            raise ValueError("the model already has a findings prompt")
+        param = next(self.vision_model.parameters())
+        prompter = FindingsPrompter(spec, self.config.vision.hidden_size, self.num_image_tokens)
+        prompter.load_state_dict(dict(head_state), strict=True)
+        self.findings_prompter = prompter.to(device=param.device, dtype=param.dtype)
+        self.config.findings_prompt = dict(spec)
 
     def get_image_features(
         self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None
@@ -196,7 +238,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         embeds = self.embed_tokens(input_ids)
         is_image = input_ids == int(self.config.image_token_id)
         placeholders = is_image.sum(dim=1)
-        n = self.num_image_tokens
+        n = self.tokens_per_image
         if pixel_values is None:
             if bool(placeholders.any()):
                 raise RadFM3DInputError(
@@ -456,8 +498,10 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         model = cls(config, language_model=language_model)
         device = language_model.get_input_embeddings().weight.device
         own_dtype = dtype if isinstance(dtype, torch.dtype) else None
-        for part in (model.vision_model, model.resampler, model.projector, model.extra_token_embeddings):
-            part.to(device=device if device.type != "meta" else "cpu", dtype=own_dtype)
+        for part in (model.vision_model, model.resampler, model.projector, model.extra_token_embeddings,
+                     model.findings_prompter):
+            if part is not None:
+                part.to(device=device if device.type != "meta" else "cpu", dtype=own_dtype)
         if is_folder:
             model._load_checkpoint_state(source)
         model.eval()

@@ -1,0 +1,165 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""Findings prompt: the encoder's own structured reading of a scan, handed to the LLM as text after its visual tokens.
+
+A diagnosis-driven prompt in the spirit of PromptMRG (Jin et al., AAAI 2024), where a disease classifier's output is
+turned into prompt tokens for the report decoder. Here the classifier is the vision pre-training stage's heads
+(:mod:`radfm3d.modeling.heads`), kept inside the model: for every image the model reads modality, region and, per
+finding site of that region, the best-scoring finding type from the per-patch finding map inside the predicted
+structure box, and writes e.g. ``" Image reading: CT, abdomen; liver mass, right kidney cyst."`` as token ids into
+``num_tokens`` extra slots after the image's visual tokens (padded with a filler id). The LLM therefore copies a
+detector's reading instead of having to learn to decode it from 32 visual tokens alone, which our CPU-sized LLM
+stage could not do (see the bundle docs). Everything the text says comes from the image; a blank image gets its own
+reading.
+
+The specification (``RadFM3DConfig.findings_prompt``) is plain data saved in ``config.json``: class names, finding
+sites, the phrases pre-tokenised with the model's tokenizer, the threshold. Build it with
+:func:`build_findings_prompt_config`; attach it to a vision-pre-trained model with
+``RadFM3DForCausalLM.add_findings_prompt`` (or ``radfm3d findings-prompt``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from radfm3d.modeling.heads import StructuredFindingsHead
+
+__all__ = ["FindingsPrompter", "build_findings_prompt_config", "PHRASE_PREFIX"]
+
+PHRASE_PREFIX = " Image reading:"
+#: a finding's patch must have its centre inside the predicted structure box grown by this margin (unit grid)
+BOX_MARGIN = 0.03
+
+
+def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold: float = 0.5,
+                                 head_hidden: int = 512) -> dict[str, Any]:
+    """The ``findings_prompt`` config entry for the phantom label schema (:mod:`radfm3d.data.structured_labels`):
+    class names, finding sites per region, every phrase tokenised with ``tokenizer`` (no special tokens).
+
+    ``num_tokens``: prompt slots per image (the text is cut at a finding boundary to fit); ``threshold``: minimum
+    patch score (probability a patch holds a finding x probability of the type) for a finding to be written.
+    """
+    from radfm3d.data.phantom_tasks import _REGION_FINDING_ORGANS, _SITES
+    from radfm3d.data.phantoms import FINDING_TYPES, REGIONS, organ_label
+    from radfm3d.data.structured_labels import _STRUCTURE_OF, STRUCTURES
+
+    modality_names = ["CT", "MRI T1-weighted", "MRI T2-weighted"]  # MODALITY_CLASSES order
+    region_sites = []
+    for region in REGIONS:
+        sites = []
+        for organ, side in _REGION_FINDING_ORGANS[region]:
+            structure = _STRUCTURE_OF[(organ, side)]
+            sites.append([STRUCTURES.index(structure), [FINDING_TYPES.index(t) for t in _SITES[organ]]])
+        region_sites.append(sites)
+    names = {s: organ_label(organ, side) for (organ, side), s in _STRUCTURE_OF.items()}
+    phrases = {"prefix": PHRASE_PREFIX, "comma": ",", "semicolon": ";", "period": ".", "none": " no findings",
+               "filler": " "}
+    phrases.update({f"modality:{i}": f" {n}" for i, n in enumerate(modality_names)})
+    phrases.update({f"region:{i}": f" {n}" for i, n in enumerate(REGIONS)})
+    phrases.update({f"structure:{i}": f" {names[s]}" for i, s in enumerate(STRUCTURES)})
+    phrases.update({f"type:{i}": f" {t}" for i, t in enumerate(FINDING_TYPES)})
+    token_ids = {k: [int(i) for i in tokenizer.encode(v, add_special_tokens=False)] for k, v in phrases.items()}
+    if len(token_ids["filler"]) != 1:
+        raise ValueError(f"the tokenizer splits the filler {phrases['filler']!r} into {token_ids['filler']}")
+    spec = {"num_tokens": int(num_tokens), "threshold": float(threshold), "head_hidden": int(head_hidden),
+            "structures": list(STRUCTURES), "finding_types": list(FINDING_TYPES), "regions": list(REGIONS),
+            "modality_names": modality_names, "region_sites": region_sites, "phrases": phrases,
+            "token_ids": token_ids}
+    longest_empty = max(sum(len(token_ids[k]) for k in _phrase_keys(spec, m, r, []))
+                        for m in range(len(modality_names)) for r in range(len(REGIONS)))
+    if longest_empty > spec["num_tokens"]:
+        raise ValueError(f"num_tokens={num_tokens} cannot hold a reading without findings ({longest_empty} tokens)")
+    return spec
+
+
+def _phrase_keys(spec: Mapping[str, Any], modality: int, region: int, findings: Sequence[tuple[int, int]]
+                 ) -> list[str]:
+    """Phrase keys of one reading: prefix, modality, region, then ``structure type`` pairs (or "no findings")."""
+    keys = ["prefix", f"modality:{modality}", "comma", f"region:{region}", "semicolon"]
+    if not findings:
+        keys.append("none")
+    for k, (structure, finding_type) in enumerate(findings):
+        keys += (["comma"] if k else []) + [f"structure:{structure}", f"type:{finding_type}"]
+    return keys + ["period"]
+
+
+class FindingsPrompter(nn.Module):
+    """Heads over one image's resampler latents and patch tokens -> its reading and the reading's token ids.
+
+    Same parameters as the vision pre-training wrapper (``head``: :class:`StructuredFindingsHead`, ``patch_head``:
+    ``Linear(dim, 1 + n_types)``), so its trained heads load unchanged. Frozen (never trained through the LLM loss).
+    """
+
+    def __init__(self, spec: Mapping[str, Any], dim: int, num_latents: int) -> None:
+        super().__init__()
+        self.spec = dict(spec)
+        n_types = len(self.spec["finding_types"])
+        self.head = StructuredFindingsHead(dim, num_latents, len(self.spec["structures"]), n_types,
+                                           int(self.spec.get("head_hidden", 512)))
+        self.patch_head = nn.Linear(dim, 1 + n_types)
+        self.requires_grad_(False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.spec["num_tokens"])
+
+    @torch.no_grad()
+    def read(self, latents: torch.Tensor, patch_tokens: torch.Tensor, grid: Sequence[int]) -> list[dict[str, Any]]:
+        """``latents (M, N, dim)``, ``patch_tokens (M, nh*nw*nd, dim)``, patch ``grid`` -> per image
+        ``{"modality": int, "region": int, "findings": [(structure, type, score), ...]}`` (score-sorted, above the
+        threshold; indices into the spec's lists)."""
+        out = self.head(latents.float())
+        patch = self.patch_head(patch_tokens.float())
+        finding_prob = torch.sigmoid(patch[..., 0:1]) * patch[..., 1:].softmax(-1)  # (M, T, n_types)
+        nh, nw, nd = (int(g) for g in grid)
+        axes = [(torch.arange(n, device=latents.device, dtype=torch.float32) + 0.5) / n for n in (nh, nw, nd)]
+        centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (T, 3) h w d order
+        boxes = out["structure_box"]  # (M, S, 6) unit grid
+        inside = ((centres >= boxes[..., None, :3] - BOX_MARGIN) & (centres <= boxes[..., None, 3:] + BOX_MARGIN)
+                  ).all(-1)  # (M, S, T)
+        scores = (inside[..., None] * finding_prob[:, None]).amax(dim=2)  # (M, S, n_types)
+        modality, region = out["modality"].argmax(-1).tolist(), out["region"].argmax(-1).tolist()
+        threshold = float(self.spec["threshold"])
+        readings = []
+        for m in range(latents.shape[0]):
+            candidates = []
+            for structure, types in self.spec["region_sites"][region[m]]:
+                best = max(types, key=lambda t: float(scores[m, structure, t]))
+                score = float(scores[m, structure, best])
+                if score > threshold:
+                    candidates.append((int(structure), int(best), round(score, 4)))
+            candidates.sort(key=lambda c: -c[2])
+            readings.append({"modality": int(modality[m]), "region": int(region[m]), "findings": candidates})
+        return readings
+
+    def token_ids(self, readings: Sequence[Mapping[str, Any]], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Readings -> ``(M, num_tokens)`` long ids (filler-padded; findings that do not fit are dropped, lowest
+        score first)."""
+        ids = self.spec["token_ids"]
+        rows = []
+        for r in readings:
+            findings = [(s, t) for s, t, _ in r["findings"]]
+            while True:
+                row = [i for key in _phrase_keys(self.spec, r["modality"], r["region"], findings) for i in ids[key]]
+                if len(row) <= self.num_tokens or not findings:
+                    break
+                findings = findings[:-1]
+            rows.append(row[: self.num_tokens] + ids["filler"] * (self.num_tokens - len(row)))
+        return torch.tensor(rows, dtype=torch.long, device=device).reshape(len(rows), self.num_tokens)
+
+    def text(self, reading: Mapping[str, Any]) -> str:
+        """The reading as the text the LLM receives (without the filler)."""
+        keys = _phrase_keys(self.spec, reading["modality"], reading["region"],
+                            [(s, t) for s, t, _ in reading["findings"]])
+        return "".join(self.spec["phrases"][k] for k in keys).strip()
+
+    def describe(self, reading: Mapping[str, Any]) -> dict[str, Any]:
+        """A reading with names instead of indices (for JSON outputs)."""
+        spec = self.spec
+        return {"text": self.text(reading), "modality": spec["modality_names"][reading["modality"]],
+                "region": spec["regions"][reading["region"]],
+                "findings": [{"structure": spec["structures"][s], "type": spec["finding_types"][t], "score": p}
+                             for s, t, p in reading["findings"]]}

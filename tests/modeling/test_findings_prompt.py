@@ -1,0 +1,155 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from radfm3d.data.phantoms import FINDING_TYPES
+from radfm3d.data.structured_labels import STRUCTURES
+from radfm3d.modeling.configuration import RadFM3DConfig
+from radfm3d.modeling.findings_prompt import FindingsPrompter, build_findings_prompt_config
+from radfm3d.modeling.heads import BOX, N_COUNT, VisionPretrainingModel
+from radfm3d.modeling.model import RadFM3DForCausalLM
+from radfm3d.processing import RadFM3DProcessor
+
+HIDDEN = 16
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[RadFM3DForCausalLM, RadFM3DProcessor]:
+    torch.manual_seed(0)
+    model = RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny")).eval()
+    return model, RadFM3DProcessor.from_model_config("tiny")
+
+
+def _spec(processor: RadFM3DProcessor, num_tokens: int = 160, threshold: float = 0.5) -> dict:
+    # the tiny preset's tokenizer is one token per character, so a full reading needs ~100 slots
+    return build_findings_prompt_config(processor.tokenizer, num_tokens=num_tokens, threshold=threshold,
+                                        head_hidden=HIDDEN)
+
+
+def _rigged_heads(model: RadFM3DForCausalLM, modality: int, region: int, finding_type: int | None) -> dict:
+    """Head weights whose outputs ignore the image: the given modality/region, every structure box the whole grid,
+    and every patch holding ``finding_type`` (None: no patch holds a finding)."""
+    wrapper = VisionPretrainingModel(model, hidden=HIDDEN)
+    last, patch = wrapper.head.net[-1], wrapper.patch_head
+    n_types, n_struct = len(FINDING_TYPES), len(STRUCTURES)
+    with torch.no_grad():
+        last.weight.zero_(), patch.weight.zero_()
+        bias = torch.zeros_like(last.bias)
+        bias[modality] = bias[3 + region] = 10.0
+        per = wrapper.head.per_structure
+        for s in range(n_struct):
+            start = 3 + 3 + N_COUNT + s * per + 1  # structure box after the presence logit
+            bias[start:start + 3], bias[start + 3:start + BOX] = -10.0, 10.0
+        last.bias.copy_(bias)
+        pbias = torch.full((1 + n_types,), -10.0)
+        if finding_type is not None:
+            pbias[0], pbias[1 + finding_type] = 10.0, 10.0
+        patch.bias.copy_(pbias)
+    state = {f"head.{k}": v for k, v in wrapper.head.state_dict().items()}
+    state.update({f"patch_head.{k}": v for k, v in wrapper.patch_head.state_dict().items()})
+    return state
+
+
+def _with_prompt(model: RadFM3DForCausalLM, processor: RadFM3DProcessor, heads: dict, **spec_kwargs
+                 ) -> tuple[RadFM3DForCausalLM, RadFM3DProcessor]:
+    clone = RadFM3DForCausalLM(RadFM3DConfig.from_dict(model.config.to_dict()))
+    clone.load_state_dict(model.state_dict())
+    clone.add_findings_prompt(_spec(processor, **spec_kwargs), heads)
+    proc = RadFM3DProcessor.from_model_config("tiny")
+    proc.num_image_tokens = clone.tokens_per_image
+    proc.check_config(clone.config)
+    return clone.eval(), proc
+
+
+@pytest.mark.parametrize(("modality", "region", "finding_type", "expected"), [
+    (1, 2, FINDING_TYPES.index("cyst"),
+     "Image reading: MRI T1-weighted, abdomen; liver cyst, spleen cyst, right kidney cyst, left kidney cyst."),
+    (0, 1, FINDING_TYPES.index("nodule"), "Image reading: CT, chest; right lung nodule, left lung nodule."),
+    (2, 0, None, "Image reading: MRI T2-weighted, head; no findings."),
+])
+def test_reading_text_and_token_ids(modality, region, finding_type, expected, tiny):
+    model, processor = tiny
+    prompted, proc = _with_prompt(model, processor, _rigged_heads(model, modality, region, finding_type))
+    pixels = torch.rand(2, 1, model.config.vision.in_channels, 32, 32, 8)
+    readings = prompted.read_findings(pixels)
+    assert [[r["text"] for r in row] for row in readings] == [[expected], [expected]]
+    assert all(f["score"] > 0.5 for f in readings[0][0]["findings"])
+    prompter = prompted.findings_prompter
+    latents, tokens, grid = prompted.get_visual_latents(pixels[:, 0], return_patch_tokens=True)
+    ids = prompter.token_ids(prompter.read(latents, tokens, grid))
+    assert ids.shape == (2, prompter.num_tokens)
+    assert proc.tokenizer.decode(ids[0].tolist()).strip() == expected  # filler is blank
+
+
+def test_long_reading_drops_findings_to_fit(tiny):
+    model, processor = tiny
+    heads = _rigged_heads(model, 1, 2, FINDING_TYPES.index("cyst"))
+    prompted, _ = _with_prompt(model, processor, heads, num_tokens=70)
+    pixels = torch.rand(1, 1, model.config.vision.in_channels, 32, 32, 8)
+    text = prompted.read_findings(pixels)[0][0]["text"]
+    prompter = prompted.findings_prompter
+    latents, tokens, grid = prompted.get_visual_latents(pixels[:, 0], return_patch_tokens=True)
+    ids = prompter.token_ids(prompter.read(latents, tokens, grid))
+    kept = processor.tokenizer.decode(ids[0].tolist()).strip()
+    assert ids.shape == (1, 70) and kept.endswith("cyst.") and len(kept) <= 70
+    assert text.startswith(kept[:-1]) and len(kept) < len(text)  # cut at a finding boundary, period kept
+
+
+def test_model_with_findings_prompt_runs_saves_and_loads(tiny, tmp_path: Path):
+    model, processor = tiny
+    prompted, proc = _with_prompt(model, processor, _rigged_heads(model, 0, 2, FINDING_TYPES.index("mass")))
+    assert prompted.tokens_per_image == model.config.num_image_tokens + 160
+    volume = torch.rand(32, 32, 8) * 1000 - 500
+    batch = proc(text=["<image> Report?"], images=[[volume]])
+    assert int((batch["input_ids"] == prompted.config.image_token_id).sum()) == prompted.tokens_per_image
+    with torch.no_grad():
+        logits = prompted(**batch).logits
+    out = prompted.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    # the reading changes what the LLM sees: different heads, different logits
+    other, _ = _with_prompt(model, processor, _rigged_heads(model, 0, 2, None))
+    with torch.no_grad():
+        assert not torch.allclose(other(**batch).logits, logits)
+    prompted.save_pretrained(tmp_path)
+    again = RadFM3DForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.findings_prompt == prompted.config.findings_prompt
+    with torch.no_grad():
+        assert torch.allclose(again(**batch).logits, logits, atol=1e-5)
+    # a processor that forgets the reading slots is refused with the counts named
+    with pytest.raises(ValueError, match="placeholder"):
+        again(**processor(text=["<image> Report?"], images=[[volume]]))
+
+
+def test_prompter_is_frozen_and_reads_without_images(tiny):
+    model, processor = tiny
+    prompted, _ = _with_prompt(model, processor, _rigged_heads(model, 0, 1, None))
+    assert not any(p.requires_grad for p in prompted.findings_prompter.parameters())
+    pixels = torch.rand(2, 2, model.config.vision.in_channels, 32, 32, 8)
+    readings = prompted.read_findings(pixels, torch.tensor([[True, False], [False, False]]))
+    assert len(readings[0]) == 1 and readings[1] == []
+    assert model.read_findings(pixels) == [[], []]  # no findings prompt: nothing to read
+    assert isinstance(prompted.findings_prompter, FindingsPrompter)
+
+
+def test_attach_cli_writes_a_loadable_folder(tiny, tmp_path: Path):
+    from radfm3d.engine.pretraining import attach_findings_prompt
+    from radfm3d.errors import RadFM3DInputError
+
+    model, processor = tiny
+    wrapper = VisionPretrainingModel(model)  # default head width, as the stage-0 bundle writes it
+    src = tmp_path / "stage0"
+    wrapper.save_pretrained(src)
+    processor.save_pretrained(src)
+    with pytest.raises(RadFM3DInputError, match="no vision pre-training heads"):
+        attach_findings_prompt(src, tmp_path / "x", heads_dir=tmp_path)
+    out = attach_findings_prompt(src, tmp_path / "with_prompt", num_tokens=120, threshold=0.7)
+    again = RadFM3DForCausalLM.from_pretrained(out)
+    proc = RadFM3DProcessor.from_pretrained(out)
+    assert again.config.findings_prompt["threshold"] == 0.7 and proc.num_image_tokens == again.tokens_per_image
+    with torch.no_grad():
+        volume = torch.rand(32, 32, 8)
+        assert again(**proc(text=["<image> Which modality?"], images=[[volume]])).logits.ndim == 3
