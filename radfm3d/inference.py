@@ -252,6 +252,20 @@ class ScanResultWriter:
         recipe = getattr(self.processor, "recipe", None)
         return recipe.to_dict() if hasattr(recipe, "to_dict") else None
 
+    @staticmethod
+    def _reading(engine: Engine, batch: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The findings prompt's reading of the scan (what the LLM was told the encoder sees), None without one."""
+        from radfm3d.engine.training import unwrap_model
+
+        model = unwrap_model(engine.network)
+        pixels = batch.get("pixel_values")
+        if getattr(model, "findings_prompter", None) is None or pixels is None:
+            return None
+        with torch.no_grad():
+            rows = model.read_findings(torch.as_tensor(pixels[:1]).to(engine.state.device),
+                                       None if batch.get("image_mask") is None else batch["image_mask"][:1])
+        return rows[0][0] if rows and rows[0] else None
+
     def write(self, engine: Engine) -> Path:
         batch, texts = engine.state.batch, list(engine.state.output["pred"])
         generate_s = time.perf_counter() - self._t0
@@ -272,6 +286,7 @@ class ScanResultWriter:
             "model": self.model_dir,
             "recipe": self._recipe(),
             "grid_geometry": geometry,
+            "image_reading": self._reading(engine, batch),
             "answers": answers,
             "timings_s": {**{k: round(float(v), 4) for k, v in batch.get("timings_s", {}).items()},
                           "generate": round(generate_s, 4)},
@@ -288,6 +303,8 @@ class ScanResultWriter:
         self.written.append(path)
         if self.print_results:
             lines = [f"== {scan} -> {path}"]
+            if result["image_reading"]:
+                lines.append(f"  ({result['image_reading']['text']})")
             for a in answers:
                 lines.append(f"  Q: {a['prompt']}\n  A: {a['text']}")
                 for b in a["boxes"]:

@@ -180,7 +180,12 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
     llm_key = next(k for k, _ in fresh.named_parameters() if k.startswith("language_model."))
     assert torch.equal(dict(pretrained.named_parameters())[llm_key], dict(fresh.named_parameters())[llm_key])
 
-    overrides = {**_train_overrides(workdir), "model_name_or_path": str(pre_dir), "output_dir": str(tmp_path / "ins"),
+    # the findings prompt (the stage-0 heads' reading as text after the visual tokens) between the two stages
+    from radfm3d.cli import main as radfm3d_main
+
+    prompted = tmp_path / "with_findings_prompt"
+    assert radfm3d_main(["findings-prompt", str(pre_dir), "--out", str(prompted), "--num-tokens", "120"]) == 0
+    overrides = {**_train_overrides(workdir), "model_name_or_path": str(prompted), "output_dir": str(tmp_path / "ins"),
                  "model_dir": str(tmp_path / "instructed"), "train_vision": "false", "train_resampler": "false",  # as typed on a command line
                  "image_cache_dir": str(cache)}
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=META, logging_file=LOGGING,
@@ -189,3 +194,16 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
     instructed = dict(load_trained_model(tmp_path / "instructed").named_parameters())
     assert torch.equal(instructed[vision_key], moved)  # frozen in the instruction stage
     assert any(k.startswith("resampler.") for k in instructed)
+    assert any(k.startswith("findings_prompter.") for k in instructed)
+
+    record = json.loads((workdir / "phantoms" / "val.jsonl").read_text().splitlines()[0])
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "ct.nii.gz").write_bytes((workdir / "phantoms" / record["images"][0]).read_bytes())
+    overrides = {"bundle_root": str(BUNDLE), "model_dir": str(tmp_path / "instructed"), "dataset_dir": str(scans),
+                 "output_dir": str(tmp_path / "out"), "max_new_tokens": 2, "prompts": ["Which modality?"]}
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING,
+                              workflow_type="infer", **overrides)
+    _check_workflow(workflow)
+    reading = json.loads((tmp_path / "out" / "ct.json").read_text())["image_reading"]
+    assert reading["text"].startswith("Image reading: ") and reading["region"] in ("head", "chest", "abdomen")
