@@ -122,13 +122,15 @@ class FindingsPrompter(nn.Module):
                   ).all(-1)  # (M, S, T)
         scores = (inside[..., None] * finding_prob[:, None]).amax(dim=2)  # (M, S, n_types)
         modality, region = out["modality"].argmax(-1).tolist(), out["region"].argmax(-1).tolist()
+        scores = scores.tolist()  # one device-to-host copy, not one per (image, site, type) inside the loop
         threshold = float(self.spec["threshold"])
         readings = []
         for m in range(latents.shape[0]):
             candidates = []
             for structure, types in self.spec["region_sites"][region[m]]:
-                best = max(types, key=lambda t: float(scores[m, structure, t]))
-                score = float(scores[m, structure, best])
+                site_scores = scores[m][structure]
+                best = max(types, key=lambda t: site_scores[t])
+                score = float(site_scores[best])
                 if score > threshold:
                     candidates.append((int(structure), int(best), round(score, 4)))
             candidates.sort(key=lambda c: -c[2])

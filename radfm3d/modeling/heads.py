@@ -1,10 +1,11 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""Auxiliary heads on the resampler's visual tokens, used only while pre-training the vision side.
+"""Heads on the resampler's visual tokens, trained while pre-training the vision side.
 
 :class:`StructuredFindingsHead` reads the ``(B, N, dim)`` latents the LLM will later receive and predicts the
 structured labels of :mod:`radfm3d.data.structured_labels`. Because it sees the latents through one hidden layer,
-whatever it learns to read is present in the very tokens handed to the projector and the LLM. It is not part of
-``RadFM3DForCausalLM`` and is not needed at inference.
+whatever it learns to read is present in the very tokens handed to the projector and the LLM. A model without a
+findings prompt does not need them at inference; with one, the same two heads live inside the model
+(:class:`radfm3d.modeling.findings_prompt.FindingsPrompter`) and write the reading the LLM receives.
 """
 
 from __future__ import annotations
