@@ -42,6 +42,9 @@ __all__ = [
     "validate_record",
     "validate_manifest",
     "resolve_images",
+    "sample_by_task",
+    "scale_task_mix",
+    "parse_task_counts",
 ]
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -287,3 +290,73 @@ def sample_by_task(records: Sequence[Mapping[str, Any]], counts: Mapping[str, in
         take = min(int(counts[task]), len(pool))
         chosen += [dict(pool[i]) for i in rng.choice(len(pool), size=take, replace=False)]
     return [chosen[i] for i in rng.permutation(len(chosen))]
+
+
+def parse_task_counts(text: str) -> dict[str, int]:
+    """``"report=150,grounding=190"`` -> ``{"report": 150, "grounding": 190}`` (a ``ValueError`` names a bad entry)."""
+    counts: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, sep, value = item.partition("=")
+        try:
+            number = int(value)
+        except ValueError:
+            number = -1
+        if not sep or not task.strip() or number < 0:
+            raise ValueError(f"bad task count {item!r}: expected task=N with N >= 0, e.g. report=150")
+        counts[task.strip()] = number
+    if not counts:
+        raise ValueError("no task counts given (expected e.g. report=150,grounding=190)")
+    return counts
+
+
+def scale_task_mix(weights: Mapping[str, float], total: int) -> dict[str, int]:
+    """Per-task counts proportional to ``weights`` that add up to about ``total`` (each rounded up, so at least
+    ``total``); used to size a training mix to a compute budget (iterations x batch size)."""
+    import math
+
+    weight_sum = float(sum(weights.values()))
+    if weight_sum <= 0 or total < 0:
+        raise ValueError(f"need positive weights and total >= 0, got weights summing to {weight_sum} and {total}")
+    return {task: math.ceil(float(w) * total / weight_sum) for task, w in weights.items()}
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``radfm3d sample-tasks MANIFEST --counts task=N,... --out OUT``: a task-balanced training or test mix."""
+    import argparse
+    import sys
+    from collections import Counter
+
+    parser = argparse.ArgumentParser(prog="radfm3d sample-tasks", description=(
+        "Write a random, task-balanced subset of a manifest (sample_by_task): up to N records of each named task, "
+        "shuffled together; tasks not named are dropped. With --total the counts are weights scaled to that many "
+        "records (e.g. iterations x batch size of the time you have)."))
+    parser.add_argument("manifest", help="input JSONL manifest (e.g. data/phantoms/train.jsonl)")
+    parser.add_argument("--counts", required=True, help="task=N pairs, comma-separated (e.g. report=150,grounding=190)")
+    parser.add_argument("--total", type=int, default=None, help="scale the counts (as weights) to this many records")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--out", required=True, help="output JSONL manifest (written atomically)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        counts = parse_task_counts(args.counts)
+        if args.total is not None:
+            counts = scale_task_mix(counts, args.total)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        source = read_manifest(args.manifest)
+    except RadFM3DInputError as exc:
+        print(f"radfm3d sample-tasks: {exc}", file=sys.stderr)
+        return 2
+    records = sample_by_task(source, counts, seed=args.seed)
+    out = Path(args.out)
+    if out.resolve().parent != Path(args.manifest).resolve().parent:
+        # image paths are relative to the manifest's folder: keep them valid from the new location
+        base = Path(args.manifest).resolve().parent
+        for record in records:
+            record["images"] = [p if os.path.isabs(p) else str(base / p) for p in record.get("images", [])]
+    write_manifest(records, out)
+    per_task = Counter(str(r.get("task")) for r in records)
+    short = {t: f"{per_task.get(t, 0)}/{n}" for t, n in counts.items() if per_task.get(t, 0) < n}
+    print(json.dumps({"records": len(records), "per_task": dict(sorted(per_task.items())),
+                      "fewer_than_asked": short, "out": str(out)}))
+    return 0

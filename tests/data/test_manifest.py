@@ -7,7 +7,17 @@ import json
 
 import pytest
 
-from radfm3d.data.manifest import read_manifest, resolve_images, validate_manifest, validate_record, write_manifest
+from radfm3d.data.manifest import (
+    cli,
+    parse_task_counts,
+    read_manifest,
+    resolve_images,
+    sample_by_task,
+    scale_task_mix,
+    validate_manifest,
+    validate_record,
+    write_manifest,
+)
 from radfm3d.errors import RadFM3DInputError
 
 GOOD = {"id": "case-1", "images": ["scans/a.nii.gz"], "modality": "CT", "region": "chest", "task": "vqa_presence",
@@ -83,3 +93,53 @@ def test_streaming_writer_is_atomic(tmp_path):
             w.write(GOOD)
     assert [r["id"] for r in read_manifest(path)] == ["case-1", "case-2"]  # old file untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
+
+
+def _task_records(n_per_task: dict[str, int]) -> list[dict]:
+    return [{"id": f"{task}-{i}", "images": [f"img/{task}-{i}.nii.gz"], "prompt": "<image> q", "answer": "a",
+             "task": task} for task, n in n_per_task.items() for i in range(n)]
+
+
+def test_sample_by_task_caps_and_is_deterministic():
+    records = _task_records({"report": 10, "grounding": 4, "modality": 6})
+    mix = sample_by_task(records, {"report": 3, "grounding": 9}, seed=1)
+    assert sorted(r["task"] for r in mix) == ["grounding"] * 4 + ["report"] * 3  # capped; modality dropped
+    assert [r["id"] for r in mix] == [r["id"] for r in sample_by_task(records, {"report": 3, "grounding": 9}, seed=1)]
+
+
+@pytest.mark.parametrize("text, expected", [("report=3", {"report": 3}), (" a=1 , b=0,", {"a": 1, "b": 0})])
+def test_parse_task_counts(text, expected):
+    assert parse_task_counts(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "report", "report=-1", "report=x", "=3"])
+def test_parse_task_counts_rejects(text):
+    with pytest.raises(ValueError):
+        parse_task_counts(text)
+
+
+def test_scale_task_mix():
+    counts = scale_task_mix({"report": 150, "grounding": 190, "modality": 60}, 4000)
+    assert counts == {"report": 1500, "grounding": 1900, "modality": 600}
+    assert sum(scale_task_mix({"a": 1, "b": 2}, 10).values()) >= 10
+
+
+def test_sample_tasks_cli_rebases_image_paths(tmp_path, capsys):
+    src = tmp_path / "data" / "train.jsonl"
+    src.parent.mkdir()
+    write_manifest(_task_records({"report": 10, "grounding": 10}), src)
+    out = tmp_path / "mixes" / "mix.jsonl"
+    assert cli([str(src), "--counts", "report=1,grounding=3", "--total", "8", "--seed", "2", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["records"] == 8 and summary["per_task"] == {"grounding": 6, "report": 2}
+    mix = read_manifest(out)
+    assert len(mix) == 8
+    # image paths were relative to data/: they now point there from mixes/
+    assert all(resolve_images(r, out)[0].parent == (src.parent / "img").resolve() for r in mix)
+
+
+def test_sample_tasks_cli_errors(tmp_path, capsys):
+    assert cli([str(tmp_path / "missing.jsonl"), "--counts", "report=1", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli([str(tmp_path / "missing.jsonl"), "--counts", "report", "--out", str(tmp_path / "o.jsonl")])
