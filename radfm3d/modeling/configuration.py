@@ -96,6 +96,15 @@ class RadFM3DConfig(PretrainedConfig):
         if self.projector_type not in ("linear", "mlp"):
             raise ValueError(f"projector_type must be 'linear' or 'mlp', got {self.projector_type!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """As transformers writes it, except that a *named* base LLM's ``text_config`` does not record the folder it
+        was loaded from (a per-machine cache path such as ``~/.cache/radfm3d/llm/...``): the name is the reference."""
+        out = super().to_dict()
+        text = out.get("text_config")
+        if self.text_model_name_or_path and isinstance(text, dict) and text.get("_name_or_path"):
+            text["_name_or_path"] = ""
+        return out
+
     # ------------------------------------------------------------------ helpers
     @property
     def num_findings_tokens(self) -> int:

@@ -43,6 +43,14 @@ def test_save_load_roundtrip(tmp_path):
     assert RadFM3DConfig.from_preset(tmp_path).to_dict()["vision_config"] == cfg.vision_config
 
 
+def test_named_base_llm_does_not_record_its_cache_folder(tmp_path):
+    cfg = RadFM3DConfig.from_preset("tiny", text_model_name_or_path="smollm2-135m-instruct")
+    cfg.text_config._name_or_path = "/home/someone/.cache/radfm3d/llm/smollm2-135m-instruct-0123"
+    cfg.save_pretrained(tmp_path)
+    assert ".cache" not in (tmp_path / "config.json").read_text()
+    assert RadFM3DConfig.from_pretrained(tmp_path).text_model_name_or_path == "smollm2-135m-instruct"
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
