@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from radfm3d.data.phantoms import FINDING_SITES, REGION_FINDING_ORGANS
+
 __all__ = ["TASKS", "build_records", "report_text", "finding_phrase", "size_bucket", "SIZE_BUCKETS"]
 
 TASKS = ("report", "modality", "region", "vqa_presence", "vqa_side", "vqa_count", "vqa_type", "vqa_size",
@@ -40,12 +42,6 @@ _PLURAL = {"nodule": "nodules", "mass": "masses", "cyst": "cysts", "hemorrhage":
            "calcification": "calcifications"}
 _ORGAN_ADJ = {"kidney": "renal", "liver": "hepatic", "spleen": "splenic", "lung": "lung", "brain": "cerebral"}
 _MODALITY_NAME = {"CT": "CT", "T1": "T1-weighted MRI", "T2": "T2-weighted MRI"}
-_REGION_FINDING_ORGANS = {"head": [("brain", "right"), ("brain", "left")],
-                          "chest": [("lung", "right"), ("lung", "left")],
-                          "abdomen": [("liver", "none"), ("spleen", "none"), ("kidney", "right"), ("kidney", "left")]}
-_SITES = {"brain": ("hemorrhage", "mass", "cyst", "calcification"), "lung": ("nodule", "mass", "calcification"),
-          "liver": ("cyst", "mass", "calcification"), "spleen": ("cyst", "calcification"),
-          "kidney": ("cyst", "mass", "calcification")}
 
 
 def _loc(organ: str, side: str) -> str:
@@ -206,10 +202,10 @@ def build_records(gt: dict[str, Any], images: Sequence[str], prior_image: str | 
                         "<image> Is this a scan of the head, chest or abdomen?"])
         add("region", p, _cap(gt["region"]) + ".", REGION_CHOICES)
     # closed VQA ----------------------------------------------------------------------------
-    sites = _REGION_FINDING_ORGANS[gt["region"]]
+    sites = REGION_FINDING_ORGANS[gt["region"]]
     if "vqa_presence" in wanted:
         present = {(f["type"], f["organ"], f["side"]) for f in findings}
-        absent = [(t, o, s) for o, s in sites for t in _SITES[o] if (t, o, s) not in present
+        absent = [(t, o, s) for o, s in sites for t in FINDING_SITES[o] if (t, o, s) not in present
                   and not (gt["modality"] == "MR" and o == "lung" and t == "calcification")]
         if findings and (rng.random() < 0.5 or not absent):
             f = findings[int(rng.integers(len(findings)))]
@@ -242,7 +238,7 @@ def build_records(gt: dict[str, Any], images: Sequence[str], prior_image: str | 
     by_loc = _unique(findings, ("organ", "side"))
     if "vqa_type" in wanted and by_loc:
         f = by_loc[int(rng.integers(len(by_loc)))]
-        choices = [c for c in TYPE_CHOICES if c[:-1].lower() in _SITES[f["organ"]]]
+        choices = [c for c in TYPE_CHOICES if c[:-1].lower() in FINDING_SITES[f["organ"]]]
         p = _pick(rng, ["<image> What type of lesion is in the {l}?", "<image> What is the lesion in the {l}?",
                         "<image> Which kind of finding is present in the {l}?"])
         add("vqa_type", p.format(l=f["location"]), _cap(f["type"]) + ".", choices, {"target_ids": [f["id"]]})

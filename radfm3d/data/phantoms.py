@@ -60,6 +60,8 @@ __all__ = [
     "ORGANS",
     "SIDES",
     "CHANGES",
+    "FINDING_SITES",
+    "REGION_FINDING_ORGANS",
     "PhantomScan",
     "render_case",
     "make_case",
@@ -114,6 +116,12 @@ FINDING_SITES: dict[str, tuple[str, ...]] = {
     "liver": ("cyst", "mass", "calcification"),
     "spleen": ("cyst", "calcification"),
     "kidney": ("cyst", "mass", "calcification"),
+}
+#: region -> the (organ, side) pairs that can hold a finding, in the order reports and readings list them
+REGION_FINDING_ORGANS: dict[str, tuple[tuple[str, str], ...]] = {
+    "head": (("brain", "right"), ("brain", "left")),
+    "chest": (("lung", "right"), ("lung", "left")),
+    "abdomen": (("liver", "none"), ("spleen", "none"), ("kidney", "right"), ("kidney", "left")),
 }
 #: finding type -> (min, max) longest diameter in mm
 FINDING_SIZE_MM: dict[str, tuple[float, float]] = {

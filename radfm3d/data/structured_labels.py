@@ -37,14 +37,16 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from radfm3d.data.phantoms import _ANATOMY, FINDING_TYPES, REGIONS
+from radfm3d.data.phantoms import _ANATOMY, FINDING_SITES, FINDING_TYPES, REGION_FINDING_ORGANS, REGIONS, organ_label
 
-__all__ = ["STRUCTURES", "MODALITY_CLASSES", "labels_for_image", "structured_records", "MAX_COUNT", "MAX_FINDINGS"]
+__all__ = ["STRUCTURES", "MODALITY_CLASSES", "labels_for_image", "structured_records", "MAX_COUNT", "MAX_FINDINGS",
+           "LabelSchema", "PHANTOM_LABEL_SCHEMA"]
 
 #: every named structure of the phantom anatomy, in a fixed order (13)
 STRUCTURES: tuple[str, ...] = tuple(dict.fromkeys(s for region in REGIONS for s, organ, *_ in _ANATOMY[region] if organ))
@@ -54,6 +56,58 @@ _STRUCTURE_OF: dict[tuple[str, str], str] = {
 _REGION_STRUCTURES: dict[str, set[str]] = {
     region: {s for s, organ, *_ in _ANATOMY[region] if organ} for region in REGIONS}
 MODALITY_CLASSES: tuple[str, ...] = ("CT", "T1", "T2")
+
+
+@dataclass(frozen=True)
+class LabelSchema:
+    """The label space of the vision pre-training heads, in the words a findings prompt writes.
+
+    Index order is the heads' output order: ``modality_names`` (one per modality class, as written in a reading),
+    ``regions``, ``structures`` (the per-structure head rows), ``finding_types``. ``structure_names`` maps a structure
+    to its words ("left kidney"); ``finding_sites`` maps each region to its ``(structure, finding types)`` sites in the
+    order a reading lists them. :data:`PHANTOM_LABEL_SCHEMA` is the phantom benchmark's; a user with their own
+    segmentation labels builds one of these and passes it to
+    :func:`radfm3d.modeling.findings_prompt.build_findings_prompt_config`.
+    """
+
+    modality_names: tuple[str, ...]
+    regions: tuple[str, ...]
+    structures: tuple[str, ...]
+    structure_names: Mapping[str, str]
+    finding_types: tuple[str, ...]
+    finding_sites: Mapping[str, tuple[tuple[str, tuple[str, ...]], ...]]
+
+    def __post_init__(self) -> None:
+        for name in ("modality_names", "regions", "structures", "finding_types"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"LabelSchema.{name} must be a non-empty list of distinct names, got {values!r}")
+        if set(self.finding_sites) != set(self.regions):
+            raise ValueError(f"LabelSchema.finding_sites must have one entry per region {self.regions}, "
+                             f"got {sorted(self.finding_sites)}")
+        for region, sites in self.finding_sites.items():
+            for structure, types in sites:
+                if structure not in self.structures:
+                    raise ValueError(f"finding site {structure!r} of region {region!r} is not one of the structures")
+                unknown = [t for t in types if t not in self.finding_types]
+                if not types or unknown:
+                    raise ValueError(f"finding site {structure!r} of region {region!r}: finding types {types!r} "
+                                     f"must be non-empty and among {self.finding_types}")
+        missing = [s for s in self.structures if s not in self.structure_names]
+        if missing:
+            raise ValueError(f"LabelSchema.structure_names lacks {missing}")
+
+
+#: the phantom benchmark's label schema (what the shipped demo model's heads and findings prompt use)
+PHANTOM_LABEL_SCHEMA = LabelSchema(
+    modality_names=("CT", "MRI T1-weighted", "MRI T2-weighted"),  # MODALITY_CLASSES order
+    regions=tuple(REGIONS),
+    structures=STRUCTURES,
+    structure_names={s: organ_label(organ, side) for (organ, side), s in _STRUCTURE_OF.items()},
+    finding_types=tuple(FINDING_TYPES),
+    finding_sites={region: tuple((_STRUCTURE_OF[(organ, side)], tuple(FINDING_SITES[organ]))
+                                 for organ, side in REGION_FINDING_ORGANS[region]) for region in REGIONS},
+)
 MAX_COUNT = 3
 MAX_FINDINGS = 4
 IGNORE = -100

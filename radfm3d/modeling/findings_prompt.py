@@ -35,41 +35,39 @@ BOX_MARGIN = 0.03
 
 
 def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold: float = 0.5,
-                                 head_hidden: int = 512) -> dict[str, Any]:
-    """The ``findings_prompt`` config entry for the phantom label schema (:mod:`radfm3d.data.structured_labels`):
-    class names, finding sites per region, every phrase tokenised with ``tokenizer`` (no special tokens).
+                                 head_hidden: int = 512, schema: Any = None) -> dict[str, Any]:
+    """The ``findings_prompt`` config entry for a label schema (default: the phantom benchmark's,
+    :data:`radfm3d.data.structured_labels.PHANTOM_LABEL_SCHEMA`): class names, finding sites per region, every phrase
+    tokenised with ``tokenizer`` (no special tokens).
 
     ``num_tokens``: prompt slots per image (the text is cut at a finding boundary to fit); ``threshold``: minimum
-    patch score (probability a patch holds a finding x probability of the type) for a finding to be written.
+    patch score (probability a patch holds a finding x probability of the type) for a finding to be written;
+    ``schema``: a :class:`radfm3d.data.structured_labels.LabelSchema` in the heads' output order.
     """
-    from radfm3d.data.phantom_tasks import _REGION_FINDING_ORGANS, _SITES
-    from radfm3d.data.phantoms import FINDING_TYPES, REGIONS, organ_label
-    from radfm3d.data.structured_labels import _STRUCTURE_OF, STRUCTURES
+    if schema is None:
+        from radfm3d.data.structured_labels import PHANTOM_LABEL_SCHEMA
 
-    modality_names = ["CT", "MRI T1-weighted", "MRI T2-weighted"]  # MODALITY_CLASSES order
-    region_sites = []
-    for region in REGIONS:
-        sites = []
-        for organ, side in _REGION_FINDING_ORGANS[region]:
-            structure = _STRUCTURE_OF[(organ, side)]
-            sites.append([STRUCTURES.index(structure), [FINDING_TYPES.index(t) for t in _SITES[organ]]])
-        region_sites.append(sites)
-    names = {s: organ_label(organ, side) for (organ, side), s in _STRUCTURE_OF.items()}
+        schema = PHANTOM_LABEL_SCHEMA
+    modality_names = list(schema.modality_names)
+    regions, structures, finding_types = list(schema.regions), list(schema.structures), list(schema.finding_types)
+    region_sites = [[[structures.index(structure), [finding_types.index(t) for t in types]]
+                     for structure, types in schema.finding_sites[region]] for region in regions]
+    names = dict(schema.structure_names)
     phrases = {"prefix": PHRASE_PREFIX, "comma": ",", "semicolon": ";", "period": ".", "none": " no findings",
                "filler": " "}
     phrases.update({f"modality:{i}": f" {n}" for i, n in enumerate(modality_names)})
-    phrases.update({f"region:{i}": f" {n}" for i, n in enumerate(REGIONS)})
-    phrases.update({f"structure:{i}": f" {names[s]}" for i, s in enumerate(STRUCTURES)})
-    phrases.update({f"type:{i}": f" {t}" for i, t in enumerate(FINDING_TYPES)})
+    phrases.update({f"region:{i}": f" {n}" for i, n in enumerate(regions)})
+    phrases.update({f"structure:{i}": f" {names[s]}" for i, s in enumerate(structures)})
+    phrases.update({f"type:{i}": f" {t}" for i, t in enumerate(finding_types)})
     token_ids = {k: [int(i) for i in tokenizer.encode(v, add_special_tokens=False)] for k, v in phrases.items()}
     if len(token_ids["filler"]) != 1:
         raise ValueError(f"the tokenizer splits the filler {phrases['filler']!r} into {token_ids['filler']}")
     spec = {"num_tokens": int(num_tokens), "threshold": float(threshold), "head_hidden": int(head_hidden),
-            "structures": list(STRUCTURES), "finding_types": list(FINDING_TYPES), "regions": list(REGIONS),
+            "structures": structures, "finding_types": finding_types, "regions": regions,
             "modality_names": modality_names, "region_sites": region_sites, "phrases": phrases,
             "token_ids": token_ids}
     longest_empty = max(sum(len(token_ids[k]) for k in _phrase_keys(spec, m, r, []))
-                        for m in range(len(modality_names)) for r in range(len(REGIONS)))
+                        for m in range(len(modality_names)) for r in range(len(regions)))
     if longest_empty > spec["num_tokens"]:
         raise ValueError(f"num_tokens={num_tokens} cannot hold a reading without findings ({longest_empty} tokens)")
     return spec

@@ -153,3 +153,49 @@ def test_attach_cli_writes_a_loadable_folder(tiny, tmp_path: Path):
     with torch.no_grad():
         volume = torch.rand(32, 32, 8)
         assert again(**proc(text=["<image> Which modality?"], images=[[volume]])).logits.ndim == 3
+
+
+def test_phantom_schema_rebuilds_the_shipped_spec():
+    """The public label schema yields exactly the findings prompt stored in the shipped model's config.json."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_demo" / "models" / "model"
+    shipped = json.loads((model_dir / "config.json").read_text())["findings_prompt"]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
+    spec = build_findings_prompt_config(tokenizer, shipped["num_tokens"], shipped["threshold"], shipped["head_hidden"])
+    assert json.loads(json.dumps(spec)) == shipped
+
+
+def test_custom_label_schema(tiny):
+    from radfm3d.data.structured_labels import LabelSchema
+
+    schema = LabelSchema(modality_names=("CT", "MR"), regions=("knee",), structures=("femur", "meniscus"),
+                         structure_names={"femur": "distal femur", "meniscus": "medial meniscus"},
+                         finding_types=("tear", "fracture"),
+                         finding_sites={"knee": (("meniscus", ("tear",)), ("femur", ("fracture",)))})
+    spec = build_findings_prompt_config(tiny[1].tokenizer, num_tokens=120, head_hidden=HIDDEN, schema=schema)
+    assert spec["structures"] == ["femur", "meniscus"] and spec["regions"] == ["knee"]
+    assert spec["region_sites"] == [[[1, [0]], [0, [1]]]]
+    assert spec["phrases"]["structure:1"] == " medial meniscus" and spec["phrases"]["type:1"] == " fracture"
+    prompter = FindingsPrompter(spec, tiny[0].config.vision.hidden_size, tiny[0].num_image_tokens)
+    assert prompter.patch_head.out_features == 1 + 2
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"regions": ()}, "regions"),
+    ({"structures": ("femur", "femur")}, "structures"),
+    ({"finding_sites": {"hip": ()}}, "one entry per region"),
+    ({"finding_sites": {"knee": (("tibia", ("tear",)),)}}, "not one of the structures"),
+    ({"finding_sites": {"knee": (("femur", ("bruise",)),)}}, "finding types"),
+    ({"structure_names": {"femur": "femur"}}, "lacks"),
+])
+def test_label_schema_rejects_inconsistent_tables(change, match):
+    from radfm3d.data.structured_labels import LabelSchema
+
+    fields = dict(modality_names=("CT",), regions=("knee",), structures=("femur", "meniscus"),
+                  structure_names={"femur": "femur", "meniscus": "meniscus"}, finding_types=("tear",),
+                  finding_sites={"knee": (("meniscus", ("tear",)),)})
+    with pytest.raises(ValueError, match=match):
+        LabelSchema(**{**fields, **change})
