@@ -303,6 +303,8 @@ def parse_task_counts(text: str) -> dict[str, int]:
             number = -1
         if not sep or not task.strip() or number < 0:
             raise ValueError(f"bad task count {item!r}: expected task=N with N >= 0, e.g. report=150")
+        if task.strip() in counts:
+            raise ValueError(f"task {task.strip()!r} is given twice")
         counts[task.strip()] = number
     if not counts:
         raise ValueError("no task counts given (expected e.g. report=150,grounding=190)")

@@ -20,12 +20,15 @@ sites, the phrases pre-tokenised with the model's tokenizer, the threshold. Buil
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from radfm3d.modeling.heads import StructuredFindingsHead
+
+if TYPE_CHECKING:
+    from radfm3d.data.structured_labels import LabelSchema
 
 __all__ = ["FindingsPrompter", "build_findings_prompt_config", "PHRASE_PREFIX"]
 
@@ -35,7 +38,7 @@ BOX_MARGIN = 0.03
 
 
 def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold: float = 0.5,
-                                 head_hidden: int = 512, schema: Any = None) -> dict[str, Any]:
+                                 head_hidden: int = 512, schema: LabelSchema | None = None) -> dict[str, Any]:
     """The ``findings_prompt`` config entry for a label schema (default: the phantom benchmark's,
     :data:`radfm3d.data.structured_labels.PHANTOM_LABEL_SCHEMA`): class names, finding sites per region, every phrase
     tokenised with ``tokenizer`` (no special tokens).

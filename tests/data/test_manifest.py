@@ -112,7 +112,7 @@ def test_parse_task_counts(text, expected):
     assert parse_task_counts(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "report", "report=-1", "report=x", "=3"])
+@pytest.mark.parametrize("text", ["", "report", "report=-1", "report=x", "=3", "report=1,report=2"])
 def test_parse_task_counts_rejects(text):
     with pytest.raises(ValueError):
         parse_task_counts(text)
