@@ -99,7 +99,9 @@ class FindingsPrompter(nn.Module):
         self.spec = dict(spec)
         n_types = len(self.spec["finding_types"])
         self.head = StructuredFindingsHead(dim, num_latents, len(self.spec["structures"]), n_types,
-                                           int(self.spec.get("head_hidden", 512)))
+                                           int(self.spec.get("head_hidden", 512)),
+                                           num_modalities=len(self.spec["modality_names"]),
+                                           num_regions=len(self.spec["regions"]))
         self.patch_head = nn.Linear(dim, 1 + n_types)
         self.requires_grad_(False)
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from radfm3d.data.structured_labels import LabelSchema
 
 __all__ = ["StructuredFindingsHead", "VisionPretrainingModel"]
 
@@ -27,16 +30,16 @@ class StructuredFindingsHead(nn.Module):
 
     Per structure: ``structure_present (B, S)``, ``structure_box (B, S, 6)`` (sigmoid, in [0, 1]),
     ``finding_present (B, S)``, ``finding_count (B, S, 4)``, ``finding_type (B, S, n_types)``,
-    ``finding_box (B, S, 6)``, ``finding_size (B, S)``; per scan: ``modality (B, 3)``, ``region (B, 3)``,
-    ``total_count (B, 4)``.
+    ``finding_box (B, S, 6)``, ``finding_size (B, S)``; per scan: ``modality (B, num_modalities)`` (3: CT, MRI T1,
+    MRI T2), ``region (B, num_regions)`` (3: head, chest, abdomen), ``total_count (B, 4)``.
     """
 
     def __init__(self, dim: int, num_tokens: int, num_structures: int, num_finding_types: int,
-                 hidden: int = 512) -> None:
+                 hidden: int = 512, num_modalities: int = N_MODALITY, num_regions: int = N_REGION) -> None:
         super().__init__()
         self.num_structures, self.num_finding_types = int(num_structures), int(num_finding_types)
         per_structure = 1 + BOX + 1 + N_COUNT + self.num_finding_types + BOX + 1
-        self._split = [N_MODALITY, N_REGION, N_COUNT, self.num_structures * per_structure]
+        self._split = [int(num_modalities), int(num_regions), N_COUNT, self.num_structures * per_structure]
         self.net = nn.Sequential(
             nn.Flatten(1), nn.LayerNorm(num_tokens * dim), nn.Linear(num_tokens * dim, hidden), nn.GELU(),
             nn.Linear(hidden, sum(self._split)),
@@ -67,17 +70,21 @@ class VisionPretrainingModel(nn.Module):
     head_file = "structured_head.safetensors"
 
     def __init__(self, model: nn.Module, num_structures: int | None = None,
-                 num_finding_types: int | None = None, hidden: int = 512) -> None:
+                 num_finding_types: int | None = None, hidden: int = 512, schema: LabelSchema | None = None) -> None:
+        """``schema``: the :class:`radfm3d.data.structured_labels.LabelSchema` the heads predict (default: the
+        phantom benchmark's); ``num_structures`` / ``num_finding_types`` override its sizes."""
         super().__init__()
-        from radfm3d.data.phantoms import FINDING_TYPES
-        from radfm3d.data.structured_labels import STRUCTURES
+        if schema is None:
+            from radfm3d.data.structured_labels import PHANTOM_LABEL_SCHEMA
 
+            schema = PHANTOM_LABEL_SCHEMA
         self.model = model
         cfg = model.config
-        n_types = len(FINDING_TYPES) if num_finding_types is None else num_finding_types
+        n_types = len(schema.finding_types) if num_finding_types is None else num_finding_types
         self.head = StructuredFindingsHead(
             cfg.vision.hidden_size, int(cfg.num_image_tokens),
-            len(STRUCTURES) if num_structures is None else num_structures, n_types, hidden)
+            len(schema.structures) if num_structures is None else num_structures, n_types, hidden,
+            num_modalities=len(schema.modality_names), num_regions=len(schema.regions))
         #: per patch token: logit "a finding overlaps this patch" + finding-type logits
         self.patch_head = nn.Linear(cfg.vision.hidden_size, 1 + n_types)
 

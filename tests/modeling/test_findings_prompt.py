@@ -181,6 +181,15 @@ def test_custom_label_schema(tiny):
     assert spec["phrases"]["structure:1"] == " medial meniscus" and spec["phrases"]["type:1"] == " fracture"
     prompter = FindingsPrompter(spec, tiny[0].config.vision.hidden_size, tiny[0].num_image_tokens)
     assert prompter.patch_head.out_features == 1 + 2
+    # the heads follow the schema's sizes: 2 modalities, 1 region, 2 structures x 2 types
+    model = tiny[0]
+    latents = torch.randn(1, model.num_image_tokens, model.config.vision.hidden_size)
+    out = prompter.head(latents)
+    assert out["modality"].shape == (1, 2) and out["region"].shape == (1, 1) and out["finding_type"].shape == (1, 2, 2)
+    # stage 0 builds the same heads from the schema, so its trained heads load into the prompter unchanged
+    wrapper = VisionPretrainingModel(model, hidden=HIDDEN, schema=schema)
+    heads = {k: v for k, v in wrapper.state_dict().items() if k.startswith(("head.", "patch_head."))}
+    prompter.load_state_dict(heads, strict=True)
 
 
 @pytest.mark.parametrize("change, match", [
