@@ -353,9 +353,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if out.resolve().parent != Path(args.manifest).resolve().parent:
         # image paths are relative to the manifest's folder: keep them valid from the new location
-        base = Path(args.manifest).resolve().parent
+        source_path = Path(args.manifest).resolve()
         for record in records:
-            record["images"] = [p if os.path.isabs(p) else str(base / p) for p in record.get("images", [])]
+            record["images"] = [str(p) for p in resolve_images(record, source_path)]
     write_manifest(records, out)
     per_task = Counter(str(r.get("task")) for r in records)
     short = {t: f"{per_task.get(t, 0)}/{n}" for t, n in counts.items() if per_task.get(t, 0) < n}

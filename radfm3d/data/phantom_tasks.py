@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from radfm3d.data.phantoms import FINDING_SITES, REGION_FINDING_ORGANS
+from radfm3d.data.phantoms import FINDING_SITES, REGION_FINDING_ORGANS, organ_label
 
 __all__ = ["TASKS", "build_records", "report_text", "finding_phrase", "size_bucket", "SIZE_BUCKETS"]
 
@@ -42,12 +42,6 @@ _PLURAL = {"nodule": "nodules", "mass": "masses", "cyst": "cysts", "hemorrhage":
            "calcification": "calcifications"}
 _ORGAN_ADJ = {"kidney": "renal", "liver": "hepatic", "spleen": "splenic", "lung": "lung", "brain": "cerebral"}
 _MODALITY_NAME = {"CT": "CT", "T1": "T1-weighted MRI", "T2": "T2-weighted MRI"}
-
-
-def _loc(organ: str, side: str) -> str:
-    from radfm3d.data.phantoms import organ_label
-
-    return organ_label(organ, side)
 
 
 def _mm(size: float | None) -> int:
@@ -215,7 +209,7 @@ def build_records(gt: dict[str, Any], images: Sequence[str], prior_image: str | 
         t, o, s = target
         p = _pick(rng, ["<image> Is there a {t} in the {l}?", "<image> Does the {l} contain a {t}?",
                         "<image> Is a {t} present in the {l}?"])
-        add("vqa_presence", p.format(t=t, l=_loc(o, s)), ans, YES_NO,
+        add("vqa_presence", p.format(t=t, l=organ_label(o, s)), ans, YES_NO,
             {"question": {"type": t, "organ": o, "side": s}})
     paired = [f for f in _unique(findings, ("type", "organ")) if f["organ"] in ("lung", "kidney", "brain")]
     if "vqa_side" in wanted and paired:
@@ -301,7 +295,7 @@ def build_records(gt: dict[str, Any], images: Sequence[str], prior_image: str | 
                 c = cands[int(rng.integers(len(cands)))]
                 q = _pick(rng, [" How has the {t} in the {l} changed?", " Compared with the prior, what happened to "
                                 "the {t} in the {l}?"])
-                add("comparison", intro + q.format(t=c["type"], l=_loc(c["organ"], c["side"])),
+                add("comparison", intro + q.format(t=c["type"], l=organ_label(c["organ"], c["side"])),
                     _cap(c["change"]) + ".", CHANGE_CHOICES, {"change": c, "prior_findings": prior["findings"]},
                     imgs=pair)
         if "comparison_report" in wanted:
@@ -324,10 +318,10 @@ def comparison_text(changes: list[dict[str, Any]]) -> str:
         return "No focal lesion on either scan; no interval change."
     out = []
     for c in changes:
-        what = f"the {c['type']} in the {_loc(c['organ'], c['side'])}"
+        what = f"the {c['type']} in the {organ_label(c['organ'], c['side'])}"
         kind = c["change"]
         if kind == "new":
-            out.append(f"New {_mm(c['size_mm'])} mm {c['type']} in the {_loc(c['organ'], c['side'])}.")
+            out.append(f"New {_mm(c['size_mm'])} mm {c['type']} in the {organ_label(c['organ'], c['side'])}.")
         elif kind == "resolved":
             out.append(f"{_cap(what)} has resolved.")
         elif kind == "stable":

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from radfm3d.modeling.heads import StructuredFindingsHead
+from radfm3d.modeling.heads import build_finding_heads
 
 if TYPE_CHECKING:
     from radfm3d.data.structured_labels import LabelSchema
@@ -90,19 +90,17 @@ def _phrase_keys(spec: Mapping[str, Any], modality: int, region: int, findings: 
 class FindingsPrompter(nn.Module):
     """Heads over one image's resampler latents and patch tokens -> its reading and the reading's token ids.
 
-    Same parameters as the vision pre-training wrapper (``head``: :class:`StructuredFindingsHead`, ``patch_head``:
-    ``Linear(dim, 1 + n_types)``), so its trained heads load unchanged. Frozen (never trained through the LLM loss).
+    Same parameters as the vision pre-training wrapper (both built by
+    :func:`radfm3d.modeling.heads.build_finding_heads`), so its trained heads load unchanged. Frozen (never trained through the LLM loss).
     """
 
     def __init__(self, spec: Mapping[str, Any], dim: int, num_latents: int) -> None:
         super().__init__()
         self.spec = dict(spec)
-        n_types = len(self.spec["finding_types"])
-        self.head = StructuredFindingsHead(dim, num_latents, len(self.spec["structures"]), n_types,
-                                           int(self.spec.get("head_hidden", 512)),
-                                           num_modalities=len(self.spec["modality_names"]),
-                                           num_regions=len(self.spec["regions"]))
-        self.patch_head = nn.Linear(dim, 1 + n_types)
+        self.head, self.patch_head = build_finding_heads(
+            dim, num_latents, len(self.spec["structures"]), len(self.spec["finding_types"]),
+            int(self.spec.get("head_hidden", 512)), num_modalities=len(self.spec["modality_names"]),
+            num_regions=len(self.spec["regions"]))
         self.requires_grad_(False)
 
     @property

@@ -20,7 +20,7 @@ from torch import nn
 if TYPE_CHECKING:
     from radfm3d.data.structured_labels import LabelSchema
 
-__all__ = ["StructuredFindingsHead", "VisionPretrainingModel"]
+__all__ = ["StructuredFindingsHead", "VisionPretrainingModel", "build_finding_heads"]
 
 N_MODALITY, N_REGION, N_COUNT, BOX = 3, 3, 4, 6
 
@@ -59,6 +59,18 @@ class StructuredFindingsHead(nn.Module):
         }
 
 
+def build_finding_heads(dim: int, num_tokens: int, num_structures: int, num_finding_types: int, hidden: int = 512,
+                        num_modalities: int = N_MODALITY, num_regions: int = N_REGION
+                        ) -> tuple[StructuredFindingsHead, nn.Linear]:
+    """The two heads stage 0 trains and the findings prompt reads with: ``(head, patch_head)``, the
+    :class:`StructuredFindingsHead` over the ``(B, num_tokens, dim)`` latents and ``Linear(dim, 1 + num_finding_types)``
+    over each patch token (logit "a finding overlaps this patch" + finding-type logits). One builder, so the two
+    owners' parameters always have the same names and shapes."""
+    head = StructuredFindingsHead(dim, num_tokens, num_structures, num_finding_types, hidden,
+                                  num_modalities=num_modalities, num_regions=num_regions)
+    return head, nn.Linear(dim, 1 + int(num_finding_types))
+
+
 class VisionPretrainingModel(nn.Module):
     """``RadFM3DForCausalLM``'s vision encoder + resampler with a :class:`StructuredFindingsHead` on top.
 
@@ -80,13 +92,11 @@ class VisionPretrainingModel(nn.Module):
             schema = PHANTOM_LABEL_SCHEMA
         self.model = model
         cfg = model.config
-        n_types = len(schema.finding_types) if num_finding_types is None else num_finding_types
-        self.head = StructuredFindingsHead(
+        self.head, self.patch_head = build_finding_heads(
             cfg.vision.hidden_size, int(cfg.num_image_tokens),
-            len(schema.structures) if num_structures is None else num_structures, n_types, hidden,
+            len(schema.structures) if num_structures is None else num_structures,
+            len(schema.finding_types) if num_finding_types is None else num_finding_types, hidden,
             num_modalities=len(schema.modality_names), num_regions=len(schema.regions))
-        #: per patch token: logit "a finding overlaps this patch" + finding-type logits
-        self.patch_head = nn.Linear(cfg.vision.hidden_size, 1 + n_types)
 
     @property
     def config(self) -> Any:
