@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantoms": ("radfm3d.data.phantoms:cli", "generate the RadPhantom synthetic benchmark (volumes + task manifests)"),
     "sample-tasks": ("radfm3d.data.manifest:cli", "write a task-balanced random subset of a manifest (training/test mix)"),
     "evaluate": ("radfm3d.evaluation.harness:cli", "score a model or a predictions file on a manifest"),
+    "reading-threshold": ("radfm3d.evaluation.reading:cli", "score the findings-prompt reading per threshold on val cases"),
     "findings-prompt": ("radfm3d.engine.pretraining:cli", "attach the findings prompt (encoder reading as text) to a model"),
     "convert-radfm": ("radfm3d.interop.radfm:cli", "convert the official RadFM pytorch_model.bin to sharded safetensors"),
 }

@@ -123,12 +123,28 @@ class StructuredLoss(nn.Module):
     ``box_weight``, smooth L1 on log sizes), each averaged over its supervised entries, plus, when the network gives
     ``patch_logits``, a per-patch finding objective (BCE with ``patch_pos_weight`` on positives, times
     ``patch_weight``; type cross-entropy on positive patches; see :func:`patch_targets`; ``patch_weight=0`` turns
-    both off). Returns a scalar."""
+    both off), and the same objective on a finding detector's ``detector_logits`` (times ``detector_weight``).
+    Returns a scalar."""
 
-    def __init__(self, box_weight: float = 5.0, patch_weight: float = 2.0, patch_pos_weight: float = 50.0) -> None:
+    def __init__(self, box_weight: float = 5.0, patch_weight: float = 2.0, patch_pos_weight: float = 50.0,
+                 detector_weight: float = 2.0) -> None:
         super().__init__()
         self.box_weight = float(box_weight)
         self.patch_weight, self.patch_pos_weight = float(patch_weight), float(patch_pos_weight)
+        self.detector_weight = float(detector_weight)
+
+    def _cell_terms(self, name: str, weight: float, pred: Mapping[str, torch.Tensor],
+                    label: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The per-cell finding objective of one finding map (``patch``: the ViT patch head; ``detector``: the
+        finding detector on its own grid): weighted BCE "a finding is here" + type cross-entropy on positives."""
+        positive, types = patch_targets(label["findings_box"], label["findings_type"], pred[f"{name}_grid"][0])
+        logits = pred[f"{name}_logits"]
+        pos_weight = torch.tensor(self.patch_pos_weight, device=logits.device, dtype=logits.dtype)
+        out = {f"{name}_finding": weight * F.binary_cross_entropy_with_logits(
+            logits[..., 0], positive.to(logits.dtype), pos_weight=pos_weight)}
+        if positive.any():
+            out[f"{name}_type"] = F.cross_entropy(logits[..., 1:][positive], types[positive])
+        return out
 
     def terms(self, pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         present = label["structure_present"]
@@ -151,14 +167,10 @@ class StructuredLoss(nn.Module):
         if (label["finding_type"] != IGNORE).any():
             terms["finding_type"] = F.cross_entropy(pred["finding_type"].flatten(0, 1),
                                                     label["finding_type"].flatten(), ignore_index=IGNORE)
-        if self.patch_weight > 0 and "patch_logits" in pred and "findings_box" in label:
-            positive, types = patch_targets(label["findings_box"], label["findings_type"], pred["patch_grid"][0])
-            logits = pred["patch_logits"]
-            weight = torch.tensor(self.patch_pos_weight, device=logits.device, dtype=logits.dtype)
-            terms["patch_finding"] = self.patch_weight * F.binary_cross_entropy_with_logits(
-                logits[..., 0], positive.to(logits.dtype), pos_weight=weight)
-            if positive.any():
-                terms["patch_type"] = F.cross_entropy(logits[..., 1:][positive], types[positive])
+        if "findings_box" in label:
+            for name, weight in (("patch", self.patch_weight), ("detector", self.detector_weight)):
+                if weight > 0 and f"{name}_logits" in pred:
+                    terms.update(self._cell_terms(name, weight, pred, label))
         return terms
 
     def forward(self, pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -176,7 +188,8 @@ def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def structured_metrics(pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Accuracies and box IoU of one (or a concatenated) batch: modality, region, finding presence per structure in
-    the region, largest-finding type, structure / finding box IoU and hit@0.3."""
+    the region, largest-finding type, structure / finding box IoU and hit@0.3, recall / precision of the finding
+    cells of the patch head and of the detector (logit > 0)."""
     present = label["structure_present"] > 0
     out = {
         "modality_acc": (pred["modality"].argmax(-1) == label["modality"]).float().mean(),
@@ -187,11 +200,12 @@ def structured_metrics(pred: Mapping[str, torch.Tensor], label: Mapping[str, tor
     typed = label["finding_type"] != IGNORE
     if typed.any():
         out["finding_type_acc"] = (pred["finding_type"].argmax(-1) == label["finding_type"])[typed].float().mean()
-    if "patch_logits" in pred and "findings_box" in label:
-        positive, _ = patch_targets(label["findings_box"], label["findings_type"], pred["patch_grid"][0])
-        said = pred["patch_logits"][..., 0] > 0
-        out["patch_recall"] = (said & positive).sum() / positive.sum().clamp_min(1)
-        out["patch_precision"] = (said & positive).sum() / said.sum().clamp_min(1)
+    for name in ("patch", "detector"):
+        if f"{name}_logits" in pred and "findings_box" in label:
+            positive, _ = patch_targets(label["findings_box"], label["findings_type"], pred[f"{name}_grid"][0])
+            said = pred[f"{name}_logits"][..., 0] > 0
+            out[f"{name}_recall"] = (said & positive).sum() / positive.sum().clamp_min(1)
+            out[f"{name}_precision"] = (said & positive).sum() / said.sum().clamp_min(1)
     for kind, mask in (("structure", label["structure_box_mask"] > 0), ("finding", label["finding_mask"] > 0)):
         if mask.any():
             iou = _box_iou(pred[f"{kind}_box"], label[f"{kind}_box"])[mask]
@@ -243,9 +257,15 @@ class StructuredValidation:
 
 def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0,
                             parts: Sequence[str] = ("vision", "resampler"), load_text_weights: bool = True,
+                            detector: Mapping[str, Any] | bool | None = None, train_heads: bool = True,
                             ) -> nn.Module:
     """``VisionPretrainingModel`` over ``build_model(name_or_path)``: ``parts`` train (default vision encoder and
-    resampler), everything else of the VLM is frozen; the head always trains.
+    resampler), everything else of the VLM is frozen; the heads train unless ``train_heads=False``.
+
+    ``detector``: ``True`` or a (partial) :func:`radfm3d.modeling.detector.detector_config` adds a finding detector,
+    which always trains (e.g. ``parts=[]``, ``train_heads=False``: only the detector learns). The heads start from the
+    folder's ``structured_head.safetensors`` when it has one, else from its findings prompt when it has one (a
+    detector there is reused too).
 
     ``load_text_weights=False`` skips loading the base LLM (this stage never runs it; the exported folder still names
     it). Start such a run from a saved folder, so the image-token rows it exports come from the real base."""
@@ -256,42 +276,67 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
     if not load_text_weights:
         logger.info("base LLM not loaded (load_text_weights=false): random LLM weights, unused by this stage")
     set_trainable(model, **{name: name in parts for name in MODEL_PARTS})
-    wrapper = VisionPretrainingModel(model)
+    prompter = getattr(model, "findings_prompter", None)
+    if detector is None and prompter is not None and prompter.spec.get("detector"):
+        detector = prompter.spec["detector"]
+    wrapper = VisionPretrainingModel(model, detector=detector)
     head_file = Path(str(name_or_path)) / VisionPretrainingModel.head_file
     if head_file.is_file():  # continuing from an earlier pre-training run: keep its heads too
         missing = wrapper.load_head(head_file.parent, strict=False)
         logger.info(f"heads loaded from {head_file}" + (f" (new: {missing})" if missing else ""))
+    elif prompter is not None:  # a model with a findings prompt: its heads are the stage-0 heads
+        state = {k: v for k, v in prompter.state_dict().items()
+                 if not (k.startswith("detector.") and wrapper.detector is None)}
+        wrapper.load_state_dict(state, strict=False)
+        logger.info(f"heads loaded from the findings prompt of {name_or_path}")
+    wrapper.head.requires_grad_(bool(train_heads))
+    wrapper.patch_head.requires_grad_(bool(train_heads))
     return wrapper.to(device).train()
 
 
 def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                           heads_dir: str | os.PathLike | None = None, num_tokens: int = 24,
-                           threshold: float = 0.5) -> Path:
+                           heads_dir: str | os.PathLike | None = None, num_tokens: int | None = None,
+                           threshold: float | None = None, replace: bool = False) -> Path:
     """Write ``out_dir``: the model of ``model_dir`` with a findings prompt (:mod:`radfm3d.modeling.findings_prompt`)
     built from the vision pre-training heads in ``heads_dir`` (default ``model_dir``; its
-    ``structured_head.safetensors``), and its processor expanding each image to the visual tokens + ``num_tokens``
-    reading slots. The base LLM is not loaded (the folder still names it)."""
-    from safetensors.torch import load_file
-
+    ``structured_head.safetensors``, with the finding detector when the file has one), and its processor expanding
+    each image to the visual tokens + ``num_tokens`` reading slots (default 24). ``replace=True``: a model that
+    already has a findings prompt (e.g. after its LLM stage) gets the new heads instead, keeping its number of slots
+    and, unless given, its threshold; its LLM side is untouched (without a head file, the model's own heads are kept:
+    e.g. only a new threshold). The base LLM is not loaded (the folder still names it)."""
     from radfm3d.engine.training import load_processor
     from radfm3d.errors import RadFM3DInputError
     from radfm3d.modeling.findings_prompt import build_findings_prompt_config
-    from radfm3d.modeling.heads import VisionPretrainingModel
+    from radfm3d.modeling.heads import VisionPretrainingModel, read_head_file
     from radfm3d.modeling.model import RadFM3DForCausalLM
 
     head_file = Path(heads_dir if heads_dir is not None else model_dir) / VisionPretrainingModel.head_file
-    if not head_file.is_file():
-        raise RadFM3DInputError(head_file, "no vision pre-training heads here (run the pretrain_vision stage first)")
     processor = load_processor(model_dir)
     model = RadFM3DForCausalLM.from_pretrained(model_dir, load_text_weights=False)
+    old = model.config.findings_prompt
+    if old and not replace:
+        raise RadFM3DInputError(model_dir, "the model already has a findings prompt (replace it with --replace)")
+    if head_file.is_file():
+        state, detector = read_head_file(head_file)
+    elif old and heads_dir is None:  # replacing with the model's own heads: e.g. only a new threshold
+        state, detector = dict(model.findings_prompter.state_dict()), old.get("detector")
+    else:
+        raise RadFM3DInputError(head_file, "no vision pre-training heads here (run the pretrain_vision stage first)")
+    if old:
+        num_tokens = int(old["num_tokens"]) if num_tokens is None else num_tokens
+        threshold = float(old["threshold"]) if threshold is None else threshold
+    num_tokens, threshold = (24 if num_tokens is None else num_tokens), (0.5 if threshold is None else threshold)
     spec = build_findings_prompt_config(processor.tokenizer, num_tokens=num_tokens, threshold=threshold)
-    model.add_findings_prompt(spec, load_file(str(head_file)))
+    if detector:
+        spec["detector"] = detector
+    model.add_findings_prompt(spec, state, replace=replace)
     out = Path(out_dir)
     model.save_pretrained(out)
     processor.num_image_tokens = model.tokens_per_image
     processor.check_config(model.config)
     processor.save_pretrained(out)
-    logger.info(f"findings prompt ({num_tokens} tokens, threshold {threshold}) attached: {out}")
+    logger.info(f"findings prompt ({num_tokens} tokens, threshold {threshold}"
+                f"{', with a finding detector' if detector else ''}) attached: {out}")
     return out
 
 
@@ -306,10 +351,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("model", help="model folder (e.g. models/vision_pretrained)")
     parser.add_argument("--out", required=True, help="output model folder")
     parser.add_argument("--heads", default=None, help="folder with structured_head.safetensors (default: MODEL)")
-    parser.add_argument("--num-tokens", type=int, default=24, help="reading slots per image (default 24)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="minimum finding score (default 0.5)")
+    parser.add_argument("--num-tokens", type=int, default=None,
+                        help="reading slots per image (default 24, or the replaced prompt's)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="minimum finding score (default 0.5, or the replaced prompt's)")
+    parser.add_argument("--replace", action="store_true",
+                        help="the model already has a findings prompt: swap in these heads (same slots; LLM untouched)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    attach_findings_prompt(args.model, args.out, args.heads, args.num_tokens, args.threshold)
+    attach_findings_prompt(args.model, args.out, args.heads, args.num_tokens, args.threshold, args.replace)
     print(args.out)
     return 0

@@ -11,6 +11,11 @@ detector's reading instead of having to learn to decode it from 32 visual tokens
 stage could not do (see the bundle docs). Everything the text says comes from the image; a blank image gets its own
 reading.
 
+The finding map can come from a :class:`~radfm3d.modeling.detector.FindingDetector` instead of the patch head (spec
+key ``"detector"``): a small 3D CNN on the preprocessed volume with cells of 8x8x4 voxels instead of the ViT's
+16x16x4-voxel patches, trained by the stage-0 bundle with everything else frozen and swapped into a trained model with
+``radfm3d findings-prompt MODEL --heads STAGE0 --replace`` (the visual tokens stay the same).
+
 The specification (``RadFM3DConfig.findings_prompt``) is plain data saved in ``config.json``: class names, finding
 sites, the phrases pre-tokenised with the model's tokenizer, the threshold. Build it with
 :func:`build_findings_prompt_config`; attach it to a vision-pre-trained model with
@@ -101,20 +106,40 @@ class FindingsPrompter(nn.Module):
             dim, num_latents, len(self.spec["structures"]), len(self.spec["finding_types"]),
             int(self.spec.get("head_hidden", 512)), num_modalities=len(self.spec["modality_names"]),
             num_regions=len(self.spec["regions"]))
+        self.detector: nn.Module | None = None
+        if self.spec.get("detector"):
+            from radfm3d.modeling.detector import FindingDetector
+
+            self.detector = FindingDetector.from_config(self.spec["detector"])
         self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FindingsPrompter:
+        """Always in eval mode: the prompter is a frozen reader, so the detector's batch-norm statistics must not move
+        while the LLM stage trains the model around it."""
+        return super().train(False)
 
     @property
     def num_tokens(self) -> int:
         return int(self.spec["num_tokens"])
 
     @torch.no_grad()
-    def read(self, latents: torch.Tensor, patch_tokens: torch.Tensor, grid: Sequence[int]) -> list[dict[str, Any]]:
-        """``latents (M, N, dim)``, ``patch_tokens (M, nh*nw*nd, dim)``, patch ``grid`` -> per image
+    def read(self, latents: torch.Tensor, patch_tokens: torch.Tensor, grid: Sequence[int],
+             pixel_values: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """``latents (M, N, dim)``, ``patch_tokens (M, nh*nw*nd, dim)``, patch ``grid``, and, for a prompter with a
+        :class:`~radfm3d.modeling.detector.FindingDetector`, the images ``pixel_values (M, C, H, W, D)`` -> per image
         ``{"modality": int, "region": int, "findings": [(structure, type, score), ...]}`` (score-sorted, above the
-        threshold; indices into the spec's lists)."""
+        threshold; indices into the spec's lists). The finding map comes from the detector when there is one (on its
+        own, finer grid), else from the patch head over the ViT's patch tokens."""
         out = self.head(latents.float())
-        patch = self.patch_head(patch_tokens.float())
-        finding_prob = torch.sigmoid(patch[..., 0:1]) * patch[..., 1:].softmax(-1)  # (M, T, n_types)
+        if self.detector is not None:
+            if pixel_values is None:
+                raise ValueError("this findings prompt has a detector: read() needs pixel_values")
+            cells, grid = self.detector(pixel_values)
+            cells = cells.float()
+        else:
+            cells = self.patch_head(patch_tokens.float())
+        finding_prob = torch.sigmoid(cells[..., 0:1]) * cells[..., 1:].softmax(-1)  # (M, T, n_types)
         nh, nw, nd = (int(g) for g in grid)
         axes = [(torch.arange(n, device=latents.device, dtype=torch.float32) + 0.5) / n for n in (nh, nw, nd)]
         centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (T, 3) h w d order

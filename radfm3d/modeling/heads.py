@@ -10,7 +10,9 @@ findings prompt does not need them at inference; with one, the same two heads li
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,7 @@ from torch import nn
 if TYPE_CHECKING:
     from radfm3d.data.structured_labels import LabelSchema
 
-__all__ = ["StructuredFindingsHead", "VisionPretrainingModel", "build_finding_heads"]
+__all__ = ["StructuredFindingsHead", "VisionPretrainingModel", "build_finding_heads", "read_head_file"]
 
 N_MODALITY, N_REGION, N_COUNT, BOX = 3, 3, 4, 6
 
@@ -59,6 +61,16 @@ class StructuredFindingsHead(nn.Module):
         }
 
 
+def read_head_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """``structured_head.safetensors`` -> ``(tensors, detector config or None)`` (the config from its metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return load_file(str(path)), (json.loads(meta["detector"]) if meta.get("detector") else None)
+
+
 def build_finding_heads(dim: int, num_tokens: int, num_structures: int, num_finding_types: int, hidden: int = 512,
                         num_modalities: int = N_MODALITY, num_regions: int = N_REGION
                         ) -> tuple[StructuredFindingsHead, nn.Linear]:
@@ -72,19 +84,23 @@ def build_finding_heads(dim: int, num_tokens: int, num_structures: int, num_find
 
 
 class VisionPretrainingModel(nn.Module):
-    """``RadFM3DForCausalLM``'s vision encoder + resampler with a :class:`StructuredFindingsHead` on top.
+    """``RadFM3DForCausalLM``'s vision encoder + resampler with a :class:`StructuredFindingsHead` on top (and,
+    optionally, a :class:`~radfm3d.modeling.detector.FindingDetector` on the images).
 
     ``forward(pixel_values (B, C, H, W, D))`` -> the head's dict. ``save_pretrained`` writes the whole
-    ``RadFM3DForCausalLM`` (so the next stage starts from it by folder name) and the head beside it
-    (``structured_head.safetensors``, ignored by ``from_pretrained``).
+    ``RadFM3DForCausalLM`` (so the next stage starts from it by folder name) and the heads beside it
+    (``structured_head.safetensors``, ignored by ``from_pretrained``; the detector's config in its metadata).
     """
 
     head_file = "structured_head.safetensors"
+    head_prefixes = ("head.", "patch_head.", "detector.")
 
     def __init__(self, model: nn.Module, num_structures: int | None = None,
-                 num_finding_types: int | None = None, hidden: int = 512, schema: LabelSchema | None = None) -> None:
+                 num_finding_types: int | None = None, hidden: int = 512, schema: LabelSchema | None = None,
+                 detector: Mapping[str, Any] | bool | None = None) -> None:
         """``schema``: the :class:`radfm3d.data.structured_labels.LabelSchema` the heads predict (default: the
-        phantom benchmark's); ``num_structures`` / ``num_finding_types`` override its sizes."""
+        phantom benchmark's); ``num_structures`` / ``num_finding_types`` override its sizes. ``detector``: ``True`` or
+        a (partial) config of :func:`radfm3d.modeling.detector.detector_config` adds a finding detector."""
         super().__init__()
         if schema is None:
             from radfm3d.data.structured_labels import PHANTOM_LABEL_SCHEMA
@@ -97,6 +113,10 @@ class VisionPretrainingModel(nn.Module):
             len(schema.structures) if num_structures is None else num_structures,
             len(schema.finding_types) if num_finding_types is None else num_finding_types, hidden,
             num_modalities=len(schema.modality_names), num_regions=len(schema.regions))
+        from radfm3d.modeling.detector import FindingDetector, detector_config
+
+        self.detector_config = detector_config(detector, cfg.vision.in_channels, self.head.num_finding_types)
+        self.detector = FindingDetector.from_config(self.detector_config) if self.detector_config else None
 
     @property
     def config(self) -> Any:
@@ -108,11 +128,16 @@ class VisionPretrainingModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The head's dict plus ``patch_logits (B, nh*nw*nd, 1 + n_types)`` from the encoder's patch tokens and
-        ``patch_grid (B, 3)`` (the patch grid, so a loss can place boxes on it)."""
+        ``patch_grid (B, 3)`` (the patch grid, so a loss can place boxes on it); with a detector also
+        ``detector_logits (B, h*w*d, 1 + n_types)`` and ``detector_grid (B, 3)``."""
         latents, tokens, grid = self.model.get_visual_latents(pixel_values, return_patch_tokens=True)
         out = self.head(latents)
         out["patch_logits"] = self.patch_head(tokens)
         out["patch_grid"] = torch.tensor(grid, device=tokens.device).expand(tokens.shape[0], 3)
+        if self.detector is not None:
+            cells, cell_grid = self.detector(pixel_values)
+            out["detector_logits"] = cells
+            out["detector_grid"] = torch.tensor(cell_grid, device=cells.device).expand(cells.shape[0], 3)
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
@@ -122,10 +147,10 @@ class VisionPretrainingModel(nn.Module):
 
         out = Path(save_directory)
         self.model.save_pretrained(out, **kwargs)
-        heads = {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        heads.update({f"patch_head.{k}": v for k, v in self.patch_head.state_dict().items()})
-        state = {k: v.detach().cpu().contiguous() for k, v in heads.items()}
-        atomic_write(out / self.head_file, lambda tmp: save_file(state, tmp))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                 if k.startswith(self.head_prefixes)}
+        metadata = {"detector": json.dumps(self.detector_config)} if self.detector_config else None
+        atomic_write(out / self.head_file, lambda tmp: save_file(state, tmp, metadata=metadata))
         return out
 
     def load_head(self, folder: str | os.PathLike, strict: bool = True) -> list[str]:
@@ -134,9 +159,9 @@ class VisionPretrainingModel(nn.Module):
         from safetensors.torch import load_file
 
         state = load_file(str(Path(folder) / self.head_file))
-        if not any(k.startswith(("head.", "patch_head.")) for k in state):  # layout before the patch head
+        if not any(k.startswith(self.head_prefixes) for k in state):  # layout before the patch head
             state = {f"head.{k}": v for k, v in state.items()}
-        own = {k: v for k, v in self.state_dict().items() if k.startswith(("head.", "patch_head."))}
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(self.head_prefixes)}
         missing = sorted(set(own) - set(state))
         if strict and missing:
             raise ValueError(f"{folder}: head weights missing {missing[:4]}")

@@ -146,8 +146,8 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             return self.projector(self.get_visual_latents(pixel_values).to(proj_dtype))
         latents, tokens, grid = self.get_visual_latents(pixel_values, return_patch_tokens=True)
         visual = self.projector(latents.to(proj_dtype))
-        reading_ids = self.findings_prompter.token_ids(self.findings_prompter.read(latents, tokens, grid),
-                                                       device=visual.device)
+        readings = self.findings_prompter.read(latents, tokens, grid, pixel_values=pixel_values)
+        reading_ids = self.findings_prompter.token_ids(readings, device=visual.device)
         return torch.cat([visual, self.embed_tokens(reading_ids).to(visual.dtype)], dim=1)
 
     @torch.no_grad()
@@ -161,16 +161,24 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         mask = self._image_mask(pixel_values, image_mask)
         if self.findings_prompter is None or not bool(mask.any()):
             return [[] for _ in range(pixel_values.shape[0])]
-        latents, tokens, grid = self.get_visual_latents(pixel_values[mask], return_patch_tokens=True)
-        readings = iter(self.findings_prompter.read(latents, tokens, grid))
+        images = pixel_values[mask]
+        latents, tokens, grid = self.get_visual_latents(images, return_patch_tokens=True)
+        readings = iter(self.findings_prompter.read(latents, tokens, grid, pixel_values=images))
         return [[self.findings_prompter.describe(next(readings)) for real in row if real] for row in mask.tolist()]
 
-    def add_findings_prompt(self, spec: dict[str, Any], head_state: dict[str, torch.Tensor]) -> None:
+    def add_findings_prompt(self, spec: dict[str, Any], head_state: dict[str, torch.Tensor],
+                            replace: bool = False) -> None:
         """Attach a findings prompt (``spec`` from :func:`build_findings_prompt_config`) with the trained heads of the
-        vision pre-training stage (``head_state``: ``head.*`` / ``patch_head.*`` tensors, e.g. the contents of
-        ``structured_head.safetensors``). The processor must then expand each image to ``tokens_per_image``."""
+        vision pre-training stage (``head_state``: ``head.*`` / ``patch_head.*`` (and, with ``spec["detector"]``,
+        ``detector.*``) tensors, e.g. the contents of ``structured_head.safetensors``). The processor must then expand
+        each image to ``tokens_per_image``. ``replace=True`` swaps an existing prompt for one with the same number of
+        slots (e.g. the same reading from a better detector under a trained LLM stage)."""
         if self.findings_prompter is not None:
-            raise ValueError("the model already has a findings prompt")
+            if not replace:
+                raise ValueError("the model already has a findings prompt")
+            if int(spec["num_tokens"]) != self.findings_prompter.num_tokens:
+                raise ValueError(f"a replacement findings prompt must keep {self.findings_prompter.num_tokens} "
+                                 f"slots, got {spec['num_tokens']}")
         param = next(self.vision_model.parameters())
         prompter = FindingsPrompter(spec, self.config.vision.hidden_size, self.num_image_tokens)
         prompter.load_state_dict(dict(head_state), strict=True)

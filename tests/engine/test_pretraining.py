@@ -111,3 +111,83 @@ def test_patch_objective_enters_the_loss_and_metrics():
 def test_patch_weight_zero_turns_the_patch_objective_off():
     labels, pred = _with_one_finding_and_patch_logits()
     assert not {"patch_finding", "patch_type"} & set(StructuredLoss(patch_weight=0).terms(pred, labels))
+
+
+def test_detector_objective_on_its_own_grid_enters_the_loss_and_metrics():
+    labels, pred = _with_one_finding_and_patch_logits()
+    pred["detector_grid"] = torch.tensor([[8, 8, 4]] * 2)
+    pred["detector_logits"] = torch.full((2, 256, 6), -20.0)
+    terms = StructuredLoss().terms(pred, labels)
+    assert terms["detector_finding"] > 0 and "detector_type" in terms
+    assert structured_metrics(pred, labels)["detector_recall"] == 0.0
+    # the same finding fully detected: recall 1, and the detector term drops
+    from radfm3d.engine.pretraining import patch_targets
+
+    positive, types = patch_targets(labels["findings_box"], labels["findings_type"], (8, 8, 4))
+    pred["detector_logits"][..., 0][positive] = 20.0
+    pred["detector_logits"][..., 1:][positive] = torch.nn.functional.one_hot(types[positive], 5).float() * 40
+    metrics = structured_metrics(pred, labels)
+    assert metrics["detector_recall"] == 1.0 and metrics["detector_precision"] == 1.0
+    assert StructuredLoss().terms(pred, labels)["detector_finding"] < 1e-3
+    assert "detector_finding" not in StructuredLoss(detector_weight=0).terms(pred, labels)
+
+
+def test_detector_only_stage_trains_only_the_detector_and_round_trips(tmp_path):
+    """``build_pretraining_model(parts=[], detector=True, train_heads=False)``: encoder, resampler, LLM and heads
+    frozen; the heads come from the model's findings prompt; the saved head file carries the detector and its config;
+    ``attach_findings_prompt(replace=True)`` puts it under the model's findings prompt, LLM side untouched."""
+    from safetensors.torch import load_file
+
+    from radfm3d.engine.pretraining import attach_findings_prompt, build_pretraining_model
+    from radfm3d.errors import RadFM3DInputError
+    from radfm3d.modeling.findings_prompt import build_findings_prompt_config
+    from radfm3d.modeling.heads import VisionPretrainingModel, read_head_file
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+    from radfm3d.processing import RadFM3DProcessor
+
+    torch.manual_seed(0)
+    processor = RadFM3DProcessor.from_model_config("tiny")
+    model = RadFM3DForCausalLM.from_pretrained("tiny")
+    heads = {k: v for k, v in VisionPretrainingModel(model).state_dict().items()
+             if k.startswith(("head.", "patch_head."))}
+    model.add_findings_prompt(build_findings_prompt_config(processor.tokenizer, num_tokens=160), heads)
+    base = tmp_path / "prompted"
+    model.save_pretrained(base)
+    processor.num_image_tokens = model.tokens_per_image
+    processor.save_pretrained(base)
+
+    wrapper = build_pretraining_model(base, parts=[], detector={"channels": [4, 4, 4, 4]}, train_heads=False,
+                                      load_text_weights=False)
+    trainable = {name.split(".")[0] for name, p in wrapper.named_parameters() if p.requires_grad}
+    assert trainable == {"detector"}
+    assert torch.equal(wrapper.head.net[-1].weight, heads["head.net.4.weight"])  # the prompt's heads, not fresh ones
+    out = wrapper(torch.rand(2, 3, 32, 32, 8))
+    assert out["detector_logits"].shape == (2, 4 * 4 * 2, 6) and out["detector_grid"][0].tolist() == [4, 4, 2]
+
+    stage = tmp_path / "detector_stage"
+    wrapper.save_pretrained(stage)
+    state, config = read_head_file(stage / VisionPretrainingModel.head_file)
+    assert config["channels"] == [4, 4, 4, 4] and any(k.startswith("detector.") for k in state)
+    with pytest.raises(RadFM3DInputError, match="already has a findings prompt"):
+        attach_findings_prompt(base, tmp_path / "x", heads_dir=stage)
+    out_dir = attach_findings_prompt(base, tmp_path / "with_detector", heads_dir=stage, replace=True)
+    again = RadFM3DForCausalLM.from_pretrained(out_dir, load_text_weights=False)
+    assert again.config.findings_prompt["detector"]["channels"] == [4, 4, 4, 4]
+    assert again.config.findings_prompt["num_tokens"] == 160
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(out_dir / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # everything else unchanged
+    assert sorted({k.split(".")[1] for k in set(after) - set(before)}) == ["detector"]
+    # the reading now comes from the detector and needs the images
+    pixels = torch.rand(1, 3, 32, 32, 8)
+    assert len(again.read_findings(pixels)) == 1
+    prompter = again.findings_prompter
+    latents, tokens, grid = again.get_visual_latents(pixels, return_patch_tokens=True)
+    with pytest.raises(ValueError, match="needs pixel_values"):
+        prompter.read(latents, tokens, grid)
+    again.train()
+    assert not prompter.training and not prompter.detector.training  # batch-norm statistics stay frozen
+    # replacing without a head file keeps the model's own heads and detector: a new threshold only
+    rethresholded = attach_findings_prompt(out_dir, tmp_path / "threshold_only", replace=True, threshold=0.9)
+    spec = RadFM3DForCausalLM.from_pretrained(rethresholded, load_text_weights=False).config.findings_prompt
+    assert spec["threshold"] == 0.9 and spec["detector"]["channels"] == [4, 4, 4, 4]
+    assert load_file(str(rethresholded / "model.safetensors")).keys() == after.keys()

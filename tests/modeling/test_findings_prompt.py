@@ -208,3 +208,29 @@ def test_label_schema_rejects_inconsistent_tables(change, match):
                   finding_sites={"knee": (("meniscus", ("tear",)),)})
     with pytest.raises(ValueError, match=match):
         LabelSchema(**{**fields, **change})
+
+
+def test_detector_replaces_the_patch_head_as_the_finding_map(tiny):
+    """With a detector in the spec, its cells (on its own grid) decide the findings; the patch head is not read."""
+    from radfm3d.modeling.detector import detector_config
+
+    model, processor = tiny
+    heads = _rigged_heads(model, 0, 1, None)  # the patch head says: no finding anywhere
+    spec = _spec(processor)
+    spec["detector"] = detector_config({"channels": [2, 2, 2, 2]}, model.config.vision.in_channels, len(FINDING_TYPES))
+    prompter = FindingsPrompter(spec, model.config.vision.hidden_size, model.num_image_tokens)
+    state = dict(heads)
+    for k, v in prompter.detector.state_dict().items():
+        state[f"detector.{k}"] = v
+    bias = torch.full((1 + len(FINDING_TYPES),), -10.0)
+    bias[0] = bias[1 + FINDING_TYPES.index("nodule")] = 10.0
+    state["detector.classifier.weight"] = torch.zeros_like(state["detector.classifier.weight"])
+    state["detector.classifier.bias"] = bias
+    clone = RadFM3DForCausalLM(RadFM3DConfig.from_dict(model.config.to_dict()))
+    clone.load_state_dict(model.state_dict())
+    clone.add_findings_prompt(spec, state)
+    pixels = torch.rand(1, 1, model.config.vision.in_channels, 32, 32, 8)
+    assert clone.read_findings(pixels)[0][0]["text"] == \
+        "Image reading: CT, chest; right lung nodule, left lung nodule."
+    without, _ = _with_prompt(model, processor, heads)
+    assert without.read_findings(pixels)[0][0]["text"] == "Image reading: CT, chest; no findings."
