@@ -276,3 +276,15 @@ def test_load_processor_of_a_saved_folder_never_needs_the_base_llm(tmp_path: Pat
     processor = load_processor(tmp_path / "m", recipe)
     assert processor.recipe == recipe
     assert processor.tokenizer("abc")["input_ids"] == load_processor(tmp_path / "m").tokenizer("abc")["input_ids"]
+
+
+def test_checkpoint_keeps_the_running_statistics_of_trained_modules(tmp_path):
+    """Only trained weights are checkpointed (the frozen base is named, not copied), but a trained batch-norm layer's
+    running statistics are state too: a resumed run must not restart them."""
+    net = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 1), torch.nn.BatchNorm1d(2), torch.nn.Linear(4, 4))
+    net[2].requires_grad_(False)  # frozen: neither its weights nor (it has none) its buffers are saved
+    net.train()(torch.randn(8, 1, 4))  # moves the running statistics
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    state = TrainingCheckpointer(tmp_path, net, optimizer, save_frozen=False).model_state()
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(state)
+    assert torch.equal(state["1.running_mean"], net[1].running_mean) and "2.weight" not in state
