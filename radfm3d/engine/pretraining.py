@@ -270,17 +270,19 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
     ``load_text_weights=False`` skips loading the base LLM (this stage never runs it; the exported folder still names
     it). Start such a run from a saved folder, so the image-token rows it exports come from the real base."""
     from radfm3d.engine.training import MODEL_PARTS, build_model, set_trainable
-    from radfm3d.modeling.heads import VisionPretrainingModel
+    from radfm3d.modeling.heads import VisionPretrainingModel, read_head_file
 
     model = build_model(name_or_path, device="cpu", seed=seed, load_text_weights=bool(load_text_weights))
     if not load_text_weights:
         logger.info("base LLM not loaded (load_text_weights=false): random LLM weights, unused by this stage")
     set_trainable(model, **{name: name in parts for name in MODEL_PARTS})
     prompter = getattr(model, "findings_prompter", None)
+    head_file = Path(str(name_or_path)) / VisionPretrainingModel.head_file
+    if detector is None and head_file.is_file():  # an earlier run's detector keeps training
+        detector = read_head_file(head_file)[1]
     if detector is None and prompter is not None and prompter.spec.get("detector"):
         detector = prompter.spec["detector"]
     wrapper = VisionPretrainingModel(model, detector=detector)
-    head_file = Path(str(name_or_path)) / VisionPretrainingModel.head_file
     if head_file.is_file():  # continuing from an earlier pre-training run: keep its heads too
         missing = wrapper.load_head(head_file.parent, strict=False)
         logger.info(f"heads loaded from {head_file}" + (f" (new: {missing})" if missing else ""))
@@ -322,13 +324,19 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
         state, detector = dict(model.findings_prompter.state_dict()), old.get("detector")
     else:
         raise RadFM3DInputError(head_file, "no vision pre-training heads here (run the pretrain_vision stage first)")
-    if old:
-        num_tokens = int(old["num_tokens"]) if num_tokens is None else num_tokens
-        threshold = float(old["threshold"]) if threshold is None else threshold
-    num_tokens, threshold = (24 if num_tokens is None else num_tokens), (0.5 if threshold is None else threshold)
-    spec = build_findings_prompt_config(processor.tokenizer, num_tokens=num_tokens, threshold=threshold)
+    if old:  # same classes, phrases and slots (a custom schema stays custom); new threshold and detector
+        spec = {k: v for k, v in old.items() if k != "detector"}
+        num_tokens = int(old["num_tokens"]) if num_tokens is None else int(num_tokens)
+        spec["threshold"] = float(old["threshold"] if threshold is None else threshold)
+        if num_tokens != spec["num_tokens"]:
+            raise RadFM3DInputError(model_dir, f"a replaced findings prompt keeps its {spec['num_tokens']} slots "
+                                    f"(the LLM stage was trained with them), got --num-tokens {num_tokens}")
+    else:
+        spec = build_findings_prompt_config(processor.tokenizer, num_tokens=24 if num_tokens is None else num_tokens,
+                                            threshold=0.5 if threshold is None else threshold)
     if detector:
         spec["detector"] = detector
+    num_tokens, threshold = spec["num_tokens"], spec["threshold"]
     model.add_findings_prompt(spec, state, replace=replace)
     out = Path(out_dir)
     model.save_pretrained(out)

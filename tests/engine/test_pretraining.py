@@ -168,6 +168,9 @@ def test_detector_only_stage_trains_only_the_detector_and_round_trips(tmp_path):
     wrapper.save_pretrained(stage)
     state, config = read_head_file(stage / VisionPretrainingModel.head_file)
     assert config["channels"] == [4, 4, 4, 4] and any(k.startswith("detector.") for k in state)
+    resumed = build_pretraining_model(stage, parts=[], train_heads=False, load_text_weights=False)
+    assert resumed.detector_config["channels"] == [4, 4, 4, 4]  # an earlier stage's detector keeps training
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in state.items())
     with pytest.raises(RadFM3DInputError, match="already has a findings prompt"):
         attach_findings_prompt(base, tmp_path / "x", heads_dir=stage)
     out_dir = attach_findings_prompt(base, tmp_path / "with_detector", heads_dir=stage, replace=True)
