@@ -156,9 +156,7 @@ class VisionPretrainingModel(nn.Module):
     def load_head(self, folder: str | os.PathLike, strict: bool = True) -> list[str]:
         """Load the heads saved by :meth:`save_pretrained`; returns the names of head weights not in the file
         (``strict=False`` allows a file from an older head layout, e.g. without ``patch_head``)."""
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(folder) / self.head_file))
+        state = read_head_file(Path(folder) / self.head_file)[0]
         if not any(k.startswith(self.head_prefixes) for k in state):  # layout before the patch head
             state = {f"head.{k}": v for k, v in state.items()}
         own = {k: v for k, v in self.state_dict().items() if k.startswith(self.head_prefixes)}
