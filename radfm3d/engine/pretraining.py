@@ -298,14 +298,17 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
 
 def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                            heads_dir: str | os.PathLike | None = None, num_tokens: int | None = None,
-                           threshold: float | None = None, replace: bool = False) -> Path:
+                           threshold: float | None = None, replace: bool = False,
+                           site_scores: str | None = None) -> Path:
     """Write ``out_dir``: the model of ``model_dir`` with a findings prompt (:mod:`radfm3d.modeling.findings_prompt`)
     built from the vision pre-training heads in ``heads_dir`` (default ``model_dir``; its
     ``structured_head.safetensors``, with the finding detector when the file has one), and its processor expanding
     each image to the visual tokens + ``num_tokens`` reading slots (default 24). ``replace=True``: a model that
     already has a findings prompt (e.g. after its LLM stage) gets the new heads instead, keeping its number of slots
     and, unless given, its threshold; its LLM side is untouched (without a head file, the model's own heads are kept:
-    e.g. only a new threshold). The base LLM is not loaded (the folder still names it)."""
+    e.g. only a new threshold). ``site_scores``: ``"patch_map"`` or ``"head"`` (see
+    :data:`radfm3d.modeling.findings_prompt.SITE_SCORES`; default: the replaced prompt's, else ``"patch_map"``). The
+    base LLM is not loaded (the folder still names it)."""
     from radfm3d.engine.training import load_processor
     from radfm3d.errors import RadFM3DInputError
     from radfm3d.modeling.findings_prompt import build_findings_prompt_config
@@ -336,6 +339,8 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
                                             threshold=0.5 if threshold is None else threshold)
     if detector:
         spec["detector"] = detector
+    if site_scores is not None:
+        spec["site_scores"] = str(site_scores)
     num_tokens, threshold = spec["num_tokens"], spec["threshold"]
     model.add_findings_prompt(spec, state, replace=replace)
     out = Path(out_dir)
@@ -343,8 +348,8 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
     processor.num_image_tokens = model.tokens_per_image
     processor.check_config(model.config)
     processor.save_pretrained(out)
-    logger.info(f"findings prompt ({num_tokens} tokens, threshold {threshold}"
-                f"{', with a finding detector' if detector else ''}) attached: {out}")
+    logger.info(f"findings prompt ({num_tokens} tokens, threshold {threshold}, site scores "
+                f"{spec.get('site_scores', 'patch_map')}{', with a finding detector' if detector else ''}) attached: {out}")
     return out
 
 
@@ -363,10 +368,14 @@ def cli(argv: Sequence[str] | None = None) -> int:
                         help="reading slots per image (default 24, or the replaced prompt's)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="minimum finding score (default 0.5, or the replaced prompt's)")
+    parser.add_argument("--site-scores", default=None, choices=("patch_map", "head"),
+                        help="where a site's finding score comes from: the best finding-map cell inside the structure "
+                             "box (patch_map, default) or the latent head's per-structure presence x type (head)")
     parser.add_argument("--replace", action="store_true",
                         help="the model already has a findings prompt: swap in these heads (same slots; LLM untouched)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    attach_findings_prompt(args.model, args.out, args.heads, args.num_tokens, args.threshold, args.replace)
+    attach_findings_prompt(args.model, args.out, args.heads, args.num_tokens, args.threshold, args.replace,
+                           args.site_scores)
     print(args.out)
     return 0

@@ -35,11 +35,14 @@ from radfm3d.modeling.heads import build_finding_heads
 if TYPE_CHECKING:
     from radfm3d.data.structured_labels import LabelSchema
 
-__all__ = ["FindingsPrompter", "build_findings_prompt_config", "PHRASE_PREFIX"]
+__all__ = ["FindingsPrompter", "build_findings_prompt_config", "PHRASE_PREFIX", "SITE_SCORES"]
 
 PHRASE_PREFIX = " Image reading:"
 #: a finding's patch must have its centre inside the predicted structure box grown by this margin (unit grid)
 BOX_MARGIN = 0.03
+#: where a site's finding score comes from: "patch_map" (the best finding-map cell inside the predicted structure
+#: box; the map from the patch head or a detector) or "head" (the latent head's per-structure presence x type)
+SITE_SCORES = ("patch_map", "head")
 
 
 def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold: float = 0.5,
@@ -106,6 +109,11 @@ class FindingsPrompter(nn.Module):
             dim, num_latents, len(self.spec["structures"]), len(self.spec["finding_types"]),
             int(self.spec.get("head_hidden", 512)), num_modalities=len(self.spec["modality_names"]),
             num_regions=len(self.spec["regions"]))
+        self.site_scores = str(self.spec.get("site_scores", "patch_map"))
+        if self.site_scores not in SITE_SCORES:
+            raise ValueError(f"findings prompt: site_scores {self.site_scores!r}; expected one of {SITE_SCORES}")
+        if self.site_scores == "head" and self.spec.get("detector"):
+            raise ValueError("findings prompt: site_scores 'head' does not read a finding map, so a detector is unused")
         self.detector: nn.Module | None = None
         if self.spec.get("detector"):
             from radfm3d.modeling.detector import FindingDetector
@@ -123,15 +131,10 @@ class FindingsPrompter(nn.Module):
     def num_tokens(self) -> int:
         return int(self.spec["num_tokens"])
 
-    @torch.no_grad()
-    def read(self, latents: torch.Tensor, patch_tokens: torch.Tensor, grid: Sequence[int],
-             pixel_values: torch.Tensor | None = None) -> list[dict[str, Any]]:
-        """``latents (M, N, dim)``, ``patch_tokens (M, nh*nw*nd, dim)``, patch ``grid``, and, for a prompter with a
-        :class:`~radfm3d.modeling.detector.FindingDetector`, the images ``pixel_values (M, C, H, W, D)`` -> per image
-        ``{"modality": int, "region": int, "findings": [(structure, type, score), ...]}`` (score-sorted, above the
-        threshold; indices into the spec's lists). The finding map comes from the detector when there is one (on its
-        own, finer grid), else from the patch head over the ViT's patch tokens."""
-        out = self.head(latents.float())
+    def _map_scores(self, boxes: torch.Tensor, patch_tokens: torch.Tensor, grid: Sequence[int],
+                    pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Per site and type, the best cell of the finding map (detector, else patch head) whose centre lies in the
+        site's predicted structure box ``boxes (M, S, 6)`` -> ``(M, S, n_types)``."""
         if self.detector is not None:
             if pixel_values is None:
                 raise ValueError("this findings prompt has a detector: read() needs pixel_values")
@@ -141,12 +144,26 @@ class FindingsPrompter(nn.Module):
             cells = self.patch_head(patch_tokens.float())
         finding_prob = torch.sigmoid(cells[..., 0:1]) * cells[..., 1:].softmax(-1)  # (M, T, n_types)
         nh, nw, nd = (int(g) for g in grid)
-        axes = [(torch.arange(n, device=latents.device, dtype=torch.float32) + 0.5) / n for n in (nh, nw, nd)]
+        axes = [(torch.arange(n, device=boxes.device, dtype=torch.float32) + 0.5) / n for n in (nh, nw, nd)]
         centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (T, 3) h w d order
-        boxes = out["structure_box"]  # (M, S, 6) unit grid
         inside = ((centres >= boxes[..., None, :3] - BOX_MARGIN) & (centres <= boxes[..., None, 3:] + BOX_MARGIN)
                   ).all(-1)  # (M, S, T)
-        scores = (inside[..., None] * finding_prob[:, None]).amax(dim=2)  # (M, S, n_types)
+        return (inside[..., None] * finding_prob[:, None]).amax(dim=2)
+
+    @torch.no_grad()
+    def read(self, latents: torch.Tensor, patch_tokens: torch.Tensor, grid: Sequence[int],
+             pixel_values: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """``latents (M, N, dim)``, ``patch_tokens (M, nh*nw*nd, dim)``, patch ``grid``, and, for a prompter with a
+        :class:`~radfm3d.modeling.detector.FindingDetector`, the images ``pixel_values (M, C, H, W, D)`` -> per image
+        ``{"modality": int, "region": int, "findings": [(structure, type, score), ...]}`` (score-sorted, above the
+        threshold; indices into the spec's lists). The finding map comes from the detector when there is one (on its
+        own, finer grid), else from the patch head over the ViT's patch tokens; with ``site_scores: "head"`` there is
+        no map: each site's score is the latent head's own ``sigmoid(finding_present) x softmax(finding_type)``."""
+        out = self.head(latents.float())
+        if self.site_scores == "head":
+            scores = torch.sigmoid(out["finding_present"])[..., None] * out["finding_type"].softmax(-1)  # (M, S, n)
+        else:
+            scores = self._map_scores(out["structure_box"], patch_tokens, grid, pixel_values)
         modality, region = out["modality"].argmax(-1).tolist(), out["region"].argmax(-1).tolist()
         scores = scores.tolist()  # one device-to-host copy, not one per (image, site, type) inside the loop
         threshold = float(self.spec["threshold"])

@@ -194,3 +194,6 @@ def test_detector_only_stage_trains_only_the_detector_and_round_trips(tmp_path):
     spec = RadFM3DForCausalLM.from_pretrained(rethresholded, load_text_weights=False).config.findings_prompt
     assert spec["threshold"] == 0.9 and spec["detector"]["channels"] == [4, 4, 4, 4]
     assert load_file(str(rethresholded / "model.safetensors")).keys() == after.keys()
+    head_scores = attach_findings_prompt(base, tmp_path / "head_scores", replace=True, site_scores="head")
+    spec = RadFM3DForCausalLM.from_pretrained(head_scores, load_text_weights=False).config.findings_prompt
+    assert spec["site_scores"] == "head" and spec["threshold"] == model.config.findings_prompt["threshold"]

@@ -234,3 +234,33 @@ def test_detector_replaces_the_patch_head_as_the_finding_map(tiny):
         "Image reading: CT, chest; right lung nodule, left lung nodule."
     without, _ = _with_prompt(model, processor, heads)
     assert without.read_findings(pixels)[0][0]["text"] == "Image reading: CT, chest; no findings."
+
+
+def test_site_scores_from_the_latent_head(tiny):
+    """``site_scores: "head"``: each site's score is the head's own presence x type; the patch map is not read."""
+    model, processor = tiny
+    heads = _rigged_heads(model, 0, 2, None)  # abdomen; the patch map says: no finding anywhere
+    per, liver = VisionPretrainingModel(model, hidden=HIDDEN).head.per_structure, STRUCTURES.index("liver")
+    bias = heads["head.net.4.bias"].clone()
+    start = 3 + 3 + N_COUNT + liver * per
+    bias[start + 1 + BOX] = 10.0  # finding_present of the liver
+    bias[start + 2 + BOX + N_COUNT + FINDING_TYPES.index("cyst")] = 10.0  # its type
+    for s in range(len(STRUCTURES)):  # every other structure: no finding
+        if s != liver:
+            bias[3 + 3 + N_COUNT + s * per + 1 + BOX] = -10.0
+    heads["head.net.4.bias"] = bias
+    patch_map, _ = _with_prompt(model, processor, heads)
+    pixels = torch.rand(1, 1, model.config.vision.in_channels, 32, 32, 8)
+    assert patch_map.read_findings(pixels)[0][0]["text"] == "Image reading: CT, abdomen; no findings."
+    spec = {**_spec(processor), "site_scores": "head"}
+    clone = RadFM3DForCausalLM(RadFM3DConfig.from_dict(model.config.to_dict()))
+    clone.load_state_dict(model.state_dict())
+    clone.add_findings_prompt(spec, heads)
+    assert clone.read_findings(pixels)[0][0]["text"] == "Image reading: CT, abdomen; liver cyst."
+    with pytest.raises(ValueError, match="site_scores 'everywhere'"):
+        FindingsPrompter({**spec, "site_scores": "everywhere"}, model.config.vision.hidden_size, model.num_image_tokens)
+    from radfm3d.modeling.detector import detector_config
+
+    with pytest.raises(ValueError, match="detector is unused"):
+        FindingsPrompter({**spec, "detector": detector_config(True, 3, 5)}, model.config.vision.hidden_size,
+                         model.num_image_tokens)
