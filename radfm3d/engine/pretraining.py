@@ -336,7 +336,8 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
                                     f"(the LLM stage was trained with them), got --num-tokens {num_tokens}")
     else:
         spec = build_findings_prompt_config(processor.tokenizer, num_tokens=24 if num_tokens is None else num_tokens,
-                                            threshold=0.5 if threshold is None else threshold)
+                                            threshold=0.5 if threshold is None else threshold,
+                                            site_scores=site_scores or "patch_map")
     if detector:
         spec["detector"] = detector
     if site_scores is not None:

@@ -46,14 +46,16 @@ SITE_SCORES = ("patch_map", "head")
 
 
 def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold: float = 0.5,
-                                 head_hidden: int = 512, schema: LabelSchema | None = None) -> dict[str, Any]:
+                                 head_hidden: int = 512, schema: LabelSchema | None = None,
+                                 site_scores: str = "patch_map") -> dict[str, Any]:
     """The ``findings_prompt`` config entry for a label schema (default: the phantom benchmark's,
     :data:`radfm3d.data.structured_labels.PHANTOM_LABEL_SCHEMA`): class names, finding sites per region, every phrase
     tokenised with ``tokenizer`` (no special tokens).
 
     ``num_tokens``: prompt slots per image (the text is cut at a finding boundary to fit); ``threshold``: minimum
     patch score (probability a patch holds a finding x probability of the type) for a finding to be written;
-    ``schema``: a :class:`radfm3d.data.structured_labels.LabelSchema` in the heads' output order.
+    ``schema``: a :class:`radfm3d.data.structured_labels.LabelSchema` in the heads' output order; ``site_scores``: one
+    of :data:`SITE_SCORES`.
     """
     if schema is None:
         from radfm3d.data.structured_labels import PHANTOM_LABEL_SCHEMA
@@ -73,7 +75,10 @@ def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold
     token_ids = {k: [int(i) for i in tokenizer.encode(v, add_special_tokens=False)] for k, v in phrases.items()}
     if len(token_ids["filler"]) != 1:
         raise ValueError(f"the tokenizer splits the filler {phrases['filler']!r} into {token_ids['filler']}")
+    if site_scores not in SITE_SCORES:
+        raise ValueError(f"site_scores {site_scores!r}; expected one of {SITE_SCORES}")
     spec = {"num_tokens": int(num_tokens), "threshold": float(threshold), "head_hidden": int(head_hidden),
+            "site_scores": site_scores,
             "structures": structures, "finding_types": finding_types, "regions": regions,
             "modality_names": modality_names, "region_sites": region_sites, "phrases": phrases,
             "token_ids": token_ids}

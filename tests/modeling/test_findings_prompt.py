@@ -164,7 +164,10 @@ def test_phantom_schema_rebuilds_the_shipped_spec():
     model_dir = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_demo" / "models" / "model"
     shipped = json.loads((model_dir / "config.json").read_text())["findings_prompt"]
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
-    spec = build_findings_prompt_config(tokenizer, shipped["num_tokens"], shipped["threshold"], shipped["head_hidden"])
+    spec = build_findings_prompt_config(tokenizer, shipped["num_tokens"], shipped["threshold"], shipped["head_hidden"],
+                                        site_scores=shipped.get("site_scores", "patch_map"))
+    if "site_scores" not in shipped:  # written before the key existed: the prompter reads it as "patch_map"
+        del spec["site_scores"]
     assert json.loads(json.dumps(spec)) == shipped
 
 
