@@ -192,14 +192,14 @@ class TrainingCheckpointer:
         if self._full_state():
             return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
         state = {n: p.detach().cpu().clone() for n, p in inner.named_parameters() if p.requires_grad}
-        # and the persistent buffers of every module that trains (batch-norm running statistics): without them a
-        # resumed run would continue with fresh statistics
-        for module_name, module in inner.named_modules():
-            if not any(p.requires_grad for p in module.parameters(recurse=False)):
-                continue
-            for name, buffer in module.named_buffers(recurse=False):
-                if buffer is not None and name not in module._non_persistent_buffers_set:
-                    state[f"{module_name}.{name}" if module_name else name] = buffer.detach().cpu().clone()
+        # and the saved buffers of every module that trains (batch-norm running statistics): without them a resumed
+        # run would continue with fresh statistics
+        trained = {name for name, module in inner.named_modules()
+                   if any(p.requires_grad for p in module.parameters(recurse=False))}
+        buffers = {name for name, _ in inner.named_buffers()}
+        for name, tensor in inner.state_dict().items():
+            if name in buffers and (name.rpartition(".")[0] in trained):
+                state[name] = tensor.detach().cpu().clone()
         return state
 
     def state_dict(self, engine: Engine) -> dict[str, Any]:

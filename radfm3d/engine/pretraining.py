@@ -278,13 +278,14 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
     set_trainable(model, **{name: name in parts for name in MODEL_PARTS})
     prompter = getattr(model, "findings_prompter", None)
     head_file = Path(str(name_or_path)) / VisionPretrainingModel.head_file
-    if detector is None and head_file.is_file():  # an earlier run's detector keeps training
-        detector = read_head_file(head_file)[1]
+    head_state, head_detector = read_head_file(head_file) if head_file.is_file() else (None, None)
+    if detector is None and head_detector is not None:  # an earlier run's detector keeps training
+        detector = head_detector
     if detector is None and prompter is not None and prompter.spec.get("detector"):
         detector = prompter.spec["detector"]
     wrapper = VisionPretrainingModel(model, detector=detector)
-    if head_file.is_file():  # continuing from an earlier pre-training run: keep its heads too
-        missing = wrapper.load_head(head_file.parent, strict=False)
+    if head_state is not None:  # continuing from an earlier pre-training run: keep its heads too
+        missing = wrapper.load_head_state(head_state, strict=False, source=str(head_file))
         logger.info(f"heads loaded from {head_file}" + (f" (new: {missing})" if missing else ""))
     elif prompter is not None:  # a model with a findings prompt: its heads are the stage-0 heads
         state = {k: v for k, v in prompter.state_dict().items()
@@ -336,8 +337,7 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
                                     f"(the LLM stage was trained with them), got --num-tokens {num_tokens}")
     else:
         spec = build_findings_prompt_config(processor.tokenizer, num_tokens=24 if num_tokens is None else num_tokens,
-                                            threshold=0.5 if threshold is None else threshold,
-                                            site_scores=site_scores or "patch_map")
+                                            threshold=0.5 if threshold is None else threshold)
     if detector:
         spec["detector"] = detector
     if site_scores is not None:
@@ -369,7 +369,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
                         help="reading slots per image (default 24, or the replaced prompt's)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="minimum finding score (default 0.5, or the replaced prompt's)")
-    parser.add_argument("--site-scores", default=None, choices=("patch_map", "head"),
+    from radfm3d.modeling.findings_prompt import SITE_SCORES
+
+    parser.add_argument("--site-scores", default=None, choices=SITE_SCORES,
                         help="where a site's finding score comes from: the best finding-map cell inside the structure "
                              "box (patch_map, default) or the latent head's per-structure presence x type (head)")
     parser.add_argument("--replace", action="store_true",

@@ -56,14 +56,13 @@ def reading_sites(model: Any, recipe: Any, cases_file: str | os.PathLike, split:
     records = structured_records(cases_file, split=split)[: None if limit is None else int(limit)]
     all_sites = {spec["structures"][s] for sites in spec["region_sites"] for s, _ in sites}
     rows: list[SiteScore] = []
-    saved_threshold = spec["threshold"]
-    spec["threshold"] = -1.0  # every site of the predicted region is written with its best type's score
     bar = progress_bar(len(records), enabled=progress, desc="reading", unit="scan")
     try:
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             pixels = torch.stack([_load(cache, recipe, r["image"]) for r in chunk]).unsqueeze(1)
-            for record, reading in zip(chunk, model.read_findings(pixels)):
+            # threshold -1: every site of the predicted region is written with its best type's score
+            for record, reading in zip(chunk, model.read_findings(pixels, threshold=-1.0)):
                 found = {f["structure"]: (f["score"], f["type"]) for f in reading[0]["findings"]}
                 label = record["label"]
                 for index, structure in enumerate(STRUCTURES):
@@ -75,7 +74,6 @@ def reading_sites(model: Any, recipe: Any, cases_file: str | os.PathLike, split:
                                           spec["finding_types"][true_index] if true_index >= 0 else None))
             bar.update(len(chunk))
     finally:
-        spec["threshold"] = saved_threshold
         bar.close()
     return rows
 

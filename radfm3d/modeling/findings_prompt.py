@@ -157,13 +157,14 @@ class FindingsPrompter(nn.Module):
 
     @torch.no_grad()
     def read(self, latents: torch.Tensor, patch_tokens: torch.Tensor, grid: Sequence[int],
-             pixel_values: torch.Tensor | None = None) -> list[dict[str, Any]]:
+             pixel_values: torch.Tensor | None = None, threshold: float | None = None) -> list[dict[str, Any]]:
         """``latents (M, N, dim)``, ``patch_tokens (M, nh*nw*nd, dim)``, patch ``grid``, and, for a prompter with a
         :class:`~radfm3d.modeling.detector.FindingDetector`, the images ``pixel_values (M, C, H, W, D)`` -> per image
         ``{"modality": int, "region": int, "findings": [(structure, type, score), ...]}`` (score-sorted, above the
         threshold; indices into the spec's lists). The finding map comes from the detector when there is one (on its
         own, finer grid), else from the patch head over the ViT's patch tokens; with ``site_scores: "head"`` there is
-        no map: each site's score is the latent head's own ``sigmoid(finding_present) x softmax(finding_type)``."""
+        no map: each site's score is the latent head's own ``sigmoid(finding_present) x softmax(finding_type)``.
+        ``threshold`` overrides the spec's (e.g. ``-1``: every site with its best type, to score thresholds)."""
         out = self.head(latents.float())
         if self.site_scores == "head":
             scores = torch.sigmoid(out["finding_present"])[..., None] * out["finding_type"].softmax(-1)  # (M, S, n)
@@ -171,7 +172,7 @@ class FindingsPrompter(nn.Module):
             scores = self._map_scores(out["structure_box"], patch_tokens, grid, pixel_values)
         modality, region = out["modality"].argmax(-1).tolist(), out["region"].argmax(-1).tolist()
         scores = scores.tolist()  # one device-to-host copy, not one per (image, site, type) inside the loop
-        threshold = float(self.spec["threshold"])
+        threshold = float(self.spec["threshold"] if threshold is None else threshold)
         readings = []
         for m in range(latents.shape[0]):
             candidates = []

@@ -156,13 +156,17 @@ class VisionPretrainingModel(nn.Module):
     def load_head(self, folder: str | os.PathLike, strict: bool = True) -> list[str]:
         """Load the heads saved by :meth:`save_pretrained`; returns the names of head weights not in the file
         (``strict=False`` allows a file from an older head layout, e.g. without ``patch_head``)."""
-        state = read_head_file(Path(folder) / self.head_file)[0]
+        return self.load_head_state(read_head_file(Path(folder) / self.head_file)[0], strict, source=str(folder))
+
+    def load_head_state(self, state: Mapping[str, torch.Tensor], strict: bool = True, source: str = "heads"
+                        ) -> list[str]:
+        """:meth:`load_head` from tensors already read (e.g. by :func:`read_head_file`)."""
         if not any(k.startswith(self.head_prefixes) for k in state):  # layout before the patch head
             state = {f"head.{k}": v for k, v in state.items()}
         own = {k: v for k, v in self.state_dict().items() if k.startswith(self.head_prefixes)}
         missing = sorted(set(own) - set(state))
         if strict and missing:
-            raise ValueError(f"{folder}: head weights missing {missing[:4]}")
+            raise ValueError(f"{source}: head weights missing {missing[:4]}")
         own.update({k: v for k, v in state.items() if k in own})
         self.load_state_dict(own, strict=False)
         return missing

@@ -151,11 +151,11 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         return torch.cat([visual, self.embed_tokens(reading_ids).to(visual.dtype)], dim=1)
 
     @torch.no_grad()
-    def read_findings(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None
-                      ) -> list[list[dict[str, Any]]]:
+    def read_findings(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None,
+                      threshold: float | None = None) -> list[list[dict[str, Any]]]:
         """The findings prompt's reading of each real image, ``pixel_values (B, S, C, H, W, D)`` -> B lists of
         ``{"text", "modality", "region", "findings": [{"structure", "type", "score"}]}`` (empty lists without a
-        findings prompt)."""
+        findings prompt); ``threshold`` overrides the prompt's own."""
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(1)
         mask = self._image_mask(pixel_values, image_mask)
@@ -163,7 +163,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             return [[] for _ in range(pixel_values.shape[0])]
         images = pixel_values[mask]
         latents, tokens, grid = self.get_visual_latents(images, return_patch_tokens=True)
-        readings = iter(self.findings_prompter.read(latents, tokens, grid, pixel_values=images))
+        readings = iter(self.findings_prompter.read(latents, tokens, grid, pixel_values=images, threshold=threshold))
         return [[self.findings_prompter.describe(next(readings)) for real in row if real] for row in mask.tolist()]
 
     def add_findings_prompt(self, spec: dict[str, Any], head_state: dict[str, torch.Tensor],
