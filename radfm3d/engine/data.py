@@ -210,6 +210,13 @@ class ResumableSampler(DistributedSampler):
                          rank=d_rank if rank is None else rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self._skip = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """Also tell the dataset the epoch when it draws per-epoch randomness (e.g. the finding crops of
+        :class:`radfm3d.engine.pretraining.FindingCropDataset`), so a resumed run draws the same crops."""
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
     def skip_next(self, n_samples: int) -> None:
         """Skip the first ``n_samples`` indices (of this rank) in the next iteration only."""
         self._skip = max(0, int(n_samples))

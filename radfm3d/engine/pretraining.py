@@ -27,6 +27,8 @@ from radfm3d.data.structured_labels import IGNORE
 
 __all__ = [
     "CachedImageLabel",
+    "FindingCrops",
+    "FindingCropDataset",
     "build_structured_dataset",
     "PrepareBatchStructured",
     "patch_targets",
@@ -50,14 +52,88 @@ class CachedImageLabel:
         return {"image": image.as_tensor(), "label": dict(record["label"]), "id": record.get("id", "")}
 
 
+class FindingCrops:
+    """``{"image": (C, H, W, D), "label": {...}}`` -> ``num_samples`` crops ``{"image": (C, h, w, d), "label": {...}}``
+    whose ``findings_box`` is re-expressed in crop units (a box may reach outside [0, 1]: :func:`patch_targets` still
+    measures its overlap with each cell correctly; the other label entries are kept as they are).
+
+    With probability ``positive_fraction`` a crop is centred on one of the scan's findings (uniform among them) moved
+    by up to ``jitter`` voxels per axis, else placed uniformly; its corner is rounded to a multiple of ``align``
+    (the detector's cell, so crop cells are whole-scan cells) and kept inside the scan. Why: findings fill well
+    under 1% of a scan, so whole-scan batches spend almost all their compute on empty cells; finding-centred crops
+    of 1/8 of the scan show the detector ~10x more findings per second on a CPU (measured in the bundle docs).
+    """
+
+    def __init__(self, crop_size: Sequence[int], num_samples: int = 4, positive_fraction: float = 0.7,
+                 align: Sequence[int] = (8, 8, 4), jitter: Sequence[float] = (20.0, 20.0, 5.0)) -> None:
+        self.crop_size = tuple(int(c) for c in crop_size)
+        self.align = tuple(int(a) for a in align)
+        if len(self.crop_size) != 3 or len(self.align) != 3:
+            raise ValueError(f"finding crops: crop_size and align need 3 values, got {crop_size} / {align}")
+        if any(c % a for c, a in zip(self.crop_size, self.align)):
+            raise ValueError(f"finding crops: crop_size {self.crop_size} must be a multiple of align {self.align}")
+        self.num_samples, self.positive_fraction = int(num_samples), float(positive_fraction)
+        self.jitter = tuple(float(j) for j in jitter)
+
+    def __call__(self, item: Mapping[str, Any], rng: Any) -> list[dict[str, Any]]:
+        """``rng``: a ``numpy.random.Generator`` (the caller seeds it, so crops are reproducible)."""
+        import numpy as np
+
+        image, label = item["image"], item["label"]
+        full = np.array(image.shape[-3:], dtype=np.float64)
+        crop, align = np.array(self.crop_size, dtype=np.float64), np.array(self.align, dtype=np.float64)
+        if (crop > full).any():
+            raise ValueError(f"finding crops: crop_size {self.crop_size} is larger than the image {tuple(full)}")
+        boxes = label["findings_box"]
+        real = np.flatnonzero(np.asarray(label["findings_type"]) != IGNORE)
+        crops = []
+        for _ in range(self.num_samples):
+            if len(real) and rng.random() < self.positive_fraction:
+                box = boxes[int(rng.choice(real))].double().numpy()
+                corner = (box[:3] + box[3:]) / 2 * full - crop / 2 + rng.uniform(-1, 1, 3) * self.jitter
+            else:
+                corner = rng.uniform(0, 1, 3) * (full - crop)
+            corner = np.clip(np.round(corner / align) * align, 0, full - crop).astype(int)
+            (h, w, d), (ch, cw, cd) = corner, self.crop_size
+            scale = torch.tensor(np.concatenate([full, full]) / np.concatenate([crop, crop]), dtype=boxes.dtype)
+            shift = torch.tensor(np.concatenate([corner, corner]) / np.concatenate([crop, crop]), dtype=boxes.dtype)
+            crops.append({"image": image[..., h:h + ch, w:w + cw, d:d + cd].clone(),
+                          "label": {**label, "findings_box": boxes * scale - shift},
+                          "id": item.get("id", "")})
+        return crops
+
+
+class FindingCropDataset(Dataset):
+    """The structured dataset, each item being a list of :class:`FindingCrops` crops of one scan (collate with
+    ``monai.data.list_data_collate``). The crops of item ``i`` in epoch ``e`` are fixed by ``(seed, e, i)``:
+    :class:`radfm3d.engine.data.ResumableSampler` passes the epoch on, so a resumed run draws the same crops."""
+
+    def __init__(self, data: Sequence[Any], transform: Any, crops: FindingCrops, seed: int = 0) -> None:
+        super().__init__(data, transform=transform)
+        self.crops, self.seed, self.epoch = crops, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _transform(self, index: int) -> list[dict[str, Any]]:
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        return self.crops(super()._transform(index), rng)
+
+
 def build_structured_dataset(
     cases_file: str | os.PathLike, recipe: Any, cache_dir: str | os.PathLike, split: str | None = "train",
     include_priors: bool = True, limit: int | None = None, warm_workers: int = 0,
+    crop_size: Sequence[int] | None = None, crop_samples: int = 4, crop_positive_fraction: float = 0.7,
+    crop_align: Sequence[int] = (8, 8, 4), seed: int = 0,
 ) -> Dataset:
     """A MONAI ``Dataset`` of (preprocessed image, structured labels) for one split of ``cases.jsonl``.
 
     ``recipe``: a ``PreprocessingRecipe``, its dict or a ``preprocessing.json`` path. ``warm_workers > 0`` fills the
-    image cache up front (with a progress bar) instead of during the first epoch.
+    image cache up front (with a progress bar) instead of during the first epoch. ``crop_size (h, w, d)``: each item
+    is instead ``crop_samples`` finding-centred crops of the scan (:class:`FindingCrops`, for training the finding
+    detector alone; not for the ViT, whose input grid is fixed).
     """
     from radfm3d.data.cache import PreprocessedImageCache
     from radfm3d.data.structured_labels import structured_records
@@ -71,6 +147,9 @@ def build_structured_dataset(
         records = records[: int(limit)]
     if warm_workers:
         cache.warm([r["image"] for r in records], num_workers=int(warm_workers))
+    if crop_size is not None:
+        crops = FindingCrops(crop_size, crop_samples, crop_positive_fraction, crop_align)
+        return FindingCropDataset(records, CachedImageLabel(cache), crops, seed=seed)
     return Dataset(records, transform=CachedImageLabel(cache))
 
 
@@ -123,15 +202,19 @@ class StructuredLoss(nn.Module):
     ``box_weight``, smooth L1 on log sizes), each averaged over its supervised entries, plus, when the network gives
     ``patch_logits``, a per-patch finding objective (BCE with ``patch_pos_weight`` on positives, times
     ``patch_weight``; type cross-entropy on positive patches; see :func:`patch_targets`; ``patch_weight=0`` turns
-    both off), and the same objective on a finding detector's ``detector_logits`` (times ``detector_weight``).
-    Returns a scalar."""
+    both off), and the same objective on a finding detector's ``detector_logits`` (times ``detector_weight``, with
+    ``detector_pos_weight``, default ``patch_pos_weight``). A network that gives only the detector's outputs (a
+    detector-only stage) gets only the detector's terms. Returns a scalar."""
 
     def __init__(self, box_weight: float = 5.0, patch_weight: float = 2.0, patch_pos_weight: float = 50.0,
-                 detector_weight: float = 2.0) -> None:
+                 detector_weight: float = 2.0, detector_pos_weight: float | None = None) -> None:
         super().__init__()
         self.box_weight = float(box_weight)
         self.patch_weight, self.patch_pos_weight = float(patch_weight), float(patch_pos_weight)
         self.detector_weight = float(detector_weight)
+        self.pos_weights = {"patch": self.patch_pos_weight,
+                            "detector": self.patch_pos_weight if detector_pos_weight is None
+                            else float(detector_pos_weight)}
 
     def _cell_terms(self, name: str, weight: float, pred: Mapping[str, torch.Tensor],
                     label: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,7 +222,7 @@ class StructuredLoss(nn.Module):
         finding detector on its own grid): weighted BCE "a finding is here" + type cross-entropy on positives."""
         positive, types = patch_targets(label["findings_box"], label["findings_type"], pred[f"{name}_grid"][0])
         logits = pred[f"{name}_logits"]
-        pos_weight = torch.tensor(self.patch_pos_weight, device=logits.device, dtype=logits.dtype)
+        pos_weight = torch.tensor(self.pos_weights[name], device=logits.device, dtype=logits.dtype)
         out = {f"{name}_finding": weight * F.binary_cross_entropy_with_logits(
             logits[..., 0], positive.to(logits.dtype), pos_weight=pos_weight)}
         if positive.any():
@@ -147,6 +230,8 @@ class StructuredLoss(nn.Module):
         return out
 
     def terms(self, pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "modality" not in pred:  # detector only
+            return self._cell_terms("detector", self.detector_weight, pred, label)
         present = label["structure_present"]
         terms = {
             "modality": F.cross_entropy(pred["modality"], label["modality"]),
@@ -190,24 +275,26 @@ def structured_metrics(pred: Mapping[str, torch.Tensor], label: Mapping[str, tor
     """Accuracies and box IoU of one (or a concatenated) batch: modality, region, finding presence per structure in
     the region, largest-finding type, structure / finding box IoU and hit@0.3, recall / precision of the finding
     cells of the patch head and of the detector (logit > 0)."""
-    present = label["structure_present"] > 0
-    out = {
-        "modality_acc": (pred["modality"].argmax(-1) == label["modality"]).float().mean(),
-        "region_acc": (pred["region"].argmax(-1) == label["region"]).float().mean(),
-        "finding_present_acc": ((pred["finding_present"] > 0) == (label["finding_present"] > 0))[present]
-        .float().mean(),
-    }
-    typed = label["finding_type"] != IGNORE
-    if typed.any():
-        out["finding_type_acc"] = (pred["finding_type"].argmax(-1) == label["finding_type"])[typed].float().mean()
+    out: dict[str, torch.Tensor] = {}
+    if "modality" in pred:  # not a detector-only network
+        present = label["structure_present"] > 0
+        out["modality_acc"] = (pred["modality"].argmax(-1) == label["modality"]).float().mean()
+        out["region_acc"] = (pred["region"].argmax(-1) == label["region"]).float().mean()
+        out["finding_present_acc"] = ((pred["finding_present"] > 0) == (label["finding_present"] > 0))[present] \
+            .float().mean()
+        typed = label["finding_type"] != IGNORE
+        if typed.any():
+            out["finding_type_acc"] = (pred["finding_type"].argmax(-1) == label["finding_type"])[typed].float().mean()
     for name in ("patch", "detector"):
         if f"{name}_logits" in pred and "findings_box" in label:
-            positive, _ = patch_targets(label["findings_box"], label["findings_type"], pred[f"{name}_grid"][0])
+            positive, types = patch_targets(label["findings_box"], label["findings_type"], pred[f"{name}_grid"][0])
             said = pred[f"{name}_logits"][..., 0] > 0
             out[f"{name}_recall"] = (said & positive).sum() / positive.sum().clamp_min(1)
             out[f"{name}_precision"] = (said & positive).sum() / said.sum().clamp_min(1)
+            if positive.any():
+                out[f"{name}_type_acc"] = (pred[f"{name}_logits"][..., 1:].argmax(-1) == types)[positive].float().mean()
     for kind, mask in (("structure", label["structure_box_mask"] > 0), ("finding", label["finding_mask"] > 0)):
-        if mask.any():
+        if f"{kind}_box" in pred and mask.any():
             iou = _box_iou(pred[f"{kind}_box"], label[f"{kind}_box"])[mask]
             out[f"{kind}_box_iou"], out[f"{kind}_hit@0.3"] = iou.mean(), (iou >= 0.3).float().mean()
     return {k: float(v) for k, v in out.items()}
@@ -258,12 +345,13 @@ class StructuredValidation:
 def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", seed: int = 0,
                             parts: Sequence[str] = ("vision", "resampler"), load_text_weights: bool = True,
                             detector: Mapping[str, Any] | bool | None = None, train_heads: bool = True,
-                            ) -> nn.Module:
+                            detector_only: bool = False) -> nn.Module:
     """``VisionPretrainingModel`` over ``build_model(name_or_path)``: ``parts`` train (default vision encoder and
     resampler), everything else of the VLM is frozen; the heads train unless ``train_heads=False``.
 
     ``detector``: ``True`` or a (partial) :func:`radfm3d.modeling.detector.detector_config` adds a finding detector,
-    which always trains (e.g. ``parts=[]``, ``train_heads=False``: only the detector learns). The heads start from the
+    which always trains (e.g. ``parts=[]``, ``train_heads=False``: only the detector learns; ``detector_only=True``
+    also skips the encoder pass, so the detector can train on crops). The heads start from the
     folder's ``structured_head.safetensors`` when it has one, else from its findings prompt when it has one (a
     detector there is reused too).
 
@@ -272,6 +360,9 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
     from radfm3d.engine.training import MODEL_PARTS, build_model, set_trainable
     from radfm3d.modeling.heads import VisionPretrainingModel, read_head_file
 
+    if detector_only and (list(parts) or train_heads):
+        raise ValueError(f"detector_only trains only the finding detector: set parts=[] and train_heads=false "
+                         f"(got parts={list(parts)}, train_heads={train_heads})")
     model = build_model(name_or_path, device="cpu", seed=seed, load_text_weights=bool(load_text_weights))
     if not load_text_weights:
         logger.info("base LLM not loaded (load_text_weights=false): random LLM weights, unused by this stage")
@@ -283,7 +374,9 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
         detector = head_detector
     if detector is None and prompter is not None and prompter.spec.get("detector"):
         detector = prompter.spec["detector"]
-    wrapper = VisionPretrainingModel(model, detector=detector)
+    if detector_only and not detector:
+        detector = True
+    wrapper = VisionPretrainingModel(model, detector=detector, detector_only=detector_only)
     if head_state is not None:  # continuing from an earlier pre-training run: keep its heads too
         missing = wrapper.load_head_state(head_state, strict=False, source=str(head_file))
         logger.info(f"heads loaded from {head_file}" + (f" (new: {missing})" if missing else ""))

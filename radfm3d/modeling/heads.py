@@ -97,10 +97,12 @@ class VisionPretrainingModel(nn.Module):
 
     def __init__(self, model: nn.Module, num_structures: int | None = None,
                  num_finding_types: int | None = None, hidden: int = 512, schema: LabelSchema | None = None,
-                 detector: Mapping[str, Any] | bool | None = None) -> None:
+                 detector: Mapping[str, Any] | bool | None = None, detector_only: bool = False) -> None:
         """``schema``: the :class:`radfm3d.data.structured_labels.LabelSchema` the heads predict (default: the
         phantom benchmark's); ``num_structures`` / ``num_finding_types`` override its sizes. ``detector``: ``True`` or
-        a (partial) config of :func:`radfm3d.modeling.detector.detector_config` adds a finding detector."""
+        a (partial) config of :func:`radfm3d.modeling.detector.detector_config` adds a finding detector.
+        ``detector_only``: ``forward`` runs only the detector (no encoder pass: it takes inputs of any size its
+        strides divide, e.g. crops); the heads and the VLM are still saved with it."""
         super().__init__()
         if schema is None:
             from radfm3d.data.structured_labels import PHANTOM_LABEL_SCHEMA
@@ -117,6 +119,9 @@ class VisionPretrainingModel(nn.Module):
 
         self.detector_config = detector_config(detector, cfg.vision.in_channels, self.head.num_finding_types)
         self.detector = FindingDetector.from_config(self.detector_config) if self.detector_config else None
+        if detector_only and self.detector is None:
+            raise ValueError("detector_only needs a detector (detector=True or a detector config)")
+        self.detector_only = bool(detector_only)
 
     @property
     def config(self) -> Any:
@@ -129,11 +134,14 @@ class VisionPretrainingModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The head's dict plus ``patch_logits (B, nh*nw*nd, 1 + n_types)`` from the encoder's patch tokens and
         ``patch_grid (B, 3)`` (the patch grid, so a loss can place boxes on it); with a detector also
-        ``detector_logits (B, h*w*d, 1 + n_types)`` and ``detector_grid (B, 3)``."""
-        latents, tokens, grid = self.model.get_visual_latents(pixel_values, return_patch_tokens=True)
-        out = self.head(latents)
-        out["patch_logits"] = self.patch_head(tokens)
-        out["patch_grid"] = torch.tensor(grid, device=tokens.device).expand(tokens.shape[0], 3)
+        ``detector_logits (B, h*w*d, 1 + n_types)`` and ``detector_grid (B, 3)`` (only these two when
+        ``detector_only``)."""
+        out: dict[str, torch.Tensor] = {}
+        if not self.detector_only:
+            latents, tokens, grid = self.model.get_visual_latents(pixel_values, return_patch_tokens=True)
+            out = self.head(latents)
+            out["patch_logits"] = self.patch_head(tokens)
+            out["patch_grid"] = torch.tensor(grid, device=tokens.device).expand(tokens.shape[0], 3)
         if self.detector is not None:
             cells, cell_grid = self.detector(pixel_values)
             out["detector_logits"] = cells

@@ -208,16 +208,19 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
     reading = json.loads((tmp_path / "out" / "ct.json").read_text())["image_reading"]
     assert reading["text"].startswith("Image reading: ") and reading["region"] in ("head", "chest", "abdomen")
 
-    # a finding detector trained under the finished model (everything else frozen), swapped into its findings prompt
+    # a finding detector trained alone on finding-centred crops under the finished model (everything else frozen,
+    # no encoder pass), validated on whole scans, swapped into its findings prompt
     detector_dir = tmp_path / "detector_stage"
     overrides = {**_train_overrides(workdir), "model_name_or_path": str(tmp_path / "instructed"),
                  "output_dir": str(tmp_path / "det"), "model_dir": str(detector_dir), "cache_dir": str(cache),
                  "val_split": "train", "val_interval": 1, "load_text_weights": "false", "network_def#parts": "$[]",
-                 "detector": {"channels": [4, 4, 4, 4]}, "train_heads": "false"}
+                 "detector": {"channels": [4, 4, 4, 4]}, "train_heads": "false", "detector_only": "true",
+                 "crop_size": [16, 16, 4], "crop_samples": 2, "detector_pos_weight": 10.0}
     workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "pretrain_vision.json")],
                               meta_file=META, logging_file=LOGGING, workflow_type="train", **overrides)
     _check_workflow(workflow)
     assert "val_detector_recall" in workflow.trainer.state.metrics
+    assert "val_modality_acc" not in workflow.trainer.state.metrics  # the encoder did not run
     with_detector = tmp_path / "with_detector"
     assert radfm3d_main(["findings-prompt", str(tmp_path / "instructed"), "--heads", str(detector_dir),
                          "--out", str(with_detector), "--replace", "--threshold", "0.7"]) == 0

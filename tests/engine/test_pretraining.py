@@ -197,3 +197,104 @@ def test_detector_only_stage_trains_only_the_detector_and_round_trips(tmp_path):
     head_scores = attach_findings_prompt(base, tmp_path / "head_scores", replace=True, site_scores="head")
     spec = RadFM3DForCausalLM.from_pretrained(head_scores, load_text_weights=False).config.findings_prompt
     assert spec["site_scores"] == "head" and spec["threshold"] == model.config.findings_prompt["threshold"]
+
+
+def _scan_with_findings(boxes: list[list[float]], types: list[int], size=(32, 32, 8)) -> dict:
+    from radfm3d.data.structured_labels import IGNORE, MAX_FINDINGS
+
+    findings_box = torch.zeros(MAX_FINDINGS, 6)
+    findings_type = torch.full((MAX_FINDINGS,), IGNORE, dtype=torch.long)
+    for slot, (box, kind) in enumerate(zip(boxes, types)):
+        findings_box[slot], findings_type[slot] = torch.tensor(box), kind
+    image = torch.arange(3 * size[0] * size[1] * size[2], dtype=torch.float32).reshape(3, *size)
+    return {"image": image, "label": {"findings_box": findings_box, "findings_type": findings_type,
+                                      "modality": torch.tensor(0)}, "id": "scan"}
+
+
+@pytest.mark.parametrize("crop_size, align", [((16, 16, 4), (8, 8, 4)), ((8, 16, 8), (4, 4, 2)), ((32, 32, 8), (8, 8, 4))])
+def test_finding_crops_cut_aligned_windows_and_move_the_boxes_with_them(crop_size, align):
+    """Every crop is an aligned window of the scan (same voxels), its boxes are the scan's boxes in crop units, and
+    a finding-centred crop holds its finding's cells (patch_targets on the crop = those cells of the whole scan)."""
+    import numpy as np
+
+    from radfm3d.engine.pretraining import FindingCrops, patch_targets
+
+    item = _scan_with_findings([[0.55, 0.6, 0.5, 0.65, 0.7, 0.75]], [3])
+    crops = FindingCrops(crop_size, num_samples=6, positive_fraction=1.0, align=align, jitter=(0, 0, 0))
+    out = crops(item, np.random.default_rng(0))
+    assert len(out) == 6
+    full = torch.tensor([32.0, 32.0, 8.0])
+    for crop in out:
+        assert tuple(crop["image"].shape) == (3, *crop_size)
+        corner = (crop["label"]["findings_box"][0, :3] * torch.tensor(crop_size) * -1
+                  + item["label"]["findings_box"][0, :3] * full).round().long()
+        assert all(int(c) % a == 0 for c, a in zip(corner, align))
+        h, w, d = corner.tolist()
+        assert torch.equal(crop["image"], item["image"][:, h:h + crop_size[0], w:w + crop_size[1], d:d + crop_size[2]])
+        assert crop["label"]["modality"] is item["label"]["modality"]  # the rest of the label is kept
+        cell_grid = [c // a for c, a in zip(crop_size, align)]
+        positive, types = patch_targets(crop["label"]["findings_box"][None], crop["label"]["findings_type"][None],
+                                        cell_grid)
+        assert positive.any() and set(types[positive].tolist()) == {3}  # centred on the finding
+        whole_positive, _ = patch_targets(item["label"]["findings_box"][None], item["label"]["findings_type"][None],
+                                          [int(f) // a for f, a in zip(full.tolist(), align)])
+        whole = whole_positive.reshape(*[int(f) // a for f, a in zip(full.tolist(), align)])
+        ch, cw, cd = (c // a for c, a in zip(corner.tolist(), align))
+        window = whole[ch:ch + cell_grid[0], cw:cw + cell_grid[1], cd:cd + cell_grid[2]]
+        assert torch.equal(positive.reshape(*cell_grid), window)
+
+
+def test_finding_crops_refuse_bad_sizes_and_place_crops_anywhere_without_findings():
+    import numpy as np
+
+    from radfm3d.engine.pretraining import FindingCrops
+
+    with pytest.raises(ValueError, match="multiple of align"):
+        FindingCrops((12, 16, 4))
+    with pytest.raises(ValueError, match="larger than the image"):
+        FindingCrops((64, 64, 16))(_scan_with_findings([], []), np.random.default_rng(0))
+    corners = {tuple(c["image"][0, 0, 0, :1].tolist()) for c in
+               FindingCrops((8, 8, 4), num_samples=40)(_scan_with_findings([], []), np.random.default_rng(1))}
+    assert len(corners) > 5  # no finding: uniform placement
+
+
+def test_finding_crop_dataset_draws_by_seed_epoch_and_index_and_the_sampler_passes_the_epoch():
+    from radfm3d.engine.data import ResumableSampler
+    from radfm3d.engine.pretraining import FindingCropDataset, FindingCrops
+
+    items = [_scan_with_findings([[0.1, 0.1, 0.1, 0.3, 0.3, 0.3], [0.6, 0.6, 0.5, 0.8, 0.8, 0.9]], [0, 1])] * 3
+    crops = FindingCrops((16, 16, 4), num_samples=3, positive_fraction=0.5)
+
+    def draw(dataset, index):
+        return torch.stack([c["image"] for c in dataset[index]])
+
+    first, again = FindingCropDataset(items, None, crops, seed=5), FindingCropDataset(items, None, crops, seed=5)
+    assert torch.equal(draw(first, 1), draw(again, 1)) and torch.equal(draw(first, 1), draw(first, 1))
+    sampler = ResumableSampler(first, seed=0)
+    sampler.set_epoch(3)
+    assert first.epoch == 3  # the sampler tells the dataset
+    epoch3 = [draw(first, i) for i in range(3)]
+    assert any(not torch.equal(a, draw(again, i)) for i, a in enumerate(epoch3))  # epoch 0 draws other crops
+    again.set_epoch(3)
+    assert all(torch.equal(a, draw(again, i)) for i, a in enumerate(epoch3))
+
+
+def test_detector_only_network_gets_only_the_detector_objective_and_metrics():
+    from radfm3d.engine.pretraining import build_pretraining_model, patch_targets
+
+    labels, _ = _with_one_finding_and_patch_logits()
+    pred = {"detector_grid": torch.tensor([[8, 8, 4]] * 2), "detector_logits": torch.full((2, 256, 6), -20.0)}
+    terms = StructuredLoss(detector_pos_weight=3.0).terms(pred, labels)
+    assert set(terms) == {"detector_finding", "detector_type"}
+    positive, _ = patch_targets(labels["findings_box"], labels["findings_type"], (8, 8, 4))
+    weighted = torch.nn.functional.binary_cross_entropy_with_logits(
+        pred["detector_logits"][..., 0], positive.float(), pos_weight=torch.tensor(3.0))
+    assert terms["detector_finding"].item() == pytest.approx(2.0 * weighted.item(), rel=1e-5)
+    metrics = structured_metrics(pred, labels)
+    assert set(metrics) == {"detector_recall", "detector_precision", "detector_type_acc"}
+    with pytest.raises(ValueError, match="detector_only trains only the finding detector"):
+        build_pretraining_model("tiny", parts=["vision"], detector=True, train_heads=False, detector_only=True)
+    wrapper = build_pretraining_model("tiny", parts=[], train_heads=False, detector_only=True,
+                                      detector={"channels": [4, 4, 4, 4]}, load_text_weights=False)
+    out = wrapper(torch.rand(2, 3, 16, 16, 4))  # a crop: smaller than the encoder's input grid
+    assert set(out) == {"detector_logits", "detector_grid"} and out["detector_grid"][0].tolist() == [2, 2, 1]
