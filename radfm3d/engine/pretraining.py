@@ -393,7 +393,7 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
 def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                            heads_dir: str | os.PathLike | None = None, num_tokens: int | None = None,
                            threshold: float | None = None, replace: bool = False,
-                           site_scores: str | None = None) -> Path:
+                           site_scores: str | None = None, test_time_shifts: Any = None) -> Path:
     """Write ``out_dir``: the model of ``model_dir`` with a findings prompt (:mod:`radfm3d.modeling.findings_prompt`)
     built from the vision pre-training heads in ``heads_dir`` (default ``model_dir``; its
     ``structured_head.safetensors``, with the finding detector when the file has one), and its processor expanding
@@ -401,11 +401,13 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
     already has a findings prompt (e.g. after its LLM stage) gets the new heads instead, keeping its number of slots
     and, unless given, its threshold; its LLM side is untouched (without a head file, the model's own heads are kept:
     e.g. only a new threshold). ``site_scores``: ``"patch_map"`` or ``"head"`` (see
-    :data:`radfm3d.modeling.findings_prompt.SITE_SCORES`; default: the replaced prompt's, else ``"patch_map"``). The
+    :data:`radfm3d.modeling.findings_prompt.SITE_SCORES`; default: the replaced prompt's, else ``"patch_map"``).
+    ``test_time_shifts``: voxel shifts whose head site scores are averaged with the scan's (``"2,2,0;-2,-2,0"`` or a
+    list of triples; ``"none"`` removes them; default: the replaced prompt's; needs ``site_scores="head"``). The
     base LLM is not loaded (the folder still names it)."""
     from radfm3d.engine.training import load_processor
     from radfm3d.errors import RadFM3DInputError
-    from radfm3d.modeling.findings_prompt import build_findings_prompt_config
+    from radfm3d.modeling.findings_prompt import build_findings_prompt_config, parse_shifts
     from radfm3d.modeling.heads import VisionPretrainingModel, read_head_file
     from radfm3d.modeling.model import RadFM3DForCausalLM
 
@@ -435,6 +437,17 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
         spec["detector"] = detector
     if site_scores is not None:
         spec["site_scores"] = str(site_scores)
+    if test_time_shifts is not None:
+        try:
+            shifts = parse_shifts(test_time_shifts)
+        except ValueError as err:
+            raise RadFM3DInputError(model_dir, str(err)) from None
+        spec.pop("test_time_shifts", None)
+        if shifts:
+            spec["test_time_shifts"] = shifts
+    if spec.get("test_time_shifts") and spec.get("site_scores", "patch_map") != "head":
+        raise RadFM3DInputError(model_dir, "test-time shifts average the latent head's site scores: use them with "
+                                "--site-scores head")
     num_tokens, threshold = spec["num_tokens"], spec["threshold"]
     model.add_findings_prompt(spec, state, replace=replace)
     out = Path(out_dir)
@@ -442,8 +455,10 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
     processor.num_image_tokens = model.tokens_per_image
     processor.check_config(model.config)
     processor.save_pretrained(out)
+    shifts = f", test-time shifts {spec['test_time_shifts']}" if spec.get("test_time_shifts") else ""
     logger.info(f"findings prompt ({num_tokens} tokens, threshold {threshold}, site scores "
-                f"{spec.get('site_scores', 'patch_map')}{', with a finding detector' if detector else ''}) attached: {out}")
+                f"{spec.get('site_scores', 'patch_map')}{shifts}{', with a finding detector' if detector else ''}) "
+                f"attached: {out}")
     return out
 
 
@@ -467,11 +482,15 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--site-scores", default=None, choices=SITE_SCORES,
                         help="where a site's finding score comes from: the best finding-map cell inside the structure "
                              "box (patch_map, default) or the latent head's per-structure presence x type (head)")
+    parser.add_argument("--test-time-shifts", default=None, metavar="'DH,DW,DD;...'",
+                        help="with --site-scores head: also read the scan moved by these voxel shifts and average "
+                             "the site scores, e.g. --test-time-shifts='2,2,0;-2,-2,0' ('none' removes them; "
+                             "default: the replaced prompt's)")
     parser.add_argument("--replace", action="store_true",
                         help="the model already has a findings prompt: swap in these heads (same slots; LLM untouched)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     attach_findings_prompt(args.model, args.out, args.heads, args.num_tokens, args.threshold, args.replace,
-                           args.site_scores)
+                           args.site_scores, args.test_time_shifts)
     print(args.out)
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             return self.projector(self.get_visual_latents(pixel_values).to(proj_dtype))
         latents, tokens, grid = self.get_visual_latents(pixel_values, return_patch_tokens=True)
         visual = self.projector(latents.to(proj_dtype))
-        readings = self.findings_prompter.read(latents, tokens, grid, pixel_values=pixel_values)
+        readings = self._read(pixel_values, latents, tokens, grid)
         reading_ids = self.findings_prompter.token_ids(readings, device=visual.device)
         return torch.cat([visual, self.embed_tokens(reading_ids).to(visual.dtype)], dim=1)
 
@@ -163,8 +164,19 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             return [[] for _ in range(pixel_values.shape[0])]
         images = pixel_values[mask]
         latents, tokens, grid = self.get_visual_latents(images, return_patch_tokens=True)
-        readings = iter(self.findings_prompter.read(latents, tokens, grid, pixel_values=images, threshold=threshold))
+        readings = iter(self._read(images, latents, tokens, grid, threshold=threshold))
         return [[self.findings_prompter.describe(next(readings)) for real in row if real] for row in mask.tolist()]
+
+    @torch.no_grad()
+    def _read(self, images: torch.Tensor, latents: torch.Tensor, tokens: torch.Tensor, grid: Sequence[int],
+              threshold: float | None = None) -> list[dict[str, Any]]:
+        """The findings prompt's reading of ``images (M, C, H, W, D)`` from their encoder outputs, with one more
+        encoder pass per test-time shift of the prompt (``test_time_shifts``)."""
+        from radfm3d.modeling.findings_prompt import shifted_volume
+
+        prompter = self.findings_prompter
+        shifted = [self.get_visual_latents(shifted_volume(images, shift)) for shift in prompter.test_time_shifts]
+        return prompter.read(latents, tokens, grid, pixel_values=images, threshold=threshold, shifted_latents=shifted)
 
     def add_findings_prompt(self, spec: dict[str, Any], head_state: dict[str, torch.Tensor],
                             replace: bool = False) -> None:

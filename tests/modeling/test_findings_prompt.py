@@ -267,3 +267,91 @@ def test_site_scores_from_the_latent_head(tiny):
     with pytest.raises(ValueError, match="detector is unused"):
         FindingsPrompter({**spec, "detector": detector_config(True, 3, 5)}, model.config.vision.hidden_size,
                          model.num_image_tokens)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (None, []), ("", []), ("none", []), ("2,2,0", [[2, 2, 0]]), ("2,2,0;-2,-2,0", [[2, 2, 0], [-2, -2, 0]]),
+    ([[1, 0, -1]], [[1, 0, -1]]), (" 1, 2 ,3 ; ", [[1, 2, 3]]),
+])
+def test_parse_shifts(text, expected):
+    from radfm3d.modeling.findings_prompt import parse_shifts
+
+    assert parse_shifts(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["2,2", "a,b,c", "1.5,0,0", [[1, 2]], [3]])
+def test_parse_shifts_refuses_what_is_not_three_whole_numbers(bad):
+    from radfm3d.modeling.findings_prompt import parse_shifts
+
+    with pytest.raises(ValueError, match="three whole voxel counts"):
+        parse_shifts(bad)
+
+
+@pytest.mark.parametrize("shift", [(0, 0, 0), (2, 0, 0), (0, -3, 1), (-1, 2, -2)])
+def test_shifted_volume_moves_voxels_and_fills_the_border_with_zeros(shift):
+    from radfm3d.modeling.findings_prompt import shifted_volume
+
+    volume = torch.rand(2, 3, 8, 9, 6) + 1.0
+    moved = shifted_volume(volume, shift)
+    assert moved.shape == volume.shape
+    dh, dw, dd = shift
+    for h, w, d in [(4, 4, 2), (3, 5, 3), (5, 4, 2)]:
+        assert torch.equal(moved[..., h + dh, w + dw, d + dd], volume[..., h, w, d])
+    assert int((moved == 0).sum()) == 2 * 3 * (8 * 9 * 6 - (8 - abs(dh)) * (9 - abs(dw)) * (6 - abs(dd)))
+
+
+def test_test_time_shifts_average_the_head_site_scores_over_shifted_scans(tiny):
+    """With ``test_time_shifts`` the model reads the scan and its shifted copies (one more encoder pass each) and
+    each site's score is the mean of the head's presence x type over them; modality / region from the scan itself."""
+    from radfm3d.modeling.findings_prompt import shifted_volume
+
+    model, processor = tiny
+    torch.manual_seed(1)
+    heads = {k: v + 0.3 * torch.randn_like(v) if k.startswith("head.") else v
+             for k, v in _rigged_heads(model, 0, 2, None).items()}  # image-dependent scores
+    shifts = [[1, 1, 0], [-2, 0, 1]]
+    spec = {**_spec(processor), "site_scores": "head", "test_time_shifts": shifts}
+    clone = RadFM3DForCausalLM(RadFM3DConfig.from_dict(model.config.to_dict()))
+    clone.load_state_dict(model.state_dict())
+    clone.add_findings_prompt(spec, heads)
+    clone.eval()
+    pixels = torch.rand(1, 1, model.config.vision.in_channels, 32, 32, 8)
+    found = {f["structure"]: f["score"] for f in clone.read_findings(pixels, threshold=-1.0)[0][0]["findings"]}
+    prompter, image = clone.findings_prompter, pixels[:, 0]
+    outs = [prompter.head(clone.get_visual_latents(v).float())
+            for v in [image, *(shifted_volume(image, s) for s in shifts)]]
+    joint = torch.stack([torch.sigmoid(o["finding_present"])[..., None] * o["finding_type"].softmax(-1)
+                         for o in outs]).mean(0)[0]
+    assert found and all(score == pytest.approx(float(joint[STRUCTURES.index(s)].max()), abs=1e-4)
+                         for s, score in found.items())
+    single = {f["structure"]: f["score"] for f in
+              prompter.describe(prompter.read(*clone.get_visual_latents(image, return_patch_tokens=True),
+                                              threshold=-1.0)[0])["findings"]}
+    assert single != found  # the shifts changed the scores
+    with pytest.raises(ValueError, match="need site_scores 'head'"):
+        FindingsPrompter({**spec, "site_scores": "patch_map"}, model.config.vision.hidden_size, model.num_image_tokens)
+
+
+def test_attach_sets_and_removes_test_time_shifts(tiny, tmp_path: Path):
+    from radfm3d.engine.pretraining import attach_findings_prompt
+    from radfm3d.errors import RadFM3DInputError
+
+    model, processor = tiny
+    clone, proc = _with_prompt(model, processor, _rigged_heads(model, 0, 2, None))
+    base = tmp_path / "base"
+    clone.save_pretrained(base)
+    proc.save_pretrained(base)
+    with pytest.raises(RadFM3DInputError, match="--site-scores head"):
+        attach_findings_prompt(base, tmp_path / "x", replace=True, test_time_shifts="1,1,0")
+    with pytest.raises(RadFM3DInputError, match="three whole voxel counts"):
+        attach_findings_prompt(base, tmp_path / "x", replace=True, site_scores="head", test_time_shifts="1,1")
+    shifted = attach_findings_prompt(base, tmp_path / "shifted", replace=True, site_scores="head",
+                                     test_time_shifts="1,1,0;-1,-1,0")
+    spec = RadFM3DForCausalLM.from_pretrained(shifted, load_text_weights=False).config.findings_prompt
+    assert spec["test_time_shifts"] == [[1, 1, 0], [-1, -1, 0]]
+    kept = attach_findings_prompt(shifted, tmp_path / "kept", replace=True, threshold=0.3)  # other changes keep them
+    assert RadFM3DForCausalLM.from_pretrained(kept, load_text_weights=False).config.findings_prompt[
+        "test_time_shifts"] == [[1, 1, 0], [-1, -1, 0]]
+    removed = attach_findings_prompt(shifted, tmp_path / "removed", replace=True, test_time_shifts="none")
+    assert "test_time_shifts" not in RadFM3DForCausalLM.from_pretrained(
+        removed, load_text_weights=False).config.findings_prompt
