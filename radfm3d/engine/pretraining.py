@@ -273,8 +273,9 @@ def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def structured_metrics(pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Accuracies and box IoU of one (or a concatenated) batch: modality, region, finding presence per structure in
-    the region, largest-finding type, structure / finding box IoU and hit@0.3, recall / precision of the finding
-    cells of the patch head and of the detector (logit > 0)."""
+    the region, largest-finding type, structure / finding box IoU and hit@0.3, recall / precision / type accuracy of
+    the finding cells of the patch head and of the detector (logit > 0); only what the network outputs (a
+    detector-only network: the detector's three)."""
     out: dict[str, torch.Tensor] = {}
     if "modality" in pred:  # not a detector-only network
         present = label["structure_present"] > 0

@@ -78,7 +78,7 @@ def shifted_volume(pixel_values: torch.Tensor, shift: Sequence[int]) -> torch.Te
 
 def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold: float = 0.5,
                                  head_hidden: int = 512, schema: LabelSchema | None = None,
-                                 site_scores: str = "patch_map") -> dict[str, Any]:
+                                 site_scores: str = "patch_map", test_time_shifts: Any = None) -> dict[str, Any]:
     """The ``findings_prompt`` config entry for a label schema (default: the phantom benchmark's,
     :data:`radfm3d.data.structured_labels.PHANTOM_LABEL_SCHEMA`): class names, finding sites per region, every phrase
     tokenised with ``tokenizer`` (no special tokens).
@@ -86,7 +86,8 @@ def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold
     ``num_tokens``: prompt slots per image (the text is cut at a finding boundary to fit); ``threshold``: minimum
     patch score (probability a patch holds a finding x probability of the type) for a finding to be written;
     ``schema``: a :class:`radfm3d.data.structured_labels.LabelSchema` in the heads' output order; ``site_scores``: one
-    of :data:`SITE_SCORES`.
+    of :data:`SITE_SCORES`; ``test_time_shifts``: voxel shifts of the scan whose head site scores are averaged with
+    its own (:func:`parse_shifts` forms; needs ``site_scores="head"``).
     """
     if schema is None:
         from radfm3d.data.structured_labels import PHANTOM_LABEL_SCHEMA
@@ -108,8 +109,11 @@ def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold
         raise ValueError(f"the tokenizer splits the filler {phrases['filler']!r} into {token_ids['filler']}")
     if site_scores not in SITE_SCORES:
         raise ValueError(f"site_scores {site_scores!r}; expected one of {SITE_SCORES}")
+    shifts = parse_shifts(test_time_shifts)
+    if shifts and site_scores != "head":
+        raise ValueError("test_time_shifts average the latent head's site scores, so they need site_scores 'head'")
     spec = {"num_tokens": int(num_tokens), "threshold": float(threshold), "head_hidden": int(head_hidden),
-            "site_scores": site_scores,
+            "site_scores": site_scores, **({"test_time_shifts": shifts} if shifts else {}),
             "structures": structures, "finding_types": finding_types, "regions": regions,
             "modality_names": modality_names, "region_sites": region_sites, "phrases": phrases,
             "token_ids": token_ids}

@@ -165,7 +165,8 @@ def test_phantom_schema_rebuilds_the_shipped_spec():
     shipped = json.loads((model_dir / "config.json").read_text())["findings_prompt"]
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
     spec = build_findings_prompt_config(tokenizer, shipped["num_tokens"], shipped["threshold"], shipped["head_hidden"],
-                                        site_scores=shipped.get("site_scores", "patch_map"))
+                                        site_scores=shipped.get("site_scores", "patch_map"),
+                                        test_time_shifts=shipped.get("test_time_shifts"))
     if "site_scores" not in shipped:  # written before the key existed: the prompter reads it as "patch_map"
         del spec["site_scores"]
     assert json.loads(json.dumps(spec)) == shipped
@@ -330,6 +331,10 @@ def test_test_time_shifts_average_the_head_site_scores_over_shifted_scans(tiny):
     assert single != found  # the shifts changed the scores
     with pytest.raises(ValueError, match="need site_scores 'head'"):
         FindingsPrompter({**spec, "site_scores": "patch_map"}, model.config.vision.hidden_size, model.num_image_tokens)
+    with pytest.raises(ValueError, match="need site_scores 'head'"):
+        build_findings_prompt_config(processor.tokenizer, num_tokens=160, test_time_shifts="1,1,0")
+    assert build_findings_prompt_config(processor.tokenizer, num_tokens=160, site_scores="head",
+                                        test_time_shifts="1,1,0")["test_time_shifts"] == [[1, 1, 0]]
 
 
 def test_attach_sets_and_removes_test_time_shifts(tiny, tmp_path: Path):
