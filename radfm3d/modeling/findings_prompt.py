@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from radfm3d.data.structured_labels import LabelSchema
 
 __all__ = ["FindingsPrompter", "build_findings_prompt_config", "PHRASE_PREFIX", "SITE_SCORES", "parse_shifts",
-           "shifted_volume"]
+           "checked_shifts", "shifted_volume"]
 
 PHRASE_PREFIX = " Image reading:"
 #: a finding's patch must have its centre inside the predicted structure box grown by this margin (unit grid)
@@ -62,6 +62,16 @@ def parse_shifts(shifts: Any) -> list[list[int]]:
         if len(triple) != 3:
             raise ValueError(f"a test-time shift is three whole voxel counts 'dh,dw,dd', got {shift!r}")
         out.append(triple)
+    return out
+
+
+def checked_shifts(shifts: Any, site_scores: str) -> list[list[int]]:
+    """:func:`parse_shifts`, refusing shifts unless ``site_scores == "head"`` (they average the latent head's site
+    scores; a finding map has no such average). Raises ``ValueError``."""
+    out = parse_shifts(shifts)
+    if out and site_scores != "head":
+        raise ValueError("test_time_shifts average the latent head's site scores, so they need site_scores 'head' "
+                         "(--site-scores head)")
     return out
 
 
@@ -109,9 +119,7 @@ def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold
         raise ValueError(f"the tokenizer splits the filler {phrases['filler']!r} into {token_ids['filler']}")
     if site_scores not in SITE_SCORES:
         raise ValueError(f"site_scores {site_scores!r}; expected one of {SITE_SCORES}")
-    shifts = parse_shifts(test_time_shifts)
-    if shifts and site_scores != "head":
-        raise ValueError("test_time_shifts average the latent head's site scores, so they need site_scores 'head'")
+    shifts = checked_shifts(test_time_shifts, site_scores)
     spec = {"num_tokens": int(num_tokens), "threshold": float(threshold), "head_hidden": int(head_hidden),
             "site_scores": site_scores, **({"test_time_shifts": shifts} if shifts else {}),
             "structures": structures, "finding_types": finding_types, "regions": regions,
@@ -154,10 +162,7 @@ class FindingsPrompter(nn.Module):
             raise ValueError(f"findings prompt: site_scores {self.site_scores!r}; expected one of {SITE_SCORES}")
         if self.site_scores == "head" and self.spec.get("detector"):
             raise ValueError("findings prompt: site_scores 'head' does not read a finding map, so a detector is unused")
-        self.test_time_shifts = parse_shifts(self.spec.get("test_time_shifts"))
-        if self.test_time_shifts and self.site_scores != "head":
-            raise ValueError("findings prompt: test_time_shifts average the latent head's site scores, so they need "
-                             "site_scores 'head'")
+        self.test_time_shifts = checked_shifts(self.spec.get("test_time_shifts"), self.site_scores)
         self.detector: nn.Module | None = None
         if self.spec.get("detector"):
             from radfm3d.modeling.detector import FindingDetector

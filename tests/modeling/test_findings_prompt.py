@@ -346,7 +346,7 @@ def test_attach_sets_and_removes_test_time_shifts(tiny, tmp_path: Path):
     base = tmp_path / "base"
     clone.save_pretrained(base)
     proc.save_pretrained(base)
-    with pytest.raises(RadFM3DInputError, match="--site-scores head"):
+    with pytest.raises(RadFM3DInputError, match="need site_scores 'head'"):
         attach_findings_prompt(base, tmp_path / "x", replace=True, test_time_shifts="1,1,0")
     with pytest.raises(RadFM3DInputError, match="three whole voxel counts"):
         attach_findings_prompt(base, tmp_path / "x", replace=True, site_scores="head", test_time_shifts="1,1")
