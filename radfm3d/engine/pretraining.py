@@ -85,7 +85,9 @@ class FindingCrops:
         crop, align = np.array(self.crop_size, dtype=np.float64), np.array(self.align, dtype=np.float64)
         if (crop > full).any():
             raise ValueError(f"finding crops: crop_size {self.crop_size} is larger than the image {tuple(full)}")
-        boxes = label["findings_box"]
+        boxes = label["findings_box"]  # (F, 6) in unit scan coordinates
+        to_voxels = torch.tensor(np.tile(full, 2), dtype=boxes.dtype)
+        crop_voxels = torch.tensor(np.tile(crop, 2), dtype=boxes.dtype)
         real = np.flatnonzero(np.asarray(label["findings_type"]) != IGNORE)
         crops = []
         for _ in range(self.num_samples):
@@ -96,11 +98,9 @@ class FindingCrops:
                 corner = rng.uniform(0, 1, 3) * (full - crop)
             corner = np.clip(np.round(corner / align) * align, 0, full - crop).astype(int)
             (h, w, d), (ch, cw, cd) = corner, self.crop_size
-            scale = torch.tensor(np.concatenate([full, full]) / np.concatenate([crop, crop]), dtype=boxes.dtype)
-            shift = torch.tensor(np.concatenate([corner, corner]) / np.concatenate([crop, crop]), dtype=boxes.dtype)
+            in_crop = (boxes * to_voxels - torch.tensor(np.tile(corner, 2), dtype=boxes.dtype)) / crop_voxels
             crops.append({"image": image[..., h:h + ch, w:w + cw, d:d + cd].clone(),
-                          "label": {**label, "findings_box": boxes * scale - shift},
-                          "id": item.get("id", "")})
+                          "label": {**label, "findings_box": in_crop}, "id": item.get("id", "")})
         return crops
 
 
@@ -409,7 +409,7 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
     base LLM is not loaded (the folder still names it)."""
     from radfm3d.engine.training import load_processor
     from radfm3d.errors import RadFM3DInputError
-    from radfm3d.modeling.findings_prompt import build_findings_prompt_config, checked_shifts
+    from radfm3d.modeling.findings_prompt import build_findings_prompt_config, check_reading_options
     from radfm3d.modeling.heads import VisionPretrainingModel, read_head_file
     from radfm3d.modeling.model import RadFM3DForCausalLM
 
@@ -439,15 +439,15 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
         spec["detector"] = detector
     if site_scores is not None:
         spec["site_scores"] = str(site_scores)
-    shifts = spec.pop("test_time_shifts", None) if test_time_shifts is None else test_time_shifts
+    if test_time_shifts is not None:
+        spec["test_time_shifts"] = test_time_shifts
     try:
-        shifts = checked_shifts(shifts, spec.get("site_scores", "patch_map"))
+        shifts = check_reading_options(spec)
     except ValueError as err:
         raise RadFM3DInputError(model_dir, str(err)) from None
+    spec.pop("test_time_shifts", None)
     if shifts:
         spec["test_time_shifts"] = shifts
-    else:
-        spec.pop("test_time_shifts", None)
     num_tokens, threshold = spec["num_tokens"], spec["threshold"]
     model.add_findings_prompt(spec, state, replace=replace)
     out = Path(out_dir)
@@ -455,10 +455,9 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
     processor.num_image_tokens = model.tokens_per_image
     processor.check_config(model.config)
     processor.save_pretrained(out)
-    shifts = f", test-time shifts {spec['test_time_shifts']}" if spec.get("test_time_shifts") else ""
     logger.info(f"findings prompt ({num_tokens} tokens, threshold {threshold}, site scores "
-                f"{spec.get('site_scores', 'patch_map')}{shifts}{', with a finding detector' if detector else ''}) "
-                f"attached: {out}")
+                f"{spec.get('site_scores', 'patch_map')}{f', test-time shifts {shifts}' if shifts else ''}"
+                f"{', with a finding detector' if detector else ''}) attached: {out}")
     return out
 
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from radfm3d.data.structured_labels import LabelSchema
 
 __all__ = ["FindingsPrompter", "build_findings_prompt_config", "PHRASE_PREFIX", "SITE_SCORES", "parse_shifts",
-           "checked_shifts", "shifted_volume"]
+           "check_reading_options", "shifted_volume"]
 
 PHRASE_PREFIX = " Image reading:"
 #: a finding's patch must have its centre inside the predicted structure box grown by this margin (unit grid)
@@ -65,14 +65,21 @@ def parse_shifts(shifts: Any) -> list[list[int]]:
     return out
 
 
-def checked_shifts(shifts: Any, site_scores: str) -> list[list[int]]:
-    """:func:`parse_shifts`, refusing shifts unless ``site_scores == "head"`` (they average the latent head's site
-    scores; a finding map has no such average). Raises ``ValueError``."""
-    out = parse_shifts(shifts)
-    if out and site_scores != "head":
+def check_reading_options(spec: Mapping[str, Any]) -> list[list[int]]:
+    """Check how a findings-prompt ``spec`` reads sites — ``site_scores`` one of :data:`SITE_SCORES` (default
+    ``"patch_map"``), no ``detector`` with ``"head"`` (it reads no map), ``test_time_shifts`` only with ``"head"``
+    (they average the head's site scores) — and return the parsed shifts. Raises ``ValueError``. The one place these
+    rules live: the config builder, the prompter and ``radfm3d findings-prompt`` all call it."""
+    site_scores = spec.get("site_scores", "patch_map")
+    if site_scores not in SITE_SCORES:
+        raise ValueError(f"findings prompt: site_scores {site_scores!r}; expected one of {SITE_SCORES}")
+    if site_scores == "head" and spec.get("detector"):
+        raise ValueError("findings prompt: site_scores 'head' does not read a finding map, so a detector is unused")
+    shifts = parse_shifts(spec.get("test_time_shifts"))
+    if shifts and site_scores != "head":
         raise ValueError("test_time_shifts average the latent head's site scores, so they need site_scores 'head' "
                          "(--site-scores head)")
-    return out
+    return shifts
 
 
 def shifted_volume(pixel_values: torch.Tensor, shift: Sequence[int]) -> torch.Tensor:
@@ -117,9 +124,7 @@ def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold
     token_ids = {k: [int(i) for i in tokenizer.encode(v, add_special_tokens=False)] for k, v in phrases.items()}
     if len(token_ids["filler"]) != 1:
         raise ValueError(f"the tokenizer splits the filler {phrases['filler']!r} into {token_ids['filler']}")
-    if site_scores not in SITE_SCORES:
-        raise ValueError(f"site_scores {site_scores!r}; expected one of {SITE_SCORES}")
-    shifts = checked_shifts(test_time_shifts, site_scores)
+    shifts = check_reading_options({"site_scores": site_scores, "test_time_shifts": test_time_shifts})
     spec = {"num_tokens": int(num_tokens), "threshold": float(threshold), "head_hidden": int(head_hidden),
             "site_scores": site_scores, **({"test_time_shifts": shifts} if shifts else {}),
             "structures": structures, "finding_types": finding_types, "regions": regions,
@@ -157,12 +162,8 @@ class FindingsPrompter(nn.Module):
             dim, num_latents, len(self.spec["structures"]), len(self.spec["finding_types"]),
             int(self.spec.get("head_hidden", 512)), num_modalities=len(self.spec["modality_names"]),
             num_regions=len(self.spec["regions"]))
+        self.test_time_shifts = check_reading_options(self.spec)
         self.site_scores = str(self.spec.get("site_scores", "patch_map"))
-        if self.site_scores not in SITE_SCORES:
-            raise ValueError(f"findings prompt: site_scores {self.site_scores!r}; expected one of {SITE_SCORES}")
-        if self.site_scores == "head" and self.spec.get("detector"):
-            raise ValueError("findings prompt: site_scores 'head' does not read a finding map, so a detector is unused")
-        self.test_time_shifts = checked_shifts(self.spec.get("test_time_shifts"), self.site_scores)
         self.detector: nn.Module | None = None
         if self.spec.get("detector"):
             from radfm3d.modeling.detector import FindingDetector
