@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    from radfm3d.errors import RadFM3DError
+
+    try:
+        return int(func(rest) or 0)
+    except (RadFM3DError, FileNotFoundError) as err:  # bad input: one line naming the file and the problem
+        print(f"radfm3d {name}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
