@@ -24,6 +24,7 @@ from monai.engines.utils import PrepareBatch
 from torch import nn
 
 from radfm3d.data.structured_labels import IGNORE
+from radfm3d.modeling.box_snapping import box_iou
 
 __all__ = [
     "CachedImageLabel",
@@ -263,14 +264,6 @@ class StructuredLoss(nn.Module):
         return torch.stack(list(self.terms(pred, label).values())).sum()
 
 
-def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """3D IoU of ``(..., 6)`` corner boxes."""
-    lo, hi = torch.maximum(a[..., :3], b[..., :3]), torch.minimum(a[..., 3:], b[..., 3:])
-    inter = (hi - lo).clamp_min(0).prod(-1)
-    vol = lambda x: (x[..., 3:] - x[..., :3]).clamp_min(0).prod(-1)  # noqa: E731
-    return inter / (vol(a) + vol(b) - inter).clamp_min(1e-9)
-
-
 @torch.no_grad()
 def structured_metrics(pred: Mapping[str, torch.Tensor], label: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Accuracies and box IoU of one (or a concatenated) batch: modality, region, finding presence per structure in
@@ -297,7 +290,7 @@ def structured_metrics(pred: Mapping[str, torch.Tensor], label: Mapping[str, tor
                 out[f"{name}_type_acc"] = (pred[f"{name}_logits"][..., 1:].argmax(-1) == types)[positive].float().mean()
     for kind, mask in (("structure", label["structure_box_mask"] > 0), ("finding", label["finding_mask"] > 0)):
         if f"{kind}_box" in pred and mask.any():
-            iou = _box_iou(pred[f"{kind}_box"], label[f"{kind}_box"])[mask]
+            iou = box_iou(pred[f"{kind}_box"], label[f"{kind}_box"])[mask]
             out[f"{kind}_box_iou"], out[f"{kind}_hit@0.3"] = iou.mean(), (iou >= 0.3).float().mean()
     return {k: float(v) for k, v in out.items()}
 
@@ -395,7 +388,8 @@ def build_pretraining_model(name_or_path: str | os.PathLike, device: str | torch
 def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                            heads_dir: str | os.PathLike | None = None, num_tokens: int | None = None,
                            threshold: float | None = None, replace: bool = False,
-                           site_scores: str | None = None, test_time_shifts: Any = None) -> Path:
+                           site_scores: str | None = None, test_time_shifts: Any = None,
+                           snap_boxes: bool | None = None) -> Path:
     """Write ``out_dir``: the model of ``model_dir`` with a findings prompt (:mod:`radfm3d.modeling.findings_prompt`)
     built from the vision pre-training heads in ``heads_dir`` (default ``model_dir``; its
     ``structured_head.safetensors``, with the finding detector when the file has one), and its processor expanding
@@ -405,10 +399,13 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
     e.g. only a new threshold). ``site_scores``: ``"patch_map"`` or ``"head"`` (see
     :data:`radfm3d.modeling.findings_prompt.SITE_SCORES`; default: the replaced prompt's, else ``"patch_map"``).
     ``test_time_shifts``: voxel shifts whose head site scores are averaged with the scan's (``"2,2,0;-2,-2,0"`` or a
-    list of triples; ``"none"`` removes them; default: the replaced prompt's; needs ``site_scores="head"``). The
-    base LLM is not loaded (the folder still names it)."""
+    list of triples; ``"none"`` removes them; default: the replaced prompt's; needs ``site_scores="head"``).
+    ``snap_boxes``: ``generate`` moves the LLM's grounding boxes onto the head's finding boxes
+    (:mod:`radfm3d.modeling.box_snapping`; default: the replaced prompt's, else off). The base LLM is not loaded
+    (the folder still names it)."""
     from radfm3d.engine.training import load_processor
     from radfm3d.errors import RadFM3DInputError
+    from radfm3d.modeling.box_snapping import build_box_tokens
     from radfm3d.modeling.findings_prompt import build_findings_prompt_config, check_reading_options
     from radfm3d.modeling.heads import VisionPretrainingModel, read_head_file
     from radfm3d.modeling.model import RadFM3DForCausalLM
@@ -442,6 +439,11 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
     if test_time_shifts is not None:
         spec["test_time_shifts"] = test_time_shifts
     try:
+        if snap_boxes is not None:
+            spec.pop("box_tokens", None)
+            spec.pop("snap_boxes", None)
+            if snap_boxes:
+                spec.update(snap_boxes=True, box_tokens=build_box_tokens(processor.tokenizer))
         shifts = check_reading_options(spec)
     except ValueError as err:
         raise RadFM3DInputError(model_dir, str(err)) from None
@@ -457,6 +459,7 @@ def attach_findings_prompt(model_dir: str | os.PathLike, out_dir: str | os.PathL
     processor.save_pretrained(out)
     logger.info(f"findings prompt ({num_tokens} tokens, threshold {threshold}, site scores "
                 f"{spec.get('site_scores', 'patch_map')}{f', test-time shifts {shifts}' if shifts else ''}"
+                f"{', box snapping' if spec.get('snap_boxes') else ''}"
                 f"{', with a finding detector' if detector else ''}) attached: {out}")
     return out
 
@@ -485,11 +488,15 @@ def cli(argv: Sequence[str] | None = None) -> int:
                         help="with --site-scores head: also read the scan moved by these voxel shifts and average "
                              "the site scores, e.g. --test-time-shifts='2,2,0;-2,-2,0' ('none' removes them; "
                              "default: the replaced prompt's)")
+    parser.add_argument("--snap-boxes", default=None, choices=("on", "off"),
+                        help="on: generate moves the LLM's grounding boxes onto the head's finding boxes when one "
+                             "overlaps most (default: the replaced prompt's, else off)")
     parser.add_argument("--replace", action="store_true",
                         help="the model already has a findings prompt: swap in these heads (same slots; LLM untouched)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     attach_findings_prompt(args.model, args.out, args.heads, args.num_tokens, args.threshold, args.replace,
-                           args.site_scores, args.test_time_shifts)
+                           args.site_scores, args.test_time_shifts,
+                           None if args.snap_boxes is None else args.snap_boxes == "on")
     print(args.out)
     return 0

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from radfm3d.modeling.box_snapping import build_box_tokens
 from radfm3d.modeling.heads import build_finding_heads
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ def parse_shifts(shifts: Any) -> list[list[int]]:
 def check_reading_options(spec: Mapping[str, Any]) -> list[list[int]]:
     """Check how a findings-prompt ``spec`` reads sites — ``site_scores`` one of :data:`SITE_SCORES` (default
     ``"patch_map"``), no ``detector`` with ``"head"`` (it reads no map), ``test_time_shifts`` only with ``"head"``
-    (they average the head's site scores) — and return the parsed shifts. Raises ``ValueError``. The one place these
+    (they average the head's site scores), ``snap_boxes`` only with the tokenizer's ``box_tokens`` — and return the
+    parsed shifts. Raises ``ValueError``. The one place these
     rules live: the config builder, the prompter and ``radfm3d findings-prompt`` all call it."""
     site_scores = spec.get("site_scores", "patch_map")
     if site_scores not in SITE_SCORES:
@@ -79,6 +81,9 @@ def check_reading_options(spec: Mapping[str, Any]) -> list[list[int]]:
     if shifts and site_scores != "head":
         raise ValueError("test_time_shifts average the latent head's site scores, so they need site_scores 'head' "
                          "(--site-scores head)")
+    if spec.get("snap_boxes") and not isinstance(spec.get("box_tokens"), Mapping):
+        raise ValueError("findings prompt: snap_boxes needs the tokenizer's box_tokens (build the spec with "
+                         "snap_boxes=True / radfm3d findings-prompt --snap-boxes on)")
     return shifts
 
 
@@ -95,7 +100,8 @@ def shifted_volume(pixel_values: torch.Tensor, shift: Sequence[int]) -> torch.Te
 
 def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold: float = 0.5,
                                  head_hidden: int = 512, schema: LabelSchema | None = None,
-                                 site_scores: str = "patch_map", test_time_shifts: Any = None) -> dict[str, Any]:
+                                 site_scores: str = "patch_map", test_time_shifts: Any = None,
+                                 snap_boxes: bool = False) -> dict[str, Any]:
     """The ``findings_prompt`` config entry for a label schema (default: the phantom benchmark's,
     :data:`radfm3d.data.structured_labels.PHANTOM_LABEL_SCHEMA`): class names, finding sites per region, every phrase
     tokenised with ``tokenizer`` (no special tokens).
@@ -104,7 +110,9 @@ def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold
     patch score (probability a patch holds a finding x probability of the type) for a finding to be written;
     ``schema``: a :class:`radfm3d.data.structured_labels.LabelSchema` in the heads' output order; ``site_scores``: one
     of :data:`SITE_SCORES`; ``test_time_shifts``: voxel shifts of the scan whose head site scores are averaged with
-    its own (:func:`parse_shifts` forms; needs ``site_scores="head"``).
+    its own (:func:`parse_shifts` forms; needs ``site_scores="head"``); ``snap_boxes``: ``generate`` moves the LLM's
+    grounding boxes onto the head's finding boxes (:mod:`radfm3d.modeling.box_snapping`; stores how ``tokenizer``
+    writes boxes).
     """
     if schema is None:
         from radfm3d.data.structured_labels import PHANTOM_LABEL_SCHEMA
@@ -127,6 +135,7 @@ def build_findings_prompt_config(tokenizer: Any, num_tokens: int = 24, threshold
     shifts = check_reading_options({"site_scores": site_scores, "test_time_shifts": test_time_shifts})
     spec = {"num_tokens": int(num_tokens), "threshold": float(threshold), "head_hidden": int(head_hidden),
             "site_scores": site_scores, **({"test_time_shifts": shifts} if shifts else {}),
+            **({"snap_boxes": True, "box_tokens": build_box_tokens(tokenizer)} if snap_boxes else {}),
             "structures": structures, "finding_types": finding_types, "regions": regions,
             "modality_names": modality_names, "region_sites": region_sites, "phrases": phrases,
             "token_ids": token_ids}
@@ -236,6 +245,37 @@ class FindingsPrompter(nn.Module):
             candidates.sort(key=lambda c: -c[2])
             readings.append({"modality": int(modality[m]), "region": int(region[m]), "findings": candidates})
         return readings
+
+    @property
+    def snaps_boxes(self) -> bool:
+        """Whether ``generate`` moves the LLM's grounding boxes onto the head's boxes (spec key ``snap_boxes``)."""
+        return bool(self.spec.get("snap_boxes"))
+
+    @torch.no_grad()
+    def site_boxes(self, latents: torch.Tensor, spatial_size: Sequence[int],
+                   shifted_latents: Sequence[torch.Tensor] = ()) -> list[dict[str, list[tuple[int, ...]]]]:
+        """The head's boxes for the finding sites of the region it reads, per image, as 0..99 box values on a grid of
+        ``spatial_size`` voxels: ``{"finding": [box per site], "structure": [box per site]}``. ``latents (M, N,
+        dim)``; ``shifted_latents``: those of the scans moved by the spec's ``test_time_shifts`` (in that order):
+        their finding boxes, moved back by the shift, are averaged with the scan's own (structure boxes: the scan's
+        own). Candidates for :func:`radfm3d.modeling.box_snapping.snap_box`."""
+        from radfm3d.text.boxes import grid_box_to_normalised
+
+        out = self.head(latents.float())
+        sizes = torch.tensor([float(n) for n in spatial_size] * 2, device=latents.device)
+        finding = [out["finding_box"]]
+        for shift, shifted in zip(self.test_time_shifts, shifted_latents):
+            undo = torch.tensor([float(v) for v in shift] * 2, device=latents.device) / sizes
+            finding.append(self.head(shifted.float())["finding_box"] - undo)
+        finding_box = torch.stack(finding).mean(0) * sizes  # (M, S, 6) grid voxels
+        structure_box = out["structure_box"] * sizes
+        regions = out["region"].argmax(-1).tolist()
+        boxes = []
+        for m, region in enumerate(regions):
+            sites = [int(structure) for structure, _ in self.spec["region_sites"][region]]
+            boxes.append({kind: [grid_box_to_normalised(grid[m, s].tolist(), spatial_size) for s in sites]
+                          for kind, grid in (("finding", finding_box), ("structure", structure_box))})
+        return boxes
 
     def token_ids(self, readings: Sequence[Mapping[str, Any]], device: torch.device | str = "cpu") -> torch.Tensor:
         """Readings -> ``(M, num_tokens)`` long ids (filler-padded; findings that do not fit are dropped, lowest

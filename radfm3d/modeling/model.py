@@ -172,11 +172,16 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
               threshold: float | None = None) -> list[dict[str, Any]]:
         """The findings prompt's reading of ``images (M, C, H, W, D)`` from their encoder outputs, with one more
         encoder pass per test-time shift of the prompt (``test_time_shifts``)."""
+        return self.findings_prompter.read(latents, tokens, grid, pixel_values=images, threshold=threshold,
+                                           shifted_latents=self._shifted_latents(images))
+
+    def _shifted_latents(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Resampler latents of ``images (M, C, H, W, D)`` moved by each of the findings prompt's
+        ``test_time_shifts`` (one encoder pass per shift; none without shifts)."""
         from radfm3d.modeling.findings_prompt import shifted_volume
 
-        prompter = self.findings_prompter
-        shifted = [self.get_visual_latents(shifted_volume(images, shift)) for shift in prompter.test_time_shifts]
-        return prompter.read(latents, tokens, grid, pixel_values=images, threshold=threshold, shifted_latents=shifted)
+        return [self.get_visual_latents(shifted_volume(images, shift))
+                for shift in self.findings_prompter.test_time_shifts]
 
     def add_findings_prompt(self, spec: dict[str, Any], head_state: dict[str, torch.Tensor],
                             replace: bool = False) -> None:
@@ -382,9 +387,46 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             input_ids=safe_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen_kwargs
         )
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        prompt_len = 0
         if sequences.shape[1] >= input_ids.shape[1] and torch.equal(sequences[:, : input_ids.shape[1]], safe_ids):
             sequences[:, : input_ids.shape[1]] = input_ids
+            prompt_len = input_ids.shape[1]
+        if pixel_values is not None and self.findings_prompter is not None and self.findings_prompter.snaps_boxes:
+            sequences = self._snap_boxes(sequences, prompt_len, pixel_values, image_mask, pad)
+            if isinstance(out, torch.Tensor):
+                return sequences
+            out.sequences = sequences
         return out
+
+    @torch.no_grad()
+    def _snap_boxes(self, sequences: torch.Tensor, prompt_len: int, pixel_values: torch.Tensor,
+                    image_mask: torch.Tensor | None, pad: int | None) -> torch.Tensor:
+        """Generated ``sequences (B, L)`` with the boxes after ``prompt_len`` moved onto the findings prompt's head
+        boxes (:mod:`radfm3d.modeling.box_snapping`); rows with one real image only (which image a box of a
+        several-image answer refers to is not known). Rows whose length changes are re-padded with ``pad``."""
+        from radfm3d.modeling.box_snapping import BoxTokens, snap_box
+
+        prompter = self.findings_prompter
+        codec = BoxTokens(prompter.spec["box_tokens"])
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.unsqueeze(1)
+        mask = self._image_mask(pixel_values, image_mask)
+        rows = sequences.tolist()
+        spans = {b: found for b, row in enumerate(rows) if int(mask[b].sum()) == 1
+                 and (found := codec.find(row[prompt_len:]))}
+        if not spans:
+            return sequences
+        images = torch.stack([pixel_values[b][mask[b]][0] for b in spans])
+        candidates = prompter.site_boxes(self.get_visual_latents(images), images.shape[-3:],
+                                         self._shifted_latents(images))
+        for (b, found), boxes in zip(spans.items(), candidates):
+            snapped = [(start, end, snap_box(box, boxes["finding"], boxes["structure"])[0])
+                       for start, end, box in found]
+            rows[b] = rows[b][:prompt_len] + codec.rewrite(rows[b][prompt_len:], snapped)
+        width = max(len(row) for row in rows)
+        filler = int(pad if pad is not None else 0)
+        return torch.tensor([row + [filler] * (width - len(row)) for row in rows], dtype=sequences.dtype,
+                            device=sequences.device)
 
     # ------------------------------------------------------------------ training switches
     def freeze(
