@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("radfm3d.evaluation.harness:cli", "score a model or a predictions file on a manifest"),
     "reading-threshold": ("radfm3d.evaluation.reading:cli", "score the findings-prompt reading per threshold on val cases"),
     "findings-prompt": ("radfm3d.engine.pretraining:cli", "attach the findings prompt (encoder reading as text) to a model"),
+    "refit-boxes": ("radfm3d.engine.box_refit:cli", "re-fit the findings-prompt head's finding boxes (box snapping) on more cases"),
     "convert-radfm": ("radfm3d.interop.radfm:cli", "convert the official RadFM pytorch_model.bin to sharded safetensors"),
 }
 

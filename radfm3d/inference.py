@@ -266,6 +266,15 @@ class ScanResultWriter:
                                        None if batch.get("image_mask") is None else batch["image_mask"][:1])
         return rows[0][0] if rows and rows[0] else None
 
+    @staticmethod
+    def _snaps_boxes(engine: Engine) -> bool:
+        """Whether the model moves the LLM's boxes onto its heads' finding boxes (:mod:`radfm3d.modeling.box_snapping`),
+        so a reader of the JSON knows where a box came from."""
+        from radfm3d.engine.training import unwrap_model
+
+        prompter = getattr(unwrap_model(engine.network), "findings_prompter", None)
+        return bool(prompter is not None and prompter.snaps_boxes)
+
     def write(self, engine: Engine) -> Path:
         batch, texts = engine.state.batch, list(engine.state.output["pred"])
         generate_s = time.perf_counter() - self._t0
@@ -287,6 +296,7 @@ class ScanResultWriter:
             "recipe": self._recipe(),
             "grid_geometry": geometry,
             "image_reading": self._reading(engine, batch),
+            "box_snapping": self._snaps_boxes(engine),
             "answers": answers,
             "timings_s": {**{k: round(float(v), 4) for k, v in batch.get("timings_s", {}).items()},
                           "generate": round(generate_s, 4)},

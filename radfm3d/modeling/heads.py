@@ -48,6 +48,13 @@ class StructuredFindingsHead(nn.Module):
         )
         self.per_structure = per_structure
 
+    def finding_box_rows(self) -> torch.Tensor:
+        """Indices of the last ``Linear``'s output rows that give ``finding_box``, structure by structure, in
+        ``(S * 6,)`` order (for re-fitting those outputs alone: :mod:`radfm3d.engine.box_refit`)."""
+        offset = sum(self._split[:3]) + 1 + BOX + 1 + N_COUNT + self.num_finding_types
+        return torch.tensor([offset + s * self.per_structure + k for s in range(self.num_structures)
+                             for k in range(BOX)])
+
     def forward(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
         modality, region, total_count, rest = self.net(latents).split(self._split, dim=-1)
         rest = rest.reshape(latents.shape[0], self.num_structures, self.per_structure)

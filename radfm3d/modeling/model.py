@@ -367,7 +367,9 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
     ) -> Any:
         """Embed once (images scattered in), then run the LLM's own ``generate`` (KV cache, greedy/sampling,
         every HF option). Returns ``prompt ids + new ids`` (or the usual output object with ``.sequences``).
-        Left-pad batches (positions are taken from ``attention_mask``)."""
+        Left-pad batches (positions are taken from ``attention_mask``). With a findings prompt that snaps boxes
+        (spec ``snap_boxes``), the generated boxes are then moved onto the head's finding boxes
+        (:mod:`radfm3d.modeling.box_snapping`)."""
         gen_kwargs.pop("grid_geometry", None)  # so that ``model.generate(**processor(...))`` works as is
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
         gen_config = self.language_model.generation_config

@@ -205,8 +205,10 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="infer", **overrides)
     _check_workflow(workflow)
-    reading = json.loads((tmp_path / "out" / "ct.json").read_text())["image_reading"]
+    written = json.loads((tmp_path / "out" / "ct.json").read_text())
+    reading = written["image_reading"]
     assert reading["text"].startswith("Image reading: ") and reading["region"] in ("head", "chest", "abdomen")
+    assert written["box_snapping"] is False  # the bundle's tiny model was not given box snapping
 
     # a finding detector trained alone on finding-centred crops under the finished model (everything else frozen,
     # no encoder pass), validated on whole scans, swapped into its findings prompt
