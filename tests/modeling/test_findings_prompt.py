@@ -166,7 +166,8 @@ def test_phantom_schema_rebuilds_the_shipped_spec():
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
     spec = build_findings_prompt_config(tokenizer, shipped["num_tokens"], shipped["threshold"], shipped["head_hidden"],
                                         site_scores=shipped.get("site_scores", "patch_map"),
-                                        test_time_shifts=shipped.get("test_time_shifts"))
+                                        test_time_shifts=shipped.get("test_time_shifts"),
+                                        snap_boxes=bool(shipped.get("snap_boxes")))
     if "site_scores" not in shipped:  # written before the key existed: the prompter reads it as "patch_map"
         del spec["site_scores"]
     assert json.loads(json.dumps(spec)) == shipped
