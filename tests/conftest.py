@@ -1,9 +1,11 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""Shared pytest fixtures: small synthetic volumes with known geometry (no files, no heavy deps)."""
+"""Shared pytest fixtures: small synthetic volumes with known geometry (no files, no heavy deps), and a tiny
+phantom set with structured labels."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,3 +48,14 @@ def make_synthetic_volume(shape: tuple[int, int, int] = (32, 32, 16), spacing=(0
 def synthetic_volume() -> SyntheticVolume:
     """32x32x16 int16 volume, spacing 0.8x0.9x2.5 mm, rotated 20 degrees in-plane, one marked voxel."""
     return make_synthetic_volume(rotation_deg=20.0)
+
+
+@pytest.fixture(scope="session")
+def structured_phantoms(tmp_path_factory) -> Path:
+    """``cases.jsonl`` of 6 tiny phantoms (32x32x8 grid, NIfTI only, half with a prior scan), written once per run."""
+    from radfm3d.data.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("structured") / "phantoms"
+    generate_phantoms(root, n=6, seed=3, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10), dicom_fraction=0.0,
+                      prior_fraction=0.5, progress=False)
+    return root / "cases.jsonl"

@@ -8,17 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from radfm3d.data.phantoms import FINDING_TYPES, generate_phantoms
+from radfm3d.data.phantoms import FINDING_TYPES
 from radfm3d.data.structured_labels import STRUCTURES, labels_for_image, structured_records
 from radfm3d.errors import RadFM3DInputError
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("structured") / "phantoms"
-    generate_phantoms(root, n=6, seed=3, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10), dicom_fraction=0.0,
-                      prior_fraction=0.5, progress=False)
-    return root / "cases.jsonl"
+def cases(structured_phantoms: Path) -> Path:
+    return structured_phantoms
 
 
 def _cases(path: Path) -> list[dict]:

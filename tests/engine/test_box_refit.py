@@ -52,17 +52,7 @@ def test_fit_finding_box_rows_learns_boxes_and_never_gets_worse_on_val():
     assert report["best_step"] == 0 and torch.equal(same_weight, new_weight) and torch.equal(same_bias, new_bias)
 
 
-@pytest.fixture(scope="module")
-def phantom_cases(tmp_path_factory) -> Path:
-    from radfm3d.data.phantoms import generate_phantoms
-
-    root = tmp_path_factory.mktemp("refit") / "phantoms"
-    generate_phantoms(root, n=6, seed=5, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10), dicom_fraction=0.0,
-                      prior_fraction=0.0, progress=False)
-    return root / "cases.jsonl"
-
-
-def test_refit_changes_only_the_finding_box_rows(phantom_cases: Path, tmp_path: Path):
+def test_refit_changes_only_the_finding_box_rows(structured_phantoms: Path, tmp_path: Path):
     """End to end on a tiny model with a findings prompt: the written model differs from the source in the finding-box
     rows of the head's last layer only, loads, and carries its report."""
     from safetensors.torch import load_file
@@ -82,9 +72,9 @@ def test_refit_changes_only_the_finding_box_rows(phantom_cases: Path, tmp_path: 
     processor.save_pretrained(stage0)
     source = attach_findings_prompt(stage0, tmp_path / "source", num_tokens=120)
     out = tmp_path / "refit"
-    report = refit_finding_boxes(source, out, [(phantom_cases, None)], (phantom_cases, None), train_split=None,
+    report = refit_finding_boxes(source, out, [(structured_phantoms, None)], (structured_phantoms, None), train_split=None,
                                  val_split=None, steps=30, learning_rate=1e-2, progress=False)
-    assert report["train_images"] == report["val_images"] == 6
+    assert report["train_images"] == report["val_images"] > 6  # 6 cases, some with a prior scan
     assert report["after"]["val"]["hit@0.3"] >= report["before"]["val"]["hit@0.3"]
     assert json.loads((out / "box_refit.json").read_text())["best_step"] == report["best_step"]
     before, after = load_file(str(source / "model.safetensors")), load_file(str(out / "model.safetensors"))
@@ -101,5 +91,5 @@ def test_refit_changes_only_the_finding_box_rows(phantom_cases: Path, tmp_path: 
     if report["best_step"]:
         assert not torch.equal(before[last + "bias"][rows], after[last + "bias"][rows])
     # the CLI: a folder without a model is one line on stderr and exit code 2
-    assert main(["refit-boxes", str(tmp_path / "nothing"), "--train", str(phantom_cases), "--val",
-                 str(phantom_cases), "--out", str(tmp_path / "x")]) == 2
+    assert main(["refit-boxes", str(tmp_path / "nothing"), "--train", str(structured_phantoms), "--val",
+                 str(structured_phantoms), "--out", str(tmp_path / "x")]) == 2
