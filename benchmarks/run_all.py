@@ -9,7 +9,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-BENCHMARKS = ("benchmarks.bench_preprocessing", "benchmarks.bench_model")
+BENCHMARKS = ("benchmarks.bench_preprocessing", "benchmarks.bench_model", "benchmarks.bench_box_snapping")
 
 if __name__ == "__main__":
     for name in BENCHMARKS:
