@@ -14,8 +14,9 @@ keeps the LLM's box. The head's finding boxes are averaged over the scan and the
 
 The rewrite happens in token space inside ``RadFM3DForCausalLM.generate`` (the model holds no tokenizer): the spec
 keeps the token ids of the ten digits, the comma and the tokens around a box body, checked when the spec is built
-(:func:`build_box_tokens`), so that every consumer of ``generate`` (bundles, the Python API, the server) sees the
-same snapped text.
+(:func:`build_box_tokens`), so that every consumer of ``generate`` (the bundles, the Python API) sees the same
+snapped text. What counts as a well-formed box is :func:`radfm3d.text.boxes.parse_boxes`'s rule, the one the processor
+and the evaluation use.
 """
 
 from __future__ import annotations
@@ -119,16 +120,12 @@ class BoxTokens:
         return found
 
     def _parse(self, body: Sequence[int]) -> Box | None:
-        numbers: list[int] = []
+        """Digit / comma ids -> the ordered box, or None when the text is not a well-formed box."""
+        from radfm3d.text.boxes import parse_boxes
+
         text = "".join("," if int(t) == self.comma else str(self._digit_of[int(t)]) for t in body)
-        for part in text.split(","):
-            if not part or len(part) > 2:
-                return None
-            numbers.append(int(part))
-        if len(numbers) != 6:
-            return None
-        return tuple(min(numbers[a], numbers[a + 3]) for a in range(3)) + tuple(  # type: ignore[return-value]
-            max(numbers[a], numbers[a + 3]) for a in range(3))
+        boxes = parse_boxes(f"<box>{text}</box>")
+        return boxes[0] if boxes else None
 
     def encode(self, box: Sequence[int]) -> list[int]:
         """Six 0..99 ints -> the body's token ids (``x1,y1,z1,x2,y2,z2``)."""

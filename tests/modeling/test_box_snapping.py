@@ -10,12 +10,12 @@ from radfm3d.data.phantoms import FINDING_TYPES
 from radfm3d.data.structured_labels import STRUCTURES
 from radfm3d.modeling.box_snapping import BoxTokens, box_iou, build_box_tokens, snap_box
 from radfm3d.modeling.configuration import RadFM3DConfig
-from radfm3d.modeling.heads import BOX, N_COUNT
+from radfm3d.modeling.heads import VisionPretrainingModel
 from radfm3d.modeling.model import RadFM3DForCausalLM
 from radfm3d.processing import RadFM3DProcessor
 from radfm3d.text.boxes import grid_box_to_normalised, parse_boxes
 
-from test_findings_prompt import _rigged_heads, _spec  # noqa: E402  (tests/modeling is on sys.path)
+from test_findings_prompt import HIDDEN, _rigged_heads, _spec  # noqa: E402  (tests/modeling is on sys.path)
 
 SHIPPED = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_demo" / "models" / "model"
 
@@ -50,12 +50,11 @@ def test_snap_box_without_candidates_keeps_the_box():
 
 
 def _tokenizers() -> list:
-    out = [RadFM3DProcessor.from_model_config("tiny").tokenizer]  # one token per character
-    if (SHIPPED / "tokenizer.json").is_file():  # the demo model's SmolLM2 tokenizer (BPE, digits one by one)
-        from transformers import AutoTokenizer
+    """The tiny preset's (one token per character) and the shipped demo model's SmolLM2 tokenizer (BPE, digits one
+    by one)."""
+    from transformers import AutoTokenizer
 
-        out.append(AutoTokenizer.from_pretrained(SHIPPED))
-    return out
+    return [RadFM3DProcessor.from_model_config("tiny").tokenizer, AutoTokenizer.from_pretrained(SHIPPED)]
 
 
 @pytest.mark.parametrize("tokenizer", _tokenizers(), ids=lambda t: type(t).__name__)
@@ -103,10 +102,9 @@ def _snapping_model(model, processor, finding_boxes: dict, shifts=None) -> RadFM
     the given unit finding boxes per structure name (others far away in a corner), whatever the image."""
     heads = _rigged_heads(model, 0, 2, FINDING_TYPES.index("mass"))
     bias = heads["head.net.4.bias"].clone()
-    per = (len(bias) - 3 - 3 - N_COUNT) // len(STRUCTURES)
+    rows = VisionPretrainingModel(model, hidden=HIDDEN).head.finding_box_rows().reshape(len(STRUCTURES), 6)
     for s, name in enumerate(STRUCTURES):
-        start = 3 + 3 + N_COUNT + s * per + 1 + BOX + 1 + N_COUNT + len(FINDING_TYPES)
-        bias[start:start + BOX] = _unit_logit(finding_boxes.get(name, [0.9, 0.9, 0.9, 0.95, 0.95, 0.95]))
+        bias[rows[s]] = _unit_logit(finding_boxes.get(name, [0.9, 0.9, 0.9, 0.95, 0.95, 0.95]))
     heads["head.net.4.bias"] = bias
     spec = {**_spec(processor), "site_scores": "head", **({"test_time_shifts": shifts} if shifts else {}),
             "snap_boxes": True, "box_tokens": build_box_tokens(processor.tokenizer)}
