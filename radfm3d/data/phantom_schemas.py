@@ -57,7 +57,8 @@ def check_schema(name: str = "phantom") -> list[str]:
         if case and "/" in case:
             organ, side = case.split("/")
             if entry["phrase"].strip() != organ_label(organ, side):
-                problems.append(f"structure {entry['name']}: phrase {entry['phrase']!r} != {organ_label(organ, side)!r}")
+                problems.append(f"structure {entry['name']}: phrase {entry['phrase']!r} != "
+                                f"{organ_label(organ, side)!r}")
     for flag in data.get("flags", []):
         for rule in flag.get("rules", []):
             if rule.get("type") not in FINDING_TYPES or rule.get("organ") not in FINDING_SITES \

@@ -8,8 +8,8 @@ into prompt tokens for the report decoder. Here the classifier is the stage-0 fi
 modality and region (when the label schema has them), per finding site of the region the best finding type with the
 score ``sigmoid(finding_present) x softmax(finding_type)`` and, for a schema with per-scan flags,
 ``sigmoid(flag)``; everything above ``threshold`` is written, best first, e.g.
-``" Image reading: CT, abdomen; liver mass, right kidney cyst."``, as token ids into ``num_tokens`` slots after the
-image's visual tokens (padded with the filler phrase). The words come from the schema's phrases
+``" Image reading: <modality>, <region>; <structure> <finding type>, ...."``, as token ids into ``num_tokens``
+slots after the image's visual tokens (padded with the filler phrase). The words come from the schema's phrases
 (:mod:`radfm3d.findings.schema`), tokenised with the model's tokenizer when the model is built or loaded.
 
 The scores may be averaged over copies of the scan moved by ``test_time_shifts`` voxels (each one more encoder pass):

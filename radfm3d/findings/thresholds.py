@@ -3,9 +3,10 @@
 
 The reading (:mod:`radfm3d.findings.reader`) names, for every finding site of the scan's region, the best finding
 type when its score passes the reader's threshold. Against the structured labels of ``cases.jsonl`` under the
-model's label schema (:func:`radfm3d.findings.labels.labels_for_image`), each (image, site) pair is one decision: does the site hold
-a finding, and of which type (the largest one's). :func:`reading_sites` scores every site once (threshold off),
-:func:`threshold_table` turns the scores into accuracy / recall / specificity / type accuracy per threshold, so the
+model's label schema (:func:`radfm3d.findings.labels.labels_for_image`), each (image, site) pair is one decision:
+does the site hold a finding, and of which type (the largest one's). :func:`reading_sites` scores every site once
+(threshold off), :func:`threshold_table` turns the scores into accuracy / recall / specificity / type accuracy per
+threshold, so the
 threshold can be chosen on a validation split (``radfm3d reading-threshold``) instead of guessed. Sites are read in
 the model's predicted region, as at inference; a wrong region counts every true site it hides as missed.
 """
@@ -40,7 +41,8 @@ def reading_sites(model: Any, recipe: Any, cases_file: str | os.PathLike, split:
                   progress: bool = True) -> list[SiteScore]:
     """Score every finding site of every image of ``split`` (current scans and priors) with the model's reading.
 
-    ``model``: a :class:`~radfm3d.findings.model.RadFM3DFindingsModel` whose schema has findings; ``recipe``: its ``PreprocessingRecipe`` (the
+    ``model``: a :class:`~radfm3d.findings.model.RadFM3DFindingsModel` whose schema has findings; ``recipe``: its
+    ``PreprocessingRecipe`` (the
     processor's ``recipe``); with ``cache_dir`` images go through the preprocessed-image cache.
     """
     from radfm3d.data.cache import PreprocessedImageCache

@@ -86,7 +86,8 @@ def test_refit_changes_only_the_finding_box_rows(structured_phantoms: Path, tmp_
     processor.save_pretrained(stage0)
     source = attach_findings_prompt(stage0, tmp_path / "source", num_tokens=120)
     out = tmp_path / "refit"
-    report = refit_finding_boxes(source, out, [(structured_phantoms, None)], (structured_phantoms, None), train_split=None,
+    report = refit_finding_boxes(source, out, [(structured_phantoms, None)], (structured_phantoms, None),
+                                 train_split=None,
                                  val_split=None, steps=30, learning_rate=1e-2, progress=False)
     assert report["train_images"] == report["val_images"] > 6  # 6 cases, some with a prior scan
     assert report["after"]["val"]["hit@0.3"] >= report["before"]["val"]["hit@0.3"]

@@ -37,7 +37,8 @@ def _perfect(labels: dict[str, torch.Tensor], types: int = 5) -> dict[str, torch
     return {"modality": onehot(labels["modality"], 3), "region": onehot(labels["region"], 3),
             "total_count": onehot(labels["total_count"], 4),
             "structure_present": (labels["structure_present"] * 2 - 1) * 50,
-            "structure_box": labels["structure_box"].clone(), "finding_present": (labels["finding_present"] * 2 - 1) * 50,
+            "structure_box": labels["structure_box"].clone(),
+            "finding_present": (labels["finding_present"] * 2 - 1) * 50,
             "finding_count": onehot(labels["finding_count"], 4), "finding_type": onehot(labels["finding_type"], types),
             "finding_box": labels["finding_box"].clone(), "finding_size": labels["finding_size"].clone()}
 
@@ -135,4 +136,5 @@ def test_second_schema_end_to_end(structured_phantoms: Path, tmp_path: Path, nam
     saved = {k: v for k, v in again.head.state_dict().items()}
     from radfm3d.findings.heads import read_head_file
 
-    assert all(torch.equal(saved[k[len("head."):]], v) for k, v in read_head_file(stage0 / "structured_head.safetensors").items())
+    stored = read_head_file(stage0 / "structured_head.safetensors")
+    assert all(torch.equal(saved[k[len("head."):]], v) for k, v in stored.items())
