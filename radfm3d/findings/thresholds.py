@@ -7,7 +7,8 @@ model's label schema (:func:`radfm3d.findings.labels.labels_for_image`), each (i
 does the site hold a finding, and of which type (the largest one's). :func:`reading_sites` scores every site once
 (threshold off), :func:`threshold_table` turns the scores into accuracy / recall / specificity / type accuracy
 per threshold, so the threshold can be chosen on a validation split (``radfm3d reading-threshold``) instead of
-guessed. Sites are read in the model's predicted region, as at inference; a wrong region counts every true site it hides as missed.
+guessed. Sites are read in the model's predicted region, as at inference; a wrong region counts every true site it
+hides as missed.
 """
 
 from __future__ import annotations
