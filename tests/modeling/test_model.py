@@ -382,3 +382,19 @@ def test_loading_prints_no_config_warnings(model, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         RadFM3DForCausalLM.from_pretrained(tmp_path)
     assert not [r for r in caplog.records if "model of type" in r.getMessage()]
+
+
+def test_modeling_imports_no_higher_room():
+    """The model room is the general VLM: no import of data, engine, evaluation or findings (static or lazy)."""
+    import ast
+    from pathlib import Path
+
+    import radfm3d.modeling
+
+    for path in Path(radfm3d.modeling.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("radfm3d.data", "radfm3d.engine", "radfm3d.evaluation",
+                                            "radfm3d.findings")), f"{path.name} imports {name}"
