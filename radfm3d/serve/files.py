@@ -81,14 +81,16 @@ def scan_kind(filename: str) -> str:
                                       ".zip of one DICOM series")
 
 
-def safe_extract_zip(archive: Path, dest: Path, *, max_entries: int, max_total_bytes: int) -> int:
+def safe_extract_zip(archive: Path, dest: Path, *, max_entries: int, max_total_bytes: int,
+                     name: str | None = None) -> int:
     """Extract ``archive`` into ``dest`` refusing absolute names, ``..``, symlinks and other non-regular entries,
-    more than ``max_entries`` files or more than ``max_total_bytes`` decompressed. Returns the file count.
+    more than ``max_entries`` files or more than ``max_total_bytes`` decompressed (errors name ``name``, default the
+    archive's file name). Returns the file count.
 
     Written here rather than with ``ZipFile.extractall`` because extractall silently rewrites unsafe names instead of
     refusing them, and trusts the sizes written in the zip header (a zip bomb can lie about them).
     """
-    name = archive.name
+    name = name or archive.name
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as err:
@@ -103,8 +105,8 @@ def safe_extract_zip(archive: Path, dest: Path, *, max_entries: int, max_total_b
             parts = PurePosixPath(member).parts
             if member.startswith("/") or re.match(r"^[A-Za-z]:", member) or ".." in parts:
                 raise RadFM3DInputError(name, f"unsafe entry name {info.filename!r} (absolute or '..')")
-            mode = (info.external_attr >> 16) & 0xFFFF
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = stat.S_IFMT((info.external_attr >> 16) & 0xFFFF)  # 0: the zip does not say (plain file)
+            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise RadFM3DInputError(name, f"entry {info.filename!r} is a symlink or special file")
             if info.flag_bits & 0x1:
                 raise RadFM3DInputError(name, f"entry {info.filename!r} is encrypted")
@@ -241,7 +243,7 @@ class FileStore:
                 series = folder / "series"
                 series.mkdir()
                 safe_extract_zip(upload, series, max_entries=self.limits.max_zip_entries,
-                                 max_total_bytes=self.limits.max_unzipped_bytes)
+                                 max_total_bytes=self.limits.max_unzipped_bytes, name=filename)
                 upload.unlink()
                 path = series
             else:
