@@ -437,7 +437,8 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
         images = []
         for ref, item in zip(volumes, result.images):
             images.append({"index": item["index"], **ref.source, "geometry": ref.geometry,
-                           "grid_geometry": item["grid_geometry"], "boxes": item["boxes"]})
+                           "grid_geometry": item["grid_geometry"], "boxes": item["boxes"],
+                           "reading": item.get("reading")})
         return {"content": result.text, "images": images, "recipe": engine.processor.recipe.to_dict(),
                 "timings_s": {"prepare_volumes": prepare_s, **result.timings_s},
                 "usage_note": "boxes are placed on every image of the request; with several images the answer does "
@@ -454,8 +455,8 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
         turns, system, volumes = parse_chat(body, who)
         params = parse_params(body)
         stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False)) if isinstance(
-            body.get("stream_options"), (dict, type(None))) else False
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage", False))
         prompt, formatted = engine.format_conversation(turns, system)
         if state["pending"] >= settings.max_pending:
             raise APIError(429, f"the server is busy ({state['pending']} requests queued); retry shortly",

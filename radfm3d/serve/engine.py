@@ -275,6 +275,7 @@ class Engine:
                 if torch.cuda.is_available():
                     torch.cuda.manual_seed_all(int(params.seed))
             with torch.inference_mode():
+                readings = [self._reading(image) for image in images]
                 out = self.model.generate(**model_inputs, **gen)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             new_ids = sequences[0, n_prompt:].tolist()
@@ -292,11 +293,29 @@ class Engine:
             reason = "stop"
         else:
             reason = "length"
-        images_out = [{"index": k, "grid_geometry": g, "boxes": self.boxes(text, g)} for k, g in enumerate(geometries)]
+        images_out = [{"index": k, "grid_geometry": g, "boxes": self.boxes(text, g),
+                       "reading": readings[k] if k < len(readings) else None} for k, g in enumerate(geometries)]
         return GenerationResult(text=text, finish_reason=reason, prompt_tokens=n_prompt,
                                 completion_tokens=len(new_ids), images=images_out,
                                 timings_s={"prepare_inputs": t1 - t0, "queue": t_locked - t1,
                                            "generate": t2 - t_locked, "total": time.perf_counter() - t0})
+
+    def _reading(self, image: Any) -> dict[str, Any] | None:
+        """The model's own reading of a prepared image (``model.read_findings``: modality, region, findings with
+        scores) when it has a findings prompt, else ``None``; kept in the cached image's meta (computed once per
+        volume). Call with the lock held."""
+        meta = getattr(image, "meta", None)
+        if meta is not None and "reading" in meta:
+            return meta["reading"]
+        reading = None
+        if getattr(self.model, "findings_prompter", None) is not None and hasattr(self.model, "read_findings"):
+            param = next(self.model.parameters())
+            pixels = torch.as_tensor(image.as_tensor() if hasattr(image, "as_tensor") else image)
+            rows = self.model.read_findings(pixels[None, None].to(param.device, param.dtype))
+            reading = rows[0][0] if rows and rows[0] else None
+        if meta is not None:
+            meta["reading"] = reading
+        return reading
 
     def boxes(self, text: str, grid_geometry: Any) -> list[dict[str, Any]]:
         """``<box>`` boxes of ``text`` on one image: ``processor.boxes_from_text`` (0-99 steps, grid, original voxel

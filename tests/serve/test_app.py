@@ -338,6 +338,16 @@ def test_no_allow_dir_means_no_paths_and_full_queue_means_429(engine, ct_id):
         assert c.get("/v1/models").status_code == 200  # no key configured: loopback-only server, open
 
 
+def test_a_request_over_the_time_limit_is_stopped_with_504(engine, ct_id, client):
+    settings = ServeSettings(api_keys=[], request_timeout_s=0.001, max_tokens_limit=512)
+    with TestClient(create_app(engine, settings)) as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 512, "messages": [
+            {"role": "user", "content": "Describe everything."}]})
+        assert error_of(r, 504)["code"] == "timeout"
+        assert c.get("/health").status_code == 200
+    assert_alive(client, ct_id)  # the model lock was released
+
+
 def test_refuses_a_public_bind_without_a_key():
     from radfm3d.errors import RadFM3DInputError
     from radfm3d.serve.app import build_parser, is_loopback, settings_from_args
