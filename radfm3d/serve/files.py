@@ -26,8 +26,8 @@ from typing import Any
 
 from radfm3d.errors import RadFM3DInputError
 
-__all__ = ["FileLimits", "StoredFile", "FileStore", "scan_kind", "safe_extract_zip", "geometry_summary",
-           "owner_of"]
+__all__ = ["FileLimits", "StoredFile", "FileStore", "scan_kind", "safe_extract_zip", "check_attached_data",
+           "geometry_summary", "owner_of"]
 
 #: accepted upload names (lower-case suffix) -> kind
 _SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "mha", ".zip": "dicom-zip"}
@@ -128,6 +128,33 @@ def safe_extract_zip(archive: Path, dest: Path, *, max_entries: int, max_total_b
     if count == 0:
         raise RadFM3DInputError(name, "the zip holds no files; send a zip of one DICOM series")
     return count
+
+
+def check_attached_data(path: Path, kind: str, name: str) -> None:
+    """Refuse a NRRD or MHA header that points at a separate data file (``data file:`` / ``ElementDataFile`` other
+    than ``LOCAL``): on a server that would make the reader open a file of the server's choosing, not the upload."""
+    if kind not in ("nrrd", "mha"):
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(256 * 1024)
+    lines = head.split(b"\n")
+    for raw in lines:
+        line = raw.strip().lower()
+        if kind == "nrrd":
+            if not line:  # the blank line ends a NRRD header
+                return
+            key = line.split(b":", 1)[0].strip()
+            if key in (b"data file", b"datafile"):
+                raise RadFM3DInputError(name, "the NRRD header names a separate data file; upload a single-file "
+                                              "NRRD (attached data)")
+        elif line.startswith(b"elementdatafile"):
+            value = line.split(b"=", 1)[1].strip() if b"=" in line else b""
+            if value != b"local":
+                raise RadFM3DInputError(name, "the MHA header names a separate data file; upload a single-file "
+                                              "MHA (ElementDataFile = LOCAL)")
+            return
+    if kind == "mha":
+        raise RadFM3DInputError(name, "no ElementDataFile = LOCAL in the first 256 KiB: not a single-file MHA")
 
 
 def geometry_summary(image: Any) -> dict[str, Any]:
@@ -249,6 +276,7 @@ class FileStore:
             else:
                 path = folder / ("scan" + next(s for s in _SUFFIXES if filename.lower().endswith(s)))
                 upload.rename(path)
+                check_attached_data(path, kind, filename)
             try:
                 image = load_image(path, max_voxels=self.limits.max_voxels)
             except RadFM3DInputError as err:  # the reader names the server's temp path: name the upload instead

@@ -118,6 +118,19 @@ def test_dicom_zip_upload_reads_the_series(client):
     assert client.delete(f"/v1/files/{r.json()['id']}", headers=A).json()["deleted"] is True
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_single_file_nrrd_and_mha_uploads(client, tmp_path, suffix):
+    import SimpleITK as sitk
+
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(CT)), str(path), True)
+    r = client.post("/v1/files", headers=A, files={"file": (path.name, path.read_bytes())})
+    assert r.status_code == 200, r.text
+    ref = load_image(CT)
+    np.testing.assert_allclose(r.json()["geometry"]["affine_ras"], np.asarray(ref.affine), atol=1e-4)
+    assert client.delete(f"/v1/files/{r.json()['id']}", headers=A).status_code == 200
+
+
 def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -142,6 +155,10 @@ def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
     ("empty.zip", _zip({}), 400, "no files"),
     ("corrupt.zip", b"PK\x03\x04garbage", 400, "zip"),
     ("big.nii", bytes(5 * 2**20), 413, "limit"),
+    ("detached.nrrd", b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
+                      b"data file: /etc/hostname\n\n", 400, "separate data file"),
+    ("detached.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\n"
+                     b"ElementDataFile = /etc/hostname\n", 400, "separate data file"),
 ])
 def test_bad_uploads_are_refused_and_the_server_keeps_answering(client, ct_id, name, data, status, words):
     before = len(client.get("/v1/files", headers=A).json()["data"])
