@@ -365,6 +365,23 @@ def test_a_request_over_the_time_limit_is_stopped_with_504(engine, ct_id, client
     assert_alive(client, ct_id)  # the model lock was released
 
 
+def test_an_internal_failure_is_a_json_500_without_details(client, engine, ct_id, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail from deep inside")
+
+    monkeypatch.setattr(engine, "generate", broken)
+    raw = TestClient(client.app, raise_server_exceptions=False)  # as a real server: answer, log, go on
+    r = ask(raw, [vol(ct_id)])
+    err = error_of(r, 500)
+    assert err["type"] == "server_error" and "secret" not in r.text
+    with raw.stream("POST", "/v1/chat/completions", headers=A, json={
+            "model": "tiny", "stream": True, "messages": [{"role": "user", "content": [vol(ct_id)]}]}) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and '"server_error"' in lines[-2] and "secret" not in "".join(lines)
+    monkeypatch.undo()
+    assert_alive(client, ct_id)
+
+
 def test_refuses_a_public_bind_without_a_key():
     from radfm3d.errors import RadFM3DInputError
     from radfm3d.serve.app import build_parser, is_loopback, settings_from_args
