@@ -46,7 +46,9 @@ def _ensure_radfm3d(source_dir: str = "", need_torch: bool = False) -> None:
             import torch  # noqa: F401
         return
     except ImportError:
-        pass
+        if not need_torch:
+            raise RuntimeError("Remote mode needs the radfm3d source folder (pure Python: radfm3d.client and "
+                               "radfm3d.slicer, no torch): set 'radfm3d folder'") from None
     if not slicer.util.confirmOkCancelDisplay(
             "RadFM3D Local mode needs radfm3d (and torch) in Slicer's Python. Install them now with pip? "
             "This can take several minutes."):
@@ -240,6 +242,9 @@ class RadFM3DWidget(ScriptedLoadableModuleWidget):
         if volume is None or self.worker is not None:
             return
         self._save_settings()
+        if self.mode == "Local" and not self.modelEdit.text.strip():
+            slicer.util.errorDisplay("Local mode: set 'Local model' to a radfm3d model folder")
+            return
         try:
             _ensure_radfm3d(self.sourceEdit.text.strip(), need_torch=self.mode == "Local")
         except Exception as err:  # noqa: BLE001 - shown to the user
