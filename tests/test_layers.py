@@ -20,7 +20,8 @@ LINT = Path(sys.executable).with_name("lint-imports")
 
 def _lint(package_parent: Path) -> subprocess.CompletedProcess:
     """``lint-imports`` with the repository's contract over the ``radfm3d`` found under ``package_parent``."""
-    cmd = [str(LINT)] if LINT.is_file() else [sys.executable, "-m", "importlinter.cli"]
+    cmd = [str(LINT)] if LINT.is_file() else [
+        sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())"]
     env = {**os.environ, "PYTHONPATH": str(package_parent)}
     return subprocess.run([*cmd, str(ROOT / ".importlinter"), "--no-cache", "--no-logo"], cwd=package_parent,
                           env=env, capture_output=True, text=True, timeout=300)
