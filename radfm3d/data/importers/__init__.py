@@ -9,6 +9,7 @@ Every importer writes ``<split>.jsonl`` manifests (``manifest.jsonl`` without a 
 format              module
 ==================  ============================================================================================
 ``dicom-export``    :mod:`~radfm3d.data.importers.dicom_export`: patient/study/series or flat export folders
+``ct-rate``         :mod:`~radfm3d.data.importers.ct_rate`: CT-RATE volumes, reports, labels and metadata
 ``csv``             :mod:`~radfm3d.data.importers.csv_table`: a CSV/TSV with an image column and text columns
 ==================  ============================================================================================
 """
@@ -25,6 +26,8 @@ __all__ = ["IMPORTERS", "cli"]
 IMPORTERS: dict[str, tuple[str, str]] = {
     "dicom-export": ("radfm3d.data.importers.dicom_export:cli",
                      "a hospital DICOM export (nested or flat) -> one record per study, series described"),
+    "ct-rate": ("radfm3d.data.importers.ct_rate:cli",
+                "CT-RATE chest CT: reports, per-abnormality questions, 18 labels; geometry/HU fixed from metadata"),
     "csv": ("radfm3d.data.importers.csv_table:cli", "a CSV/TSV with an image-path column and text columns"),
 }
 
