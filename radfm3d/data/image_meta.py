@@ -16,6 +16,9 @@ Two optional record keys, each a list aligned with ``images`` (``null`` where no
   ``hu_rescale``    ``[a, b]``: values become ``a * value + b`` (HU from the values the header gives)
   ``stored_to_hu``  ``[slope, intercept]``: applied only when the values read are stored values (none below 0;
                     CT air is about -1000 HU, so a volume already in HU has negative values)
+  ``array_axes``    for a bare ``.npy`` array (no header): its axis order in the letters ``C X Y Z`` (e.g.
+                    ``"CZYX"`` for M3D's ``(1, D, H, W)`` arrays); read with a nominal 1 mm grid, RAS axes,
+                    ``geometry_known`` False (``spacing_mm`` may give the spacing where it is known)
   ================  =========================================================================================
 
 :func:`load_record_image` reads one image of a record with both applied; :func:`check_image_fields` validates them.
@@ -29,11 +32,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from radfm3d.errors import RadFM3DInputError
 
 __all__ = ["IMAGE_META_KEYS", "check_image_fields", "apply_image_meta", "load_record_image", "needs_record_loader"]
 
-IMAGE_META_KEYS = {"spacing_mm": 3, "hu_rescale": 2, "stored_to_hu": 2}
+IMAGE_META_KEYS = {"spacing_mm": 3, "hu_rescale": 2, "stored_to_hu": 2, "array_axes": 0}
 
 
 def _numbers(value: Any, n: int) -> bool:
@@ -64,6 +69,10 @@ def check_image_fields(record: Mapping[str, Any]) -> list[str]:
                 for key, value in meta.items():
                     if key not in IMAGE_META_KEYS:
                         problems.append(f"'image_meta'[{i}] has unknown key {key!r} (known: {sorted(IMAGE_META_KEYS)})")
+                    elif key == "array_axes":
+                        if not (isinstance(value, str) and sorted(value) in (sorted("CXYZ"), sorted("XYZ"))):
+                            problems.append(f"'image_meta'[{i}].array_axes must order the letters C, X, Y, Z (e.g. "
+                                            f"'CZYX'), got {value!r}")
                     elif not _numbers(value, IMAGE_META_KEYS[key]):
                         problems.append(f"'image_meta'[{i}].{key} must be {IMAGE_META_KEYS[key]} finite numbers, "
                                         f"got {value!r}")
@@ -116,6 +125,25 @@ def load_record_image(record: Mapping[str, Any], index: int, path: str | os.Path
     from radfm3d.io import load_image
 
     series = (record.get("image_series") or [None] * (index + 1))[index]
-    meta = (record.get("image_meta") or [None] * (index + 1))[index]
-    image = load_image(Path(path), series_uid=series, **load_kwargs)
-    return apply_image_meta(image, meta, path)
+    meta = (record.get("image_meta") or [None] * (index + 1))[index] or {}
+    if meta.get("array_axes"):
+        image = load_image(_read_array(Path(path), meta["array_axes"]), affine=np.eye(4), **load_kwargs)
+        image.meta.update({"filename_or_obj": str(path), "source_format": "npy", "geometry_known": False})
+    else:
+        image = load_image(Path(path), series_uid=series, **load_kwargs)
+    return apply_image_meta(image, {k: v for k, v in meta.items() if k != "array_axes"}, path)
+
+
+def _read_array(path: Path, axes: str) -> np.ndarray:
+    """A bare ``.npy`` array (never a pickle) transposed from ``axes`` to ``(C, X, Y, Z)``."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise RadFM3DInputError(path, "file does not exist") from None
+    except (ValueError, OSError, EOFError) as err:
+        raise RadFM3DInputError(path, f"not a readable .npy array ({err})") from None
+    if array.ndim != len(axes):
+        raise RadFM3DInputError(path, f"array has {array.ndim} axes but the record says {axes!r}")
+    if "C" not in axes:
+        array, axes = array[None], "C" + axes
+    return np.ascontiguousarray(np.transpose(array, [axes.index(a) for a in "CXYZ"]), dtype=np.float32)
