@@ -5,15 +5,16 @@ Every importer writes ``<split>.jsonl`` manifests (``manifest.jsonl`` without a 
 ``report.md`` into ``--out``; bad rows and files are reported and skipped, never fatal; per-item work is resumable
 (:mod:`radfm3d.data.importers.common`).
 
-==================  ============================================================================================
-format              module
-==================  ============================================================================================
-``dicom-export``    :mod:`~radfm3d.data.importers.dicom_export`: patient/study/series or flat export folders
-``ct-rate``         :mod:`~radfm3d.data.importers.ct_rate`: CT-RATE volumes, reports, labels and metadata
-``m3d-cap``         :mod:`~radfm3d.data.importers.m3d`: M3D-Cap JSON + ``.npy`` arrays + report texts
-``m3d-vqa``         :mod:`~radfm3d.data.importers.m3d`: M3D-VQA CSVs (closed A-D and open questions)
-``csv``             :mod:`~radfm3d.data.importers.csv_table`: a CSV/TSV with an image column and text columns
-==================  ============================================================================================
+=====================  =============================================================================================================
+format                 module
+=====================  =============================================================================================================
+``dicom-export``       :mod:`~radfm3d.data.importers.dicom_export`: patient/study/series or flat DICOM export folders (headers only)
+``ct-rate``            :mod:`~radfm3d.data.importers.ct_rate`: CT-RATE volumes, reports, 18 labels and metadata
+``radgenome-chestct``  :mod:`~radfm3d.data.importers.radgenome`: RadGenome-ChestCT region sentences with their region masks
+``m3d-cap``            :mod:`~radfm3d.data.importers.m3d`: M3D-Cap JSON of .npy arrays and report texts
+``m3d-vqa``            :mod:`~radfm3d.data.importers.m3d`: M3D-VQA CSVs (closed A-D and open questions)
+``csv``                :mod:`~radfm3d.data.importers.csv_table`: a CSV/TSV with an image-path column and text columns
+=====================  =============================================================================================================
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ IMPORTERS: dict[str, tuple[str, str]] = {
                      "a hospital DICOM export (nested or flat) -> one record per study, series described"),
     "ct-rate": ("radfm3d.data.importers.ct_rate:cli",
                 "CT-RATE chest CT: reports, per-abnormality questions, 18 labels; geometry/HU fixed from metadata"),
+    "radgenome-chestct": ("radfm3d.data.importers.radgenome:cli",
+                          "RadGenome-ChestCT region sentences + masks -> structure records with world-mm boxes"),
     "m3d-cap": ("radfm3d.data.importers.m3d:cli_cap", "M3D-Cap image-report pairs (resized arrays, no spacing)"),
     "m3d-vqa": ("radfm3d.data.importers.m3d:cli_vqa", "M3D-VQA closed (A-D) and open questions (no spacing)"),
     "csv": ("radfm3d.data.importers.csv_table:cli", "a CSV/TSV with an image-path column and text columns"),

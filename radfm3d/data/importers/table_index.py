@@ -81,6 +81,42 @@ class TableIndex:
         self._db.execute("INSERT OR REPLACE INTO sources VALUES (?, ?)", (name, signature))
         self._db.commit()
 
+    def load_grouped(self, name: str, csv_path: str | os.PathLike, key_column: str) -> None:
+        """Index ``csv_path`` keeping every row per key (several sentences per volume); see :meth:`groups`."""
+        csv_path = Path(csv_path)
+        st = csv_path.stat()
+        signature = f"{csv_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{key_column}|grouped"
+        done = self._db.execute("SELECT signature FROM sources WHERE name = ?", (name,)).fetchone()
+        if done and done[0] == signature:
+            return
+        table = self._table(name)
+        self._db.execute(f"DROP TABLE IF EXISTS {table}")
+        self._db.execute(f"CREATE TABLE {table} (key TEXT, row_number INTEGER PRIMARY KEY, row TEXT)")
+        batch: list[tuple[str, int, str]] = []
+        for row_number, row in stream_csv(csv_path, (key_column,)):
+            key = (row.get(key_column) or "").strip()
+            if key:
+                batch.append((key, row_number, json.dumps(row)))
+            if len(batch) >= 2000:
+                self._db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?)", batch)
+                batch = []
+        self._db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?)", batch)
+        self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_key ON {table} (key)")
+        self._db.execute("INSERT OR REPLACE INTO sources VALUES (?, ?)", (name, signature))
+        self._db.commit()
+
+    def groups(self, name: str) -> Iterator[tuple[str, list[tuple[int, dict[str, Any]]]]]:
+        """``(key, [(row number, row), ...])`` of a grouped table, keys in order of first appearance."""
+        table = self._table(name)
+        keys = self._db.execute(f"SELECT key FROM {table} GROUP BY key ORDER BY MIN(row_number)").fetchall()
+        for (key,) in keys:
+            rows = self._db.execute(f"SELECT row_number, row FROM {table} WHERE key = ? ORDER BY row_number",
+                                    (key,)).fetchall()
+            yield key, [(n, json.loads(r)) for n, r in rows]
+
+    def count_groups(self, name: str) -> int:
+        return int(self._db.execute(f"SELECT COUNT(DISTINCT key) FROM {self._table(name)}").fetchone()[0])
+
     def _insert(self, table: str, rows: list[tuple[str, int, str]]) -> list[tuple[int, str]]:
         repeats = []
         for key, row_number, row in rows:
