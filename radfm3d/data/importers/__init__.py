@@ -5,16 +5,16 @@ Every importer writes ``<split>.jsonl`` manifests (``manifest.jsonl`` without a 
 ``report.md`` into ``--out``; bad rows and files are reported and skipped, never fatal; per-item work is resumable
 (:mod:`radfm3d.data.importers.common`).
 
-=====================  =============================================================================================================
+=====================  ==================================================================================
 format                 module
-=====================  =============================================================================================================
-``dicom-export``       :mod:`~radfm3d.data.importers.dicom_export`: patient/study/series or flat DICOM export folders (headers only)
-``ct-rate``            :mod:`~radfm3d.data.importers.ct_rate`: CT-RATE volumes, reports, 18 labels and metadata
-``radgenome-chestct``  :mod:`~radfm3d.data.importers.radgenome`: RadGenome-ChestCT region sentences with their region masks
-``m3d-cap``            :mod:`~radfm3d.data.importers.m3d`: M3D-Cap JSON of .npy arrays and report texts
-``m3d-vqa``            :mod:`~radfm3d.data.importers.m3d`: M3D-VQA CSVs (closed A-D and open questions)
-``csv``                :mod:`~radfm3d.data.importers.csv_table`: a CSV/TSV with an image-path column and text columns
-=====================  =============================================================================================================
+=====================  ==================================================================================
+``dicom-export``       ``dicom_export``: patient/study/series or flat DICOM export folders (headers only)
+``ct-rate``            ``ct_rate``: CT-RATE volumes, reports, 18 labels and metadata
+``radgenome-chestct``  ``radgenome``: RadGenome-ChestCT region sentences with their region masks
+``m3d-cap``            ``m3d``: M3D-Cap JSON of .npy arrays and report texts
+``m3d-vqa``            ``m3d``: M3D-VQA CSVs (closed A-D and open questions)
+``csv``                ``csv_table``: a CSV/TSV with an image-path column and text columns
+=====================  ==================================================================================
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ IMPORTERS: dict[str, tuple[str, str]] = {
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """``radfm3d import <format> ...``: dispatch to the format's importer."""
+    """``radfm3d import <format> ...```: dispatch to the format's importer."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: radfm3d import <format> --out DIR [options]\n\nformats:")

@@ -117,7 +117,8 @@ def test_dicom_export_groups_studies_and_describes_series(export, tmp_path):
     reasons = " | ".join(s["problem"] for s in data["skipped_items"])
     assert "not a DICOM file" in reasons and "empty file" in reasons and "localizer series" in reasons
     assert "not an image: SR object" in reasons and "reports CSV row without" in reasons
-    assert data["records"] == {"manifest": {"report": 3}} and report.extra["files_scanned"] == 20  # 6 + 1 + 1 + 5 + 4 + 1 + 2 junk
+    assert data["records"] == {"manifest": {"report": 3}}
+    assert report.extra["files_scanned"] == 20  # 6 + 1 + 1 + 5 + 4 + 1 + 2 junk
     assert "Import report: dicom-export" in (out / "report.md").read_text()
 
 
