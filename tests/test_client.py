@@ -34,7 +34,7 @@ def test_client_imports_without_torch():
 def server():
     from radfm3d.serve.app import ServeSettings, create_app
 
-    app = create_app(tiny_engine(), ServeSettings(api_keys=["client-key"]))
+    app = create_app(tiny_engine(), ServeSettings(api_keys=["client-key"], max_tokens_limit=1000))
     with ThreadedServer(app) as srv:
         yield srv
 
@@ -82,6 +82,21 @@ def test_cancel_stops_reading_and_keeps_the_prefix(client):
     partial = client.ask(info["id"], "Describe.", max_tokens=40, on_delta=on_delta, cancel=cancel)
     assert partial.finish_reason == "cancelled" and full.startswith(partial.text) and len(seen) == 1
     assert client.ask(info["id"], "Describe.", max_tokens=40).text == full  # the server is fine afterwards
+
+
+def test_closing_a_stream_stops_generation_on_the_server(server, client):
+    import time
+
+    engine = server.server.config.app.state.engine
+    info = client.upload(CT)
+    cancelled = engine.stats["cancelled"]
+    cancel = threading.Event()
+    answer = client.ask(info["id"], "Describe.", max_tokens=1000, on_delta=lambda _: cancel.set(), cancel=cancel)
+    assert answer.finish_reason == "cancelled"
+    deadline = time.time() + 60
+    while engine.stats["cancelled"] == cancelled and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.stats["cancelled"] == cancelled + 1  # the generation was stopped, not run to 1000 tokens
 
 
 def test_errors_are_clear(server):

@@ -130,6 +130,7 @@ class Engine:
         self.lock = threading.Lock()  # one generation at a time
         self.cache_hits = 0
         self.cache_misses = 0
+        self.stats = {"generations": 0, "cancelled": 0, "generated_tokens": 0}  # since start
 
     @classmethod
     def load(cls, source: str | os.PathLike, device: str | None = None, dtype: str | None = None,
@@ -293,6 +294,9 @@ class Engine:
             reason = "stop"
         else:
             reason = "length"
+        self.stats["generations"] += 1
+        self.stats["cancelled"] += int(reason == "cancelled")
+        self.stats["generated_tokens"] += len(new_ids)
         images_out = [{"index": k, "grid_geometry": g, "boxes": self.boxes(text, g),
                        "reading": readings[k] if k < len(readings) else None} for k, g in enumerate(geometries)]
         return GenerationResult(text=text, finish_reason=reason, prompt_tokens=n_prompt,
