@@ -196,6 +196,7 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
     keys = [k for k in settings.api_keys if k]
     allow_dir = settings.allow_dir.resolve() if settings.allow_dir is not None else None
     state = {"pending": 0}
+    validating = asyncio.Semaphore(2)  # uploads read and checked at once (CPU and memory beside generation)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -305,7 +306,8 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
                     out.write(chunk)
         finally:
             await form.close()
-        stored = await run_in_threadpool(store.add, file_id, folder, who, filename, target)
+        async with validating:
+            stored = await run_in_threadpool(store.add, file_id, folder, who, filename, target)
         return stored.to_json()
 
     @app.get("/v1/files")
@@ -609,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=float, default=512.0)
     parser.add_argument("--max-voxels", type=int, default=200_000_000)
     parser.add_argument("--file-ttl-s", type=float, default=3600.0, help="uploaded files expire after this")
+    parser.add_argument("--max-stored-mb", type=float, default=4096.0, help="bytes stored per API key")
     parser.add_argument("--max-tokens-limit", type=int, default=1024)
     parser.add_argument("--max-prompt-chars", type=int, default=8000)
     parser.add_argument("--max-pending", type=int, default=32, help="queued requests before 429")
@@ -629,7 +632,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         if not allow.is_dir():
             raise RadFM3DInputError(args.allow_dir, "--allow-dir is not a folder")
     limits = FileLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_voxels=args.max_voxels,
-                        ttl_s=args.file_ttl_s)
+                        ttl_s=args.file_ttl_s, max_bytes_per_owner=int(args.max_stored_mb * 2**20))
     return ServeSettings(api_keys=keys, allow_dir=allow, files=limits, max_tokens_limit=args.max_tokens_limit,
                          max_prompt_chars=args.max_prompt_chars, max_pending=args.max_pending,
                          request_timeout_s=args.timeout_s)

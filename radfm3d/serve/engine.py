@@ -127,6 +127,7 @@ class Engine:
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._key_locks: dict[Any, threading.Lock] = {}  # one preprocessing per key at a time (no stampede)
         self.lock = threading.Lock()  # one generation at a time
         self.cache_hits = 0
         self.cache_misses = 0
@@ -179,32 +180,39 @@ class Engine:
         cached under ``key`` (``None``: not cached)."""
         from monai.data import MetaTensor
 
-        if key is not None:
+        if key is None:
+            tensor, geometry = self.processor.preprocess_image(source() if callable(source) else source)
+            return MetaTensor(tensor, meta={"grid_geometry": geometry})
+        with self._cache_lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # concurrent first requests on one scan: one preprocesses, the others wait for its result
             with self._cache_lock:
                 if key in self._cache:
                     self._cache.move_to_end(key)
                     self.cache_hits += 1
                     return self._cache[key]
-        tensor, geometry = self.processor.preprocess_image(source() if callable(source) else source)
-        prepared = MetaTensor(tensor, meta={"grid_geometry": geometry})
-        if key is not None:
+            tensor, geometry = self.processor.preprocess_image(source() if callable(source) else source)
+            prepared = MetaTensor(tensor, meta={"grid_geometry": geometry})
             with self._cache_lock:
                 self.cache_misses += 1
                 self._cache[key] = prepared
                 while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                    old, _ = self._cache.popitem(last=False)
+                    self._key_locks.pop(old, None)
         return prepared
 
     def forget(self, key: Any) -> None:
         """Drop a cached volume (file deleted or expired)."""
         with self._cache_lock:
             self._cache.pop(key, None)
+            self._key_locks.pop(key, None)
 
     def forget_where(self, predicate: Callable[[Any], bool]) -> None:
         """Drop every cached volume whose key matches."""
         with self._cache_lock:
             for key in [k for k in self._cache if predicate(k)]:
                 del self._cache[key]
+                self._key_locks.pop(key, None)
 
     # ------------------------------------------------------------------ prompts
     def format_conversation(self, turns: Sequence[tuple[str, str]], system: str | None = None) -> tuple[str, bool]:

@@ -43,6 +43,7 @@ class FileLimits:
     max_zip_entries: int = 2000
     max_unzipped_bytes: int = 2 * 2**30
     max_files_per_owner: int = 64
+    max_bytes_per_owner: int = 4 * 2**30
     ttl_s: float = 3600.0
 
 
@@ -286,6 +287,13 @@ class FileStore:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        with self._lock:
+            used = sum(f.bytes for f in self._files.values() if f.owner == owner)
+        if used + size > self.limits.max_bytes_per_owner:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise RadFM3DInputError(filename, f"this key already stores {used} bytes; with this upload it would pass "
+                                              f"the limit of {self.limits.max_bytes_per_owner} bytes: delete some "
+                                              "files first")
         now = time.time()
         stored = StoredFile(id=file_id, owner=owner, filename=filename, bytes=int(size), created_at=int(now),
                             expires_at=now + self.limits.ttl_s, path=path, geometry=geometry)

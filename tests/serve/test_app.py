@@ -229,6 +229,28 @@ def test_follow_up_questions_reuse_the_preprocessed_volume(client, engine, ct_id
     assert engine.cache_hits == hits + 1 and engine.cache_misses == misses
 
 
+def test_concurrent_first_requests_preprocess_a_scan_once(engine):
+    import concurrent.futures
+
+    misses = engine.cache_misses
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: engine.prepare(("test", "stampede"), str(CT)), range(4)))
+    assert engine.cache_misses == misses + 1 and all(r is results[0] for r in results)
+    engine.forget(("test", "stampede"))
+
+
+def test_bytes_stored_per_key_are_bounded(engine):
+    limits = FileLimits(max_bytes_per_owner=int(CT.stat().st_size * 1.5))
+    with TestClient(create_app(engine, ServeSettings(api_keys=["k"], files=limits))) as c:
+        auth = {"Authorization": "Bearer k"}
+        first = c.post("/v1/files", headers=auth, files={"file": ("a.nii.gz", CT.read_bytes())})
+        assert first.status_code == 200
+        err = error_of(c.post("/v1/files", headers=auth, files={"file": ("b.nii.gz", CT.read_bytes())}), 400)
+        assert "limit" in err["message"] and len(c.get("/v1/files", headers=auth).json()["data"]) == 1
+        c.delete(f"/v1/files/{first.json()['id']}", headers=auth)
+        assert c.post("/v1/files", headers=auth, files={"file": ("b.nii.gz", CT.read_bytes())}).status_code == 200
+
+
 def test_several_volumes_and_turns(client, ct_id, allow_dir):
     content = [{"type": "text", "text": "Compare"}, vol(ct_id), {"type": "text", "text": "with"},
                {"type": "input_volume", "input_volume": {"path": "ct.nii.gz"}}]
