@@ -37,6 +37,9 @@ def engine():
 def allow_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("allowed")
     shutil.copy(CT, root / "ct.nii.gz")
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copy(CT, outside / "secret.nii.gz")
+    (root / "escape.nii.gz").symlink_to(outside / "secret.nii.gz")  # a link out of the allowed folder
     return root
 
 
@@ -334,6 +337,8 @@ def test_boxes_in_the_answer_are_placed_in_voxels_and_ras_mm(engine):
         {"type": "input_volume", "input_volume": {"path": "../../etc/passwd"}}]}]}, 403, "path_not_allowed"),
     ({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "input_volume", "input_volume": {"path": "/etc/hostname"}}]}]}, 403, "path_not_allowed"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "input_volume", "input_volume": {"path": "escape.nii.gz"}}]}]}, 403, "path_not_allowed"),
     ({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "input_volume", "input_volume": {"path": "missing.nii.gz"}}]}]}, 404, "file_not_found"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 401}]}, 400, "context_length_exceeded"),
