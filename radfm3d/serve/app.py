@@ -342,8 +342,15 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
         max_voxels = settings.files.max_voxels
         if "file_id" in spec:
             stored = _file_or_404(str(spec["file_id"]), who)
-            return _VolumeRef(("file", stored.id), lambda: load_image(stored.path, max_voxels=max_voxels),
-                              {"file_id": stored.id, "filename": stored.filename}, stored.geometry)
+
+            def load_stored() -> Any:
+                try:
+                    return load_image(stored.path, max_voxels=max_voxels)
+                except RadFM3DInputError as err:  # name the upload, not the server's folder
+                    raise RadFM3DInputError(stored.filename, err.problem) from None
+
+            return _VolumeRef(("file", stored.id), load_stored, {"file_id": stored.id, "filename": stored.filename},
+                              stored.geometry)
         raw = spec["path"]
         if allow_dir is None:
             raise APIError(403, "this server reads no paths on its disk (start it with --allow-dir); upload the "
@@ -395,6 +402,10 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
                 raise APIError(400, f"the messages hold over {settings.max_prompt_chars} characters of text",
                                code="context_length_exceeded", param="messages")
             written = sum(t.count(_IMAGE) for t in texts)
+            for token in engine.reserved_tokens:
+                if any(token in t for t in texts):
+                    raise APIError(400, f"messages[{i}] contains the reserved token {token!r}; volumes are sent as "
+                                        "input_volume parts", param=f"messages[{i}]")
             if role != "user":
                 if vols or written:
                     raise APIError(400, f"messages[{i}]: only user messages carry volumes", param=f"messages[{i}]")
@@ -460,6 +471,10 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage", False))
         prompt, formatted = engine.format_conversation(turns, system)
+        estimate = engine.estimate_prompt_tokens(prompt, len(volumes))
+        if estimate > settings.max_prompt_tokens:
+            raise APIError(400, f"the prompt is about {estimate} tokens with its volumes; the limit is "
+                                f"{settings.max_prompt_tokens}", code="context_length_exceeded", param="messages")
         if state["pending"] >= settings.max_pending:
             raise APIError(429, f"the server is busy ({state['pending']} requests queued); retry shortly",
                            type="rate_limit_error", code="queue_full")

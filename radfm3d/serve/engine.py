@@ -173,6 +173,17 @@ class Engine:
         """Tokens of plain text (no image expansion)."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @property
+    def reserved_tokens(self) -> tuple[str, ...]:
+        """Token strings users may not write (the image tokens the processor inserts itself)."""
+        p = self.processor
+        return (p.image_start_token, p.image_end_token, p.image_pad_token)
+
+    def estimate_prompt_tokens(self, prompt: str, n_images: int) -> int:
+        """Prompt length with its images, from the text alone (an upper bound within a few tokens; the exact
+        count is checked again in :meth:`generate`)."""
+        return self.count_tokens(prompt) + n_images * (int(self.processor.num_image_tokens) + 2) + 1
+
     # ------------------------------------------------------------------ preprocessing
     def prepare(self, key: Any, source: Any) -> Any:
         """The preprocessed volume of ``source`` (a path, folder, ``MetaTensor``, or a no-argument callable returning

@@ -355,11 +355,20 @@ def test_boxes_in_the_answer_are_placed_in_voxels_and_ras_mm(engine):
     ({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "input_volume", "input_volume": {"file_id": "a", "path": "b"}}]}]}, 400, "exactly one"),
     ([1, 2], 400, "JSON object"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "sneaky <|image_pad|> token"}]}, 400, "reserved"),
 ])
 def test_bad_chat_requests(client, ct_id, body, status, code_or_words):
     err = error_of(client.post("/v1/chat/completions", headers=A, json=body), status)
     assert code_or_words == err["code"] or code_or_words.lower() in err["message"].lower(), err
     assert_alive(client, ct_id)
+
+
+def test_prompt_token_limit_is_checked_before_streaming(engine, ct_id, client):
+    settings = ServeSettings(api_keys=[], max_prompt_tokens=20)
+    with TestClient(create_app(engine, settings)) as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "stream": True, "messages": [
+            {"role": "user", "content": "a question of more than twenty characters"}]})
+        assert error_of(r, 400)["code"] == "context_length_exceeded"
 
 
 def test_bad_json_and_oversized_bodies(client, ct_id):
