@@ -12,7 +12,8 @@ import numpy as np
 
 from radfm3d.slicer.geometry import box_label, guess_modality, kji_to_model_array, roi_parameters
 
-__all__ = ["volume_kji", "volume_model_input", "volume_modality", "volume_cache_key", "create_roi_nodes", "set_roi", "create_text_node"]
+__all__ = ["volume_kji", "volume_kji_geometry", "volume_model_input", "volume_modality", "volume_cache_key",
+           "create_roi_nodes", "set_roi", "create_text_node"]
 
 
 def _vtk_matrix_to_numpy(matrix: Any) -> np.ndarray:
@@ -20,9 +21,9 @@ def _vtk_matrix_to_numpy(matrix: Any) -> np.ndarray:
 
 
 def volume_kji(node: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A scalar volume node -> ``(array (K, J, I), IJKToRAS 4x4)`` (a copy; the node's parent transforms are not
-    applied: the volume as stored in the scene)."""
-    import vtk
+    """A scalar volume node -> ``(array (K, J, I), IJK -> world RAS 4x4)`` (a copy). A linear parent transform is
+    applied to the geometry (boxes then come back in world RAS, where the ROI nodes are made); a non-linear one is
+    refused (harden it first)."""
     from vtk.util.numpy_support import vtk_to_numpy
 
     image = node.GetImageData()
@@ -34,9 +35,7 @@ def volume_kji(node: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"volume node {node.GetName()!r} has {scalars.GetNumberOfComponents()} components; "
                          "give a scalar volume")
     array = vtk_to_numpy(scalars).reshape(dims[2], dims[1], dims[0]).copy()
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return array, _vtk_matrix_to_numpy(matrix)
+    return array, volume_kji_geometry(node)
 
 
 def volume_model_input(node: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -63,10 +62,34 @@ def volume_modality(node: Any, array: np.ndarray | None = None) -> str | None:
     return guess_modality(volume_kji(node)[0] if array is None else array)
 
 
-def volume_cache_key(node: Any) -> tuple[str, int]:
-    """``(node ID, modified time)``: changes when the voxels or the geometry change."""
+def volume_cache_key(node: Any) -> tuple[str, int, int]:
+    """``(node ID, modified time, geometry digest)``: changes when the voxels, the node or its world geometry (a
+    parent transform included) change."""
+    import zlib
+
     image = node.GetImageData()
-    return str(node.GetID()), int(max(node.GetMTime(), image.GetMTime() if image is not None else 0))
+    mtime = int(max(node.GetMTime(), image.GetMTime() if image is not None else 0))
+    geometry = 0
+    if node.GetParentTransformNode() is not None:  # a transform edit does not touch the node's own modified time
+        geometry = zlib.crc32(np.ascontiguousarray(volume_kji_geometry(node)).tobytes())
+    return str(node.GetID()), mtime, int(geometry)
+
+
+def volume_kji_geometry(node: Any) -> np.ndarray:
+    """The node's IJK -> world RAS 4x4 (its IJKToRAS with a linear parent transform applied)."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = _vtk_matrix_to_numpy(matrix)
+    parent = node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise ValueError(f"volume node {node.GetName()!r} is under a non-linear transform; harden it first")
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        ijk_to_ras = _vtk_matrix_to_numpy(to_world) @ ijk_to_ras
+    return ijk_to_ras
 
 
 def set_roi(roi: Any, params: Mapping[str, Any]) -> Any:

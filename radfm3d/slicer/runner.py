@@ -79,9 +79,10 @@ class LocalRunner:
         self._volumes[file_id] = {"key": key, "loader": lambda: load_image(resolved), "info": info}
         return info
 
-    def add_volume(self, array_kji: np.ndarray, ijk_to_ras: Any, cache_key: tuple[str, int],
+    def add_volume(self, array_kji: np.ndarray, ijk_to_ras: Any, cache_key: tuple,
                    name: str = "volume", modality: str | None = None) -> dict[str, Any]:
-        """Register a Slicer volume (``(K, J, I)`` array, IJKToRAS) under ``cache_key`` = (node ID, modified time);
+        """Register a Slicer volume (``(K, J, I)`` array, IJKToRAS) under ``cache_key`` = (node ID, modified time,
+        ...) (:func:`radfm3d.slicer.nodes.volume_cache_key`);
         the id is the node's, so a modified node replaces its earlier entry (and cache key). ``modality``: "CT",
         "MR", ... (default: :func:`radfm3d.slicer.geometry.guess_modality`, the file readers' rule)."""
         from radfm3d.slicer.geometry import guess_modality, kji_to_model_array

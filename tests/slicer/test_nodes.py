@@ -160,3 +160,28 @@ def test_cache_key_changes_when_the_voxels_change():
     array[0, 0, 0] += 1
     slicer.util.updateVolumeFromArray(node, array)
     assert volume_cache_key(node) != key
+
+
+def test_a_linear_parent_transform_is_applied_to_the_geometry():
+    import vtk
+
+    scene = slicer.vtkMRMLScene()
+    node = _read_with_slicer(scene, str(CT))
+    _, plain = volume_kji(node)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    rotation = _rotation(2, 30.0)
+    for r in range(3):
+        for c in range(3):
+            matrix.SetElement(r, c, rotation[r, c])
+        matrix.SetElement(r, 3, [5.0, -7.0, 11.0][r])
+    transform.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    key = volume_cache_key(node)
+    _, moved = volume_kji(node)
+    expected = np.eye(4)
+    expected[:3, :3], expected[:3, 3] = rotation, [5.0, -7.0, 11.0]
+    np.testing.assert_allclose(moved, expected @ plain, atol=1e-9)
+    matrix.SetElement(0, 3, 6.0)
+    transform.SetMatrixTransformToParent(matrix)  # the user moves the volume: a new cache key
+    assert volume_cache_key(node) != key and volume_kji(node)[1][0, 3] != moved[0, 3]
