@@ -178,7 +178,8 @@ def _number(body: dict, name: str, kind: type, lo: float, hi: float, default: An
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    not_number = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not_number or (kind is int and not float(value).is_integer()):
         raise APIError(400, f"{name} must be a{'n integer' if kind is int else ' number'}", param=name)
     if not lo <= value <= hi:
         raise APIError(400, f"{name} must be between {lo} and {hi}, got {value}", param=name)

@@ -112,7 +112,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     # ratio below is the HTTP/serving overhead and not a threading difference
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         direct, _ = pool.submit(timed).result()
-    del engine, image
+    engine = image = None  # free the model before the server process loads its own
 
     port = _free_port()
     proc = _start(model, port, args.device)

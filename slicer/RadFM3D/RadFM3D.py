@@ -188,7 +188,8 @@ class RadFM3DWidget(ScriptedLoadableModuleWidget):
         modes.addWidget(self.localRadio)
         modes.addWidget(self.remoteRadio)
         cform.addRow("Mode:", modes)
-        (self.remoteRadio if settings.value(SETTINGS + "mode", "Remote") == "Remote" else self.localRadio).checked = True
+        remote = settings.value(SETTINGS + "mode", "Remote") == "Remote"
+        (self.remoteRadio if remote else self.localRadio).checked = True
         self.sourceEdit = qt.QLineEdit(settings.value(SETTINGS + "source", ""))
         self.sourceEdit.placeholderText = "radfm3d source folder (optional if radfm3d is installed)"
         cform.addRow("radfm3d folder:", self.sourceEdit)

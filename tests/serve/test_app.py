@@ -294,7 +294,8 @@ def test_streaming_sends_openai_chunks_ending_with_done(client, ct_id):
     content = [{"type": "text", "text": "Locate the liver."}, vol(ct_id)]
     full = ask(client, content, max_tokens=10).json()
     with client.stream("POST", "/v1/chat/completions", headers=A,
-                       json={"model": "tiny", "stream": True, "max_tokens": 10, "stream_options": {"include_usage": True},
+                       json={"model": "tiny", "stream": True, "max_tokens": 10,
+                             "stream_options": {"include_usage": True},
                              "messages": [{"role": "user", "content": content}]}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -426,4 +427,5 @@ def test_refuses_a_public_bind_without_a_key():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
     with pytest.raises(RadFM3DInputError, match="api-key"):
         settings_from_args(build_parser().parse_args(["tiny", "--host", "0.0.0.0"]))
-    assert settings_from_args(build_parser().parse_args(["tiny", "--host", "0.0.0.0", "--api-key", "k"])).api_keys == ["k"]
+    args = build_parser().parse_args(["tiny", "--host", "0.0.0.0", "--api-key", "k"])
+    assert settings_from_args(args).api_keys == ["k"]

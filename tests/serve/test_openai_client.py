@@ -100,12 +100,15 @@ def test_bad_requests_then_a_good_one(oai, file_id, tmp_path, kind, error):
             oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
                 {"type": "input_volume", "input_volume": {"path": "../../../../etc/passwd"}}]}])
         elif kind == "long_prompt":
-            oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content(file_id, "x" * 301)}])
+            oai.chat.completions.create(model="tiny",
+                                        messages=[{"role": "user", "content": content(file_id, "x" * 301)}])
         else:
-            oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content("file-" + "1" * 24)}])
+            oai.chat.completions.create(model="tiny",
+                                        messages=[{"role": "user", "content": content("file-" + "1" * 24)}])
     assert 400 <= caught.value.status_code < 500
     assert "Traceback" not in str(caught.value.body)
-    ok = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content(file_id)}], max_tokens=2)
+    ok = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content(file_id)}],
+                                     max_tokens=2)
     assert ok.choices[0].message.content is not None
 
 
