@@ -21,6 +21,7 @@ import os
 import secrets
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -101,6 +102,11 @@ class RadFM3DClient:
         self.api_key = api_key if api_key is not None else os.environ.get("RADFM3D_API_KEY") or None
         self._model = model
         self.timeout = float(timeout)
+        host = (urllib.parse.urlsplit(self.base_url).hostname or "").lower()
+        # a server on this machine is never reached through an HTTP proxy set in the environment
+        loopback = host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else \
+            urllib.request.build_opener()
 
     # ------------------------------------------------------------------ HTTP
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
@@ -112,7 +118,7 @@ class RadFM3DClient:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.base_url + path, data=body, headers=headers, method=method)
         try:
-            resp = urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 - the user's own server URL
+            resp = self._opener.open(req, timeout=self.timeout)  # noqa: S310 - the user's own server URL
         except urllib.error.HTTPError as err:
             try:
                 payload = json.loads(err.read() or b"{}").get("error", {})

@@ -44,6 +44,14 @@ def client(server) -> RadFM3DClient:
     return RadFM3DClient(server.url + "/v1", api_key="client-key", timeout=60)
 
 
+def test_loopback_ignores_proxy_settings(server, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a proxy that does not exist
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert RadFM3DClient(server.url, api_key="client-key").health()["status"] == "ok"
+
+
 def test_upload_ask_and_stream(client):
     assert client.health()["status"] == "ok" and "tiny" in client.test_connection()
     info = client.upload(CT)
