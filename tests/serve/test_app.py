@@ -108,6 +108,14 @@ def test_upload_reports_the_scans_geometry(client, ct_id):
     assert g["modality"] == "CT" and "path" not in json.dumps(info).lower().replace("filename", "")
 
 
+def test_the_upload_name_is_only_a_name(client):
+    r = client.post("/v1/files", headers=A, files={"file": ("../../../tmp/evil.nii.gz", CT.read_bytes())})
+    assert r.status_code == 200 and r.json()["filename"] == "evil.nii.gz"
+    stored = client.app.state.store.get(r.json()["id"], _owner("key-a"))
+    assert stored.path.parent.parent == client.app.state.store.root  # inside the store, under a generated name
+    client.delete(f"/v1/files/{r.json()['id']}", headers=A)
+
+
 def test_dicom_zip_upload_reads_the_series(client):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
