@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate_predictions": "radfm3d.evaluation.harness",
     "evaluate_model": "radfm3d.evaluation.harness",
     "generate_predictions": "radfm3d.evaluation.harness",
+    "run_model": "radfm3d.evaluation.harness",
     "read_predictions": "radfm3d.evaluation.harness",
     "oracle_predictions": "radfm3d.evaluation.harness",
     "constant_predictions": "radfm3d.evaluation.harness",

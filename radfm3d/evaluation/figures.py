@@ -159,6 +159,4 @@ def draw_slice_plane(ax: Any, plane: SlicePlane, boxes_world_mm: Sequence[Sequen
 def _gray() -> Any:
     import matplotlib
 
-    cmap = matplotlib.colormaps["gray"].copy()
-    cmap.set_bad("black")
-    return cmap
+    return matplotlib.colormaps["gray"].with_extremes(bad="black")
