@@ -7,7 +7,7 @@ runs it (``bundles/radfm3d_demo/configs/inference.json``); :func:`run_inference`
 
 A scan that cannot be read, preprocessed or answered does not stop the others: the collate marks it, the
 iteration (:func:`scan_iteration`) skips the model for it, and the writer records it. At the end of the run the
-writer writes ``failures.json`` (``[{"scan", "problem"}]``, empty when all went well), prints a summary and, when any
+writer writes ``failures.json`` (``[{"scan", "problem"}]``; none when all went well), prints a summary and, when any
 scan failed, raises :class:`~radfm3d.errors.RadFM3DInputError` (after every good scan was written), so that
 ``python -m monai.bundle run`` exits non-zero. Every file is written atomically.
 """
@@ -311,7 +311,7 @@ class ScanResultWriter:
     ``engine.state.output["error"]`` for a scan that failed (:func:`scan_iteration`). ``name`` comes from the batch
     (:func:`output_names`: unique within the run). A figure that cannot be drawn is a failure of its own; the JSON is
     still written. At the end of the run (``Events.COMPLETED``, or :meth:`finish`): ``failures.json`` (a list of
-    ``{"scan", "problem"}``), a printed summary, and with ``raise_on_failure`` a :class:`RadFM3DInputError` when
+    ``{"scan", "problem"}``, only when something failed), a printed summary, and with ``raise_on_failure`` a :class:`RadFM3DInputError` when
     any scan failed.
     """
 
@@ -438,12 +438,17 @@ class ScanResultWriter:
                                  f"world mm {np.round(b['box_world_mm'], 1).tolist()}")
         print("\n".join(lines), flush=True)
 
-    def finish(self, engine: Engine | None = None) -> Path:
-        """Write ``failures.json``, print the summary; raise when a scan failed (``raise_on_failure``)."""
+    def finish(self, engine: Engine | None = None) -> Path | None:
+        """Print the summary; with failures write ``failures.json`` (else remove a stale one of an earlier run in
+        ``output_dir``) and, with ``raise_on_failure``, raise. -> the failures file, None when nothing failed."""
         from radfm3d.utils import atomic_write_json
 
-        path = atomic_write_json(self.output_dir / "failures.json", self.failures)
+        path = self.output_dir / "failures.json"
         failed = sorted({f["scan"] for f in self.failures})
+        if failed:
+            atomic_write_json(path, self.failures)
+        elif path.is_file():
+            path.unlink()
         summary = (f"inference: {self._scans} scan(s), {len(self.written)} result(s) written to {self.output_dir}, "
                    f"{len(failed)} scan(s) with a failure" + (f" (listed in {path})" if failed else ""))
         lines = [summary] + [f"  {f['scan']}: {f['problem']}" for f in self.failures]
@@ -453,7 +458,7 @@ class ScanResultWriter:
             raise RadFM3DInputError(path, f"{len(failed)} of {self._scans} scan(s) failed, every other scan was "
                                           f"written: " + "; ".join(f"{f['scan']}: {f['problem']}"
                                                                    for f in self.failures))
-        return path
+        return path if failed else None
 
 
 # ----------------------------------------------------------------------------------------------- API

@@ -762,7 +762,10 @@ def cli(argv: Iterable[str] | None = None) -> int:
         write_predictions(preds, out / "predictions.jsonl")
         if blind is not None:
             write_predictions(blind, out / "blind_predictions.jsonl")
-    atomic_write_json(out / "failures.json", failures)
+    if failures:
+        atomic_write_json(out / "failures.json", failures)
+    elif (out / "failures.json").is_file():  # an earlier run's: those records have predictions now
+        (out / "failures.json").unlink()
     paths = write_report(results, out, records=scored, predictions=preds, n_cases=args.cases)
     print("\n".join(results["summary"]))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
