@@ -112,12 +112,40 @@ def _read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def read_records(manifest_path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Manifest records (`radfm3d.data.manifest.read_manifest`), image paths absolute."""
-    from radfm3d.data.manifest import read_manifest, resolve_images
+def read_records(manifest_path: str | os.PathLike,
+                 failures: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Manifest records (`radfm3d.data.manifest.read_manifest`), image paths absolute.
+
+    failures: None refuses the whole manifest when a record is invalid; a list instead gets
+    ``{"id", "images", "run": "manifest", "problem": "line N: ..."}`` per invalid record (e.g. a prompt whose
+    ``<image>`` count does not match its images), which is left out. Lines that are not JSON and duplicate ids
+    always refuse the manifest (the file itself is in doubt).
+    """
+    from radfm3d.data.manifest import read_manifest, resolve_images, validate_record
 
     manifest_path = Path(manifest_path)
-    records = read_manifest(manifest_path)
+    if failures is None:
+        records = read_manifest(manifest_path)
+    else:
+        records = read_manifest(manifest_path, validate=False)
+        with manifest_path.open(encoding="utf-8") as fh:
+            linenos = [n for n, line in enumerate(fh, 1) if line.strip()]
+        kept, seen = [], {}
+        for lineno, rec in zip(linenos, records):
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            if isinstance(rid, str):
+                if rid in seen:
+                    raise RadFM3DInputError(manifest_path, f"line {lineno}: duplicate id {rid!r} (first on line "
+                                                           f"{seen[rid]})")
+                seen[rid] = lineno
+            problems = validate_record(rec, base_dir=manifest_path.parent)
+            if problems:
+                failures.append({"id": str(rid) if rid is not None else f"line {lineno}",
+                                 "images": list(rec.get("images") or []) if isinstance(rec, dict) else [],
+                                 "run": "manifest", "problem": f"line {lineno}: " + "; ".join(problems)})
+            else:
+                kept.append(rec)
+        records = kept
     for rec in records:
         rec["images"] = [str(p) for p in resolve_images(rec, manifest_path)]
     for i, rec in enumerate(records):
@@ -633,15 +661,19 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Run a radfm3d model on a manifest (and the blind baseline, :func:`run_model`) and score it.
 
-    Records that could not be generated are not scored; they are listed under ``failures`` (and counted in
-    ``meta["failed_records"]``). -> evaluate_predictions(...) results with ``predictions`` / ``blind_predictions``
-    (id -> entry) and ``failures`` added.
+    Invalid records (see :func:`read_records`) and records that could not be generated are not scored; they are
+    listed under ``failures`` and counted in ``meta["failed_records"]``. ``out_dir``: predictions are appended there
+    as they are made and a rerun resumes (:func:`run_model`). -> evaluate_predictions(...) results with
+    ``predictions`` / ``blind_predictions`` (id -> entry) and ``failures`` added.
     """
-    records = read_records(manifest_path) if isinstance(manifest_path, (str, os.PathLike)) else list(manifest_path)
+    failures: list[dict[str, Any]] = []
+    records = read_records(manifest_path, failures=failures) if isinstance(manifest_path, (str, os.PathLike)) \
+        else list(manifest_path)
     records = records[:limit] if limit else records
-    preds, blind_preds, failures = run_model(model, processor, records, out_dir=out_dir, blind=blind,
-                                             batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                             likelihood=likelihood, progress=progress)
+    preds, blind_preds, generation_failures = run_model(model, processor, records, out_dir=out_dir, blind=blind,
+                                                        batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                        likelihood=likelihood, progress=progress)
+    failures += generation_failures
     results = evaluate_predictions(_without_failed(records, failures), preds, blind_preds,
                                    train_records=train_records, embeddings=embeddings,
                                    recipe=getattr(processor, "recipe", None), name=name)
@@ -696,8 +728,8 @@ def _check_resume(out: Path, settings: Mapping[str, Any]) -> None:
 def cli(argv: Iterable[str] | None = None) -> int:
     """`radfm3d evaluate --manifest test.jsonl (--predictions preds.jsonl | --model DIR) --out DIR`.
 
-    Exit status 0, or 1 when some records could not be generated (they are listed in ``failures.json`` and the
-    report; everything else is written first).
+    Exit status 0, or 1 when some records were invalid or could not be generated (they are listed in
+    ``failures.json`` and the report, and not scored; everything else is written first).
     """
     p = argparse.ArgumentParser(prog="radfm3d evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--manifest", required=True, help="task manifest JSONL (paths relative to its folder)")
@@ -723,7 +755,8 @@ def cli(argv: Iterable[str] | None = None) -> int:
     args = p.parse_args(list(argv) if argv is not None else None)
 
     out = prepare_output_dir(args.out)
-    records = read_records(args.manifest)
+    failures: list[dict[str, Any]] = []
+    records = read_records(args.manifest, failures=failures)
     if args.limit:
         records = records[: args.limit]
     train = read_records(args.train_manifest) if args.train_manifest else None
@@ -735,7 +768,6 @@ def cli(argv: Iterable[str] | None = None) -> int:
     blind = read_predictions(args.blind_predictions) if args.blind_predictions else None
     common = dict(train_records=train, embeddings=not args.no_embeddings, n_resamples=args.n_resamples,
                   seed=args.seed)
-    failures: list[dict[str, Any]] = []
     if args.model:
         from radfm3d import RadFM3DForCausalLM, RadFM3DProcessor
 
@@ -744,9 +776,10 @@ def cli(argv: Iterable[str] | None = None) -> int:
         model = RadFM3DForCausalLM.from_pretrained(args.model).to(args.device)
         processor = RadFM3DProcessor.from_pretrained(args.model)
         recipe = recipe or getattr(processor, "recipe", None)
-        preds, generated_blind, failures = run_model(
+        preds, generated_blind, generation_failures = run_model(
             model, processor, records, out_dir=out, blind=blind is None and not args.no_blind,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        failures += generation_failures
         blind = blind if blind is not None else generated_blind
         name = Path(args.model).name
     elif args.predictions:
@@ -770,8 +803,9 @@ def cli(argv: Iterable[str] | None = None) -> int:
     print("\n".join(results["summary"]))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     if failures:
-        print(f"{len({f['id'] for f in failures})} of {len(records)} record(s) could not be generated and were not "
-              f"scored (listed in {out / 'failures.json'}):")
+        n_all = len(records) + sum(f["run"] == "manifest" for f in failures)
+        print(f"{len({f['id'] for f in failures})} of {n_all} record(s) could not be used and were not scored "
+              f"(listed in {out / 'failures.json'}):")
         for f in failures:
             print(f"  {f['id']} [{f['run']}]: {f['problem']}")
         return 1

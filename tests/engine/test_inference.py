@@ -127,6 +127,7 @@ def test_a_bad_scan_costs_only_itself(tiny_model_dir: Path, tmp_path: Path, caps
     assert not (out / "failures.json").exists() and (out / "ct.json").is_file()
 
 
+@pytest.mark.slow
 def test_bundle_run_exits_non_zero_after_writing_the_good_scans(tiny_model_dir: Path, tmp_path: Path):
     """`python -m monai.bundle run` with the bundle's inference.json on the same folder."""
     import json
