@@ -708,19 +708,26 @@ def prepare_output_dir(out: str | os.PathLike) -> Path:
 
 
 def _check_resume(out: Path, settings: Mapping[str, Any]) -> None:
-    """Refuse to append to predictions made with other settings (``run.json`` in ``out``); record them otherwise."""
+    """Refuse to append to predictions made otherwise (``run.json`` in ``out`` records the generation settings);
+    record the settings otherwise."""
     path = out / "run.json"
+    before = None
     if path.is_file():
         try:
             before = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             before = None
-        if isinstance(before, dict):
-            diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-            if diff:
-                raise RadFM3DInputError(out, "holds predictions made with other settings "
-                                             + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
-                                             + "; give another --out (or delete its predictions to start over)")
+    if isinstance(before, dict):
+        diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if diff:
+            raise RadFM3DInputError(out, "holds predictions made with other settings ("
+                                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                                         + "); give another --out (or delete its predictions to start over)")
+    else:
+        for name in ("predictions.jsonl", "blind_predictions.jsonl"):
+            if (out / name).is_file() and (out / name).stat().st_size > 0:
+                raise RadFM3DInputError(out / name, "holds predictions that no --model run of this folder made "
+                                                    "(no run.json beside it); give another --out")
     atomic_write_json(path, dict(settings))
 
 
@@ -792,6 +799,8 @@ def cli(argv: Iterable[str] | None = None) -> int:
     results = evaluate_predictions(scored, preds, blind, recipe=recipe, name=name, **common)
     _add_failures(results, failures)
     if not args.model:  # with --model they were written as they were made
+        if (out / "run.json").is_file():  # these predictions are not a model run's any more
+            (out / "run.json").unlink()
         write_predictions(preds, out / "predictions.jsonl")
         if blind is not None:
             write_predictions(blind, out / "blind_predictions.jsonl")

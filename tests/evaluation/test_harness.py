@@ -296,6 +296,11 @@ def test_evaluate_model_writes_as_it_goes_reports_bad_records_and_resumes(tiny_m
     # the same folder with other generation settings is refused, not mixed
     with pytest.raises(ValueError, match="other settings.*max_new_tokens"):
         cli([*args[:-4], "--max-new-tokens", "3", "--batch-size", "2"])
+    # and so are predictions that a scoring run (--oracle) wrote there
+    assert cli([*args[:2], "--oracle", *args[4:]]) == 1
+    assert not (out / "run.json").exists()
+    with pytest.raises(ValueError, match="predictions.jsonl.*no --model run"):
+        cli(args)
 
 
 def test_unusable_out_is_refused_before_any_work(tmp_path):
