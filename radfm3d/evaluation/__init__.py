@@ -1,5 +1,6 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""Evaluation: metrics with bootstrap intervals, negation-aware findings, the harness and its report.
+"""Evaluation: metrics with bootstrap intervals, negation-aware findings, the harness, its report and the
+anatomical slice figures.
 
     from radfm3d.evaluation import evaluate_predictions, evaluate_model, write_report
 """
@@ -24,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "constant_predictions": "radfm3d.evaluation.harness",
     "task_family": "radfm3d.evaluation.harness",
     "write_report": "radfm3d.evaluation.report",
+    "anatomical_slices": "radfm3d.evaluation.figures",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -776,7 +776,8 @@ def cli(argv: Iterable[str] | None = None) -> int:
     common = dict(train_records=train, embeddings=not args.no_embeddings, n_resamples=args.n_resamples,
                   seed=args.seed)
     if args.model:
-        from radfm3d import RadFM3DForCausalLM, RadFM3DProcessor
+        from radfm3d.modeling.model import RadFM3DForCausalLM
+        from radfm3d.processing import RadFM3DProcessor
 
         _check_resume(out, {"model": str(Path(args.model).resolve()), "max_new_tokens": args.max_new_tokens,
                             "likelihood": True})
