@@ -335,6 +335,10 @@ class ScanResultWriter:
         engine.add_event_handler(Events.COMPLETED, self.finish)
 
     def _reset(self, engine: Engine | None = None) -> None:
+        """Run start: refuse an output folder that cannot be written before any scan is read."""
+        from radfm3d.utils import writable_dir
+
+        writable_dir(self.output_dir, "output_dir")
         self.written, self.failures, self._scans = [], [], 0
 
     def _start(self, engine: Engine) -> None:
@@ -399,7 +403,11 @@ class ScanResultWriter:
                 self._fail(scan, f"figure not drawn: {_problem(err)}")
         from radfm3d.utils import atomic_write_json
 
-        path = atomic_write_json(self.output_dir / f"{name}.json", result)
+        try:
+            path = atomic_write_json(self.output_dir / f"{name}.json", result)
+        except Exception as err:  # e.g. the disk filled up: the old file (if any) is intact, the run goes on
+            self._fail(scan, f"result not written: {_problem(err)}")
+            return None
         self.written.append(path)
         if self.print_results:
             self._print(scan, path, result)

@@ -77,6 +77,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
             os.remove(tmp)
 
 
+def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """``path`` as a folder that exists and can be written (created if missing; a probe file is made and removed).
+
+    Meant to run before any work, so that a bad output folder is refused before hours of compute. Raises
+    :class:`~radfm3d.errors.RadFM3DInputError` naming ``what`` when ``path`` is an existing file, cannot be created
+    or cannot be written.
+    """
+    from radfm3d.errors import RadFM3DInputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RadFM3DInputError(path, f"{what} is an existing file; give a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise RadFM3DInputError(path, f"{what} cannot be written ({err.strerror or err})") from None
+    return path
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (:func:`atomic_write`), creating the parent folder; -> ``path``."""
     path = Path(path)

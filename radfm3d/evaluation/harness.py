@@ -39,7 +39,7 @@ from radfm3d.evaluation import metrics as M
 from radfm3d.evaluation.findings import finding_figures, load_vocabulary
 from radfm3d.evaluation.metrics import RadFM3DInputError
 from radfm3d.evaluation.report import write_report
-from radfm3d.utils import JsonlAppender, atomic_write, atomic_write_json, json_default
+from radfm3d.utils import JsonlAppender, atomic_write, atomic_write_json, json_default, writable_dir
 
 CLOSED_VQA = ("presence", "side", "count", "type", "size_bucket", "size_category", "laterality", "yes_no")
 OPEN_VQA = ("open", "location", "size", "where", "measurement")
@@ -689,22 +689,11 @@ def _add_failures(results: dict[str, Any], failures: Sequence[Mapping[str, Any]]
 
 
 def prepare_output_dir(out: str | os.PathLike) -> Path:
-    """The ``--out`` folder, created and proven writable (a probe file is made and removed) before any work.
+    """The ``--out`` folder, created and proven writable before any work (:func:`radfm3d.utils.writable_dir`).
 
     Raises RadFM3DInputError when it is an existing file, cannot be created, or cannot be written.
     """
-    import tempfile
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RadFM3DInputError(out, "--out is an existing file; give a folder (it is created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise RadFM3DInputError(out, f"--out cannot be written ({err.strerror or err})") from None
-    return out
+    return writable_dir(out, "--out")
 
 
 def _check_resume(out: Path, settings: Mapping[str, Any]) -> None:

@@ -146,3 +146,14 @@ def test_bundle_run_exits_non_zero_after_writing_the_good_scans(tiny_model_dir: 
     assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz.json", "ct.nrrd.json", "failures.json"]
     assert "1 of 3 scan(s) failed" in proc.stdout + proc.stderr
     assert json.loads((out / "ct.nrrd.json").read_text())["answers"][0]["prompt"].startswith("<image>")
+
+
+def test_unusable_output_dir_is_refused_before_any_scan_is_read(tiny_model_dir: Path, tmp_path: Path):
+    from radfm3d.inference import run_inference
+
+    taken = tmp_path / "outputs"
+    taken.write_text("a file, not a folder")
+    with pytest.raises(ValueError, match="outputs: output_dir is an existing file"):
+        run_inference(tiny_model_dir, taken, dataset_dir=_scan_folder(tmp_path / "scans"), prompts=["modality"],
+                      max_new_tokens=2)
+    assert taken.read_text() == "a file, not a folder"
