@@ -311,8 +311,8 @@ class ScanResultWriter:
     ``engine.state.output["error"]`` for a scan that failed (:func:`scan_iteration`). ``name`` comes from the batch
     (:func:`output_names`: unique within the run). A figure that cannot be drawn is a failure of its own; the JSON is
     still written. At the end of the run (``Events.COMPLETED``, or :meth:`finish`): ``failures.json`` (a list of
-    ``{"scan", "problem"}``, only when something failed), a printed summary, and with ``raise_on_failure`` a :class:`RadFM3DInputError` when
-    any scan failed.
+    ``{"scan", "problem"}``, only when something failed), a printed summary, and with ``raise_on_failure`` a
+    :class:`RadFM3DInputError` when any scan failed.
     """
 
     def __init__(self, output_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
