@@ -375,6 +375,9 @@ def _score_family(
             except ImportError as err:
                 notes.append(f"grounding from text needs the box codec ({err}); family not scored")
                 return {}, cases, notes
+            except RadFM3DInputError as err:  # its image cannot place the <box> text: a miss, said so
+                notes.append(f"{r['id']}: box not placed ({err}); scored as no box")
+                pred = []
             g = M.grounding_case(pred, true)
             c.update({**g, "pred_boxes_world_mm": pred, "true_boxes_world_mm": true})
             ious.append(g["iou"])

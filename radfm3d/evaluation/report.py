@@ -126,8 +126,8 @@ def plot_grounding_cases(
 ) -> Path | None:
     """Per case, the axial, coronal and sagittal planes of the original scan (first image, channel 0) through the
     true box centre, cut in world RAS mm and shown in the radiological convention with R/L, A/P, S/I markers
-    (:func:`radfm3d.evaluation.figures.draw_slice_plane`); true box green, predicted box red. Returns None when no
-    case has both a true box and an image."""
+    (:func:`radfm3d.evaluation.figures.draw_slice_plane`); true box green, predicted box red. Cases whose scan
+    cannot be read are skipped. Returns None when no case has both a true box and a readable image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,14 +136,24 @@ def plot_grounding_cases(
     from radfm3d.evaluation.figures import anatomical_slices, draw_slice_plane
     from radfm3d.io import load_image
 
+    from radfm3d.errors import RadFM3DInputError
+
     by_id = {str(r["id"]): r for r in records}
-    chosen = [c for c in cases if c.get("true_boxes_world_mm") and by_id.get(str(c["id"]), {}).get("images")]
-    chosen = chosen[:n_cases]
+    chosen = []
+    for case in cases:
+        if len(chosen) == n_cases:
+            break
+        images = by_id.get(str(case["id"]), {}).get("images")
+        if not case.get("true_boxes_world_mm") or not images:
+            continue
+        try:  # a case whose scan cannot be read is left out; the others are drawn
+            chosen.append((case, load_image(images[0])))
+        except (RadFM3DInputError, OSError):
+            continue
     if not chosen:
         return None
     fig, axes = plt.subplots(len(chosen), 3, figsize=(10.5, 3.5 * len(chosen)), squeeze=False)
-    for row, case in zip(axes, chosen):
-        image = load_image(by_id[str(case["id"])]["images"][0])
+    for row, (case, image) in zip(axes, chosen):
         vol = np.asarray(image[0], dtype=np.float32)
         true = np.asarray(case["true_boxes_world_mm"][0], dtype=np.float64)
         preds = [np.asarray(b, dtype=np.float64) for b in case.get("pred_boxes_world_mm") or []][:1]

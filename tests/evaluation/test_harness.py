@@ -323,3 +323,22 @@ def test_unusable_out_is_refused_before_any_work(tmp_path):
             cli(["--manifest", str(missing_manifest), "--model", str(missing_model), "--out", str(locked / "x")])
     finally:
         locked.chmod(0o700)
+
+
+def test_a_grounding_record_with_an_unreadable_scan_is_a_noted_miss(tmp_path):
+    """Scoring <box> text needs the record's scan; a corrupt one costs that case (noted), not the evaluation or the
+    figure of the other cases."""
+    from radfm3d.evaluation.report import write_report
+
+    _write_scan(tmp_path / "scan.nii.gz")
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08 not gzip")
+    records = [r for r in synthetic_records(n=8, image=str(tmp_path / "scan.nii.gz")) if r["task"] == "grounding"]
+    records[0] = {**records[0], "images": [str(tmp_path / "corrupt.nii.gz")]}
+    res = evaluate_predictions(records, oracle_predictions(records, world_boxes=False), embeddings=False,
+                               n_resamples=20)
+    cases = {c["id"]: c for c in res["cases"]["grounding"]}
+    assert cases[records[0]["id"]]["pred_boxes_world_mm"] == [] and cases[records[0]["id"]]["iou"] == 0.0
+    assert all(len(cases[r["id"]]["pred_boxes_world_mm"]) == 1 for r in records[1:])  # placed on their scan
+    assert any("corrupt.nii.gz" in n and "scored as no box" in n for n in res["families"]["grounding"]["notes"])
+    paths = write_report(res, tmp_path / "out", records=records)
+    assert paths["grounding_cases"].read_bytes()[:4] == b"\x89PNG"
