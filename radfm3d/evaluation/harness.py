@@ -646,7 +646,8 @@ def run_model(
                                  output_file=None if out is None else out / "predictions.jsonl", **kw)
     blind_preds = None
     if blind:
-        blind_preds = generate_predictions(model, processor, records, blank_images=True, desc="blind",
+        blind_preds = generate_predictions(model, processor, _without_failed(records, failures), blank_images=True,
+                                           desc="blind",
                                            output_file=None if out is None else out / "blind_predictions.jsonl", **kw)
     return preds, blind_preds, failures
 

@@ -342,3 +342,21 @@ def test_a_grounding_record_with_an_unreadable_scan_is_a_noted_miss(tmp_path):
     assert any("corrupt.nii.gz" in n and "scored as no box" in n for n in res["families"]["grounding"]["notes"])
     paths = write_report(res, tmp_path / "out", records=records)
     assert paths["grounding_cases"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_model_api_runs_the_blind_baseline_on_the_good_records_only(tiny_model_dir, tmp_path,
+                                                                              generated_ids):
+    from radfm3d.evaluation.harness import evaluate_model
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+    from radfm3d.processing import RadFM3DProcessor
+
+    manifest, out = _batch_manifest(tmp_path / "data"), tmp_path / "eval"
+    model, processor = RadFM3DForCausalLM.from_pretrained(tiny_model_dir), RadFM3DProcessor.from_pretrained(
+        tiny_model_dir)
+    res = evaluate_model(model, processor, manifest, batch_size=3, max_new_tokens=2, likelihood=False,
+                         progress=False, embeddings=False, out_dir=out)
+    assert sum(generated_ids) == 10  # 5 good records, model and blind
+    assert sorted(read_predictions(out / "blind_predictions.jsonl")) == [f"m{i}" for i in range(5)]
+    assert sorted({f["id"] for f in res["failures"]}) == ["corrupt", "missing", "two-images"]
+    assert res["meta"]["runs"] == ["blind", "model"] and res["meta"]["missing_predictions"] == {"model": 0,
+                                                                                                "blind": 0}
