@@ -498,8 +498,12 @@ def summarize(results: Mapping[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ model running
-def _prompts_and_images(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    return [str(r.get("prompt", "")) for r in records], [list(r.get("images") or []) for r in records]
+def _prompts_and_images(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Prompts and, per record, its images: paths, or images read with the record's ``image_series`` /
+    ``image_meta`` (:func:`radfm3d.data.image_meta.record_images`)."""
+    from radfm3d.data.image_meta import record_images
+
+    return [str(r.get("prompt", "")) for r in records], [record_images(r) for r in records]
 
 
 def _problem(err: BaseException) -> str:
@@ -597,9 +601,11 @@ def choice_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any]
     """Summed log-probability (nats) of each choice's answer tokens given the record's prompt and images."""
     import torch
 
+    from radfm3d.data.image_meta import record_images
+
     device = next(model.parameters()).device
-    examples = [processor.build_training_example(str(record.get("prompt", "")), str(choice),
-                                                 list(record.get("images") or []))
+    images = record_images(record)  # read once for every choice
+    examples = [processor.build_training_example(str(record.get("prompt", "")), str(choice), images)
                 for choice in record["choices"]]
     pad_id = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None) or 0
     width = max(int(torch.as_tensor(e["input_ids"]).reshape(-1).shape[0]) for e in examples)
