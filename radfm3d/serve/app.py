@@ -312,9 +312,18 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
         return stored.to_json()
 
     @app.get("/v1/files")
-    def list_files(request: Request) -> dict[str, Any]:
+    def list_files(request: Request, after: str | None = None, limit: int = 10000, order: str = "desc") -> dict:
+        """The caller's files, OpenAI's cursor page (``after`` an id, ``limit``, ``order`` by creation time)."""
         who = owner(request)
-        return {"object": "list", "data": [f.to_json() for f in store.list(who)]}
+        if not 1 <= limit <= 10000 or order not in ("asc", "desc"):
+            raise APIError(400, "limit must be 1..10000 and order 'asc' or 'desc'", param="limit")
+        files = store.list(who)[:: -1 if order == "desc" else 1]
+        if after is not None:
+            ids = [f.id for f in files]
+            files = files[ids.index(after) + 1:] if after in ids else []
+        page = files[:limit]
+        return {"object": "list", "data": [f.to_json() for f in page], "has_more": len(files) > len(page),
+                "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
 
     def _file_or_404(file_id: str, who: str) -> Any:
         stored = store.get(file_id, who)

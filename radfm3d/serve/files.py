@@ -229,7 +229,7 @@ class FileStore:
         """The owner's live files, oldest first."""
         self.purge_expired()
         with self._lock:
-            return sorted((f for f in self._files.values() if f.owner == owner), key=lambda f: f.created_at)
+            return [f for f in self._files.values() if f.owner == owner]  # insertion order = upload order
 
     def delete(self, file_id: str, owner: str) -> bool:
         """Delete the owner's file; ``False`` when there is none."""

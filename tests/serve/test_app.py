@@ -108,6 +108,20 @@ def test_upload_reports_the_scans_geometry(client, ct_id):
     assert g["modality"] == "CT" and "path" not in json.dumps(info).lower().replace("filename", "")
 
 
+def test_file_list_is_a_cursor_page(client, ct_id):
+    ids = [client.post("/v1/files", headers=A, files={"file": (f"p{k}.nii.gz", CT.read_bytes())}).json()["id"]
+           for k in range(3)]
+    page = client.get("/v1/files", headers=A, params={"limit": 2, "order": "asc", "after": ct_id}).json()
+    mine = [f["id"] for f in client.get("/v1/files", headers=A, params={"order": "asc"}).json()["data"]]
+    start = mine.index(ct_id) + 1
+    assert [f["id"] for f in page["data"]] == mine[start:start + 2] and page["has_more"] is True
+    last = client.get("/v1/files", headers=A, params={"after": mine[-2], "order": "asc"}).json()
+    assert [f["id"] for f in last["data"]] == mine[-1:] and last["has_more"] is False
+    assert client.get("/v1/files", headers=A).json()["data"][0]["id"] == ids[-1]  # newest first by default
+    for file_id in ids:
+        client.delete(f"/v1/files/{file_id}", headers=A)
+
+
 def test_the_upload_name_is_only_a_name(client):
     r = client.post("/v1/files", headers=A, files={"file": ("../../../tmp/evil.nii.gz", CT.read_bytes())})
     assert r.status_code == 200 and r.json()["filename"] == "evil.nii.gz"

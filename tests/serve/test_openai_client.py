@@ -112,6 +112,16 @@ def test_bad_requests_then_a_good_one(oai, file_id, tmp_path, kind, error):
     assert ok.choices[0].message.content is not None
 
 
+def test_file_routes_with_the_official_client(oai, file_id):
+    with CT.open("rb") as fh:
+        extra = oai.files.create(file=("second.nii.gz", fh), purpose="vision")
+    assert oai.files.retrieve(extra.id).filename == "second.nii.gz"
+    assert {f.id for f in oai.files.list()} >= {file_id, extra.id}
+    assert oai.files.delete(extra.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        oai.files.retrieve(extra.id)
+
+
 def test_sixteen_concurrent_clients_and_bounded_memory(server, oai, file_id):
     def one(k: int) -> str:
         r = oai.chat.completions.create(model="tiny", max_tokens=3, seed=k,
