@@ -38,7 +38,8 @@ import numpy as np
 
 from radfm3d.errors import RadFM3DInputError
 
-__all__ = ["load_image", "save_nifti", "save_dicom_series", "image_summary", "cli", "detached_data_files",
+__all__ = ["load_image", "save_nifti", "save_dicom_series", "image_summary", "cli", "data_warnings",
+           "detached_data_files",
            "dicom_folder_files", "MIN_SPACING_MM", "MAX_SPACING_MM", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_FILES",
            "DEFAULT_MAX_DEPTH"]
 
@@ -322,20 +323,25 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modality", default=None, help="declare the modality (CT, MR, ...) for files that lack it")
     parser.add_argument("--max-voxels", type=int, default=1_000_000_000, help="refuse larger headers")
     parser.add_argument("--json", action="store_true", help="print one JSON object per input")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help="memory budget of one read in bytes (result + working copies)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    with warnings.catch_warnings():  # import-time deprecation chatter of MONAI/torch, before any recording
+        warnings.simplefilter("ignore")
+        import monai.data  # noqa: F401
     status = 0
     for path in args.paths:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 image = load_image(path, series_uid=args.series_uid, modality=args.modality,
-                                   max_voxels=args.max_voxels)
+                                   max_voxels=args.max_voxels, max_bytes=args.max_bytes)
         except RadFM3DInputError as err:
             print(f"error: {err}", file=sys.stderr)
             status = 2
             continue
         summary = image_summary(image)
-        summary["warnings"] = [str(w.message) for w in caught]
+        summary["warnings"] = data_warnings(caught)
         if args.json:
             print(json.dumps(summary))
             continue
@@ -352,6 +358,24 @@ def cli(argv: Sequence[str] | None = None) -> int:
         lines += [f"warning:     {w}" for w in summary["warnings"]]
         print("\n".join(lines))
     return status
+
+
+_NOISE_CATEGORIES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning, ImportWarning, ResourceWarning)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def data_warnings(caught: Sequence[warnings.WarningMessage]) -> list[str]:
+    """The warnings worth showing a user about their data: radfm3d's own, and any library warning that is not
+    deprecation/import noise (e.g. pydicom on an invalid value); each distinct message once, in order."""
+    kept: list[str] = []
+    for w in caught:
+        ours = os.path.abspath(str(w.filename or "")).startswith(_PACKAGE_DIR + os.sep)
+        if not ours and issubclass(w.category, _NOISE_CATEGORIES):
+            continue
+        text = str(w.message)
+        if text not in kept:
+            kept.append(text)
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
