@@ -493,7 +493,8 @@ def _apply_scaling(path: Path, raw: np.ndarray, slope: float, inter: float, out_
     """
     work = out_dtype if out_dtype.kind == "f" else np.dtype(np.float32)
     out = np.empty_like(raw, dtype=work)  # same memory layout as raw, so both ravel to views
-    flat_in, flat_out = raw.reshape(-1, order="K"), out.reshape(-1, order="K")
+    flat_in, flat_out = raw.ravel(order="K"), out.ravel(order="K")
+    assert np.shares_memory(flat_out, out)
     chunk = 1 << 22
     with np.errstate(over="ignore", invalid="ignore"):
         for start in range(0, flat_in.size, chunk):
@@ -516,7 +517,8 @@ def _check_raw_pixdim(path: Path, img: Any) -> None:
     loading, so ``img.header`` no longer shows them."""
     nib = _require("nibabel", "nibabel")
     try:
-        name = img.file_map["header"].filename or str(path)
+        holder = img.file_map.get("header") or img.file_map.get("image")  # .hdr of a pair, else the .nii
+        name = getattr(holder, "filename", None) or str(path)
         with nib.openers.ImageOpener(name) as f:
             raw = type(img.header).from_fileobj(f, check=False)
         dims = [int(d) for d in raw["dim"]]
