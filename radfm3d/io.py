@@ -778,6 +778,8 @@ def _dcmread(path: Path, *, header_only: bool, force: bool = False):
         if force:
             raise
         raise RadFM3DInputError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
+    except MemoryError:
+        raise RadFM3DInputError(path, _OUT_OF_MEMORY) from None
     except Exception as err:
         raise RadFM3DInputError(path, f"corrupt or truncated DICOM file ({_short(err)})") from None
 
@@ -1001,7 +1003,7 @@ def _read_dicom_slices(folder: Path, uid: str, slices: list[_SliceHeader], limit
     slices = groups[key]
     rows, cols, _ = key
     work = 4 if limits.out_dtype != np.float32 else 0  # the float32 volume, when the result is another dtype
-    _check_voxels(folder, (cols, rows, len(slices)), limits, work, extra_bytes=rows * cols * 16)
+    _check_voxels(folder, (cols, rows, len(slices)), limits, work, extra_bytes=rows * cols * 64)  # slice buffers
     first = slices[0].ds
     iop = _vec(first, "ImageOrientationPatient", 6)
     ipps = [_vec(s.ds, "ImagePositionPatient", 3) for s in slices]
@@ -1018,30 +1020,61 @@ def _read_dicom_slices(folder: Path, uid: str, slices: list[_SliceHeader], limit
         volume = np.empty((len(slices), rows, cols), dtype=np.float32)
     except MemoryError:
         raise RadFM3DInputError(folder, _no_memory_message((cols, rows, len(slices)), 4 + work, limits)) from None
-    buf = bytearray(rows * cols * 4)
-    lo, hi = np.inf, -np.inf
-    for z, s in enumerate(slices):
-        layout = _native_pixel_layout(s, rows, cols)
-        pixels = None if layout is None else _read_native_pixels(s, *layout, rows, cols, buf)
-        ds = s.ds
-        if pixels is None:
-            ds = _dcmread(s.path, header_only=False)
-            pixels = _grey(s.path, ds, _decode(s.path, ds))
-            if pixels.shape != (rows, cols):
-                raise RadFM3DInputError(s.path, f"pixel data has shape {pixels.shape}, header says {(rows, cols)}")
-        slope, intercept = _rescale_of(ds)
-        plane = volume[z]
-        # same float32 arithmetic (and rounding) as pixels.astype(float32) * slope + intercept, without temporaries
-        plane[...] = pixels
-        if slope != 1.0:
-            np.multiply(plane, np.float32(slope), out=plane)
-        if intercept != 0.0:
-            np.add(plane, np.float32(intercept), out=plane)
-        # the value range, while the plane is in cache (NaN propagates): saves two passes over the volume later
-        lo, hi = np.minimum(lo, plane.min()), np.maximum(hi, plane.max())
+    def fill(zs: range) -> tuple[float, float]:
+        """Read slices ``zs`` into their planes; -> (min, max) of the values written (NaN propagates)."""
+        buf = bytearray(rows * cols * 4)
+        lo, hi = np.float32(np.inf), np.float32(-np.inf)
+        for z in zs:
+            s = slices[z]
+            layout = _native_pixel_layout(s, rows, cols)
+            pixels = None if layout is None else _read_native_pixels(s, *layout, rows, cols, buf)
+            ds, native = s.ds, pixels is not None
+            if pixels is None:
+                ds = _dcmread(s.path, header_only=False)
+                pixels = _grey(s.path, ds, _decode(s.path, ds))
+                if pixels.shape != (rows, cols):
+                    raise RadFM3DInputError(s.path, f"pixel data has shape {pixels.shape}, header says "
+                                                    f"{(rows, cols)}")
+            slope, intercept = _rescale_of(ds)
+            s32, i32 = np.float32(slope), np.float32(intercept)
+            plane = volume[z]
+            # float32 arithmetic identical to pixels.astype(float32) * slope + intercept, in place, no temporaries
+            if slope != 1.0:
+                np.multiply(pixels, s32, out=plane, dtype=np.float32)
+            else:
+                plane[...] = pixels
+            if intercept != 0.0:
+                np.add(plane, i32, out=plane)
+            if native:
+                # the range from the stored integers (half the bytes): x -> x * slope + intercept is monotonic in
+                # float32 too, so its extremes are the images of the stored extremes (swapped if slope < 0)
+                ends = np.array([pixels.min(), pixels.max()], dtype=np.float32)
+                if slope != 1.0:
+                    ends *= s32
+                if intercept != 0.0:
+                    ends += i32
+                a, b = (ends[1], ends[0]) if slope < 0 else (ends[0], ends[1])
+            else:
+                a, b = plane.min(), plane.max()
+            lo, hi = np.minimum(lo, a), np.maximum(hi, b)
+        return float(lo), float(hi)
+
+    # file reads and numpy's arithmetic release the GIL: a few threads overlap them (SimpleITK/GDCM uses threads too)
+    workers = max(1, min(4, os.cpu_count() or 1, len(slices) // 8))
+    chunks = [range(k, len(slices), workers) for k in range(workers)]
+    if workers == 1:
+        ranges = [fill(chunks[0])]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="radfm3d-dicom") as pool:
+            ranges = list(pool.map(fill, chunks))
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if any(np.isnan(r[0]) or np.isnan(r[1]) for r in ranges):
+        lo = hi = float("nan")
     data = volume.transpose(2, 1, 0)  # (X, Y, Z) view of the (Z, Y, X) buffer
     inverted = _maybe_invert(slices[-1].ds, data)
-    value_range = (float(lo), float(hi)) if inverted is data else None
+    value_range = (lo, hi) if inverted is data else None
     extra = {"series_uid": uid, "num_files": len(slices)}
     return _Loaded(inverted[None], aff, "dicom-series", str(folder), _modality_of(first), extra,
                    value_range=value_range)
@@ -1082,9 +1115,9 @@ def _sort_slices(source: Any, ipps: np.ndarray, row_dir: np.ndarray, col_dir: np
 def _read_dicom_multiframe(path: Path, header: Any, limits: _Limits) -> _Loaded:
     """Enhanced (functional groups), RT dose (GridFrameOffsetVector) or volumetric multi-frame DICOM."""
     frames, rows, cols = _num_frames(header), int(header.Rows), int(header.Columns)
-    # the file read whole + decoded frames + the float32 frames + the result
+    # the file read whole + decoded frames + the float32 frames (+ a re-ordered copy) + the result
     _check_voxels(path, (cols, rows, frames, int(header.get("SamplesPerPixel", 1) or 1)), limits,
-                  _stored_itemsize(header) + 4, extra_bytes=path.stat().st_size)
+                  _stored_itemsize(header) + 8, extra_bytes=path.stat().st_size)
     per_frame = list(header.get("PerFrameFunctionalGroupsSequence", []) or [])
     shared = (header.get("SharedFunctionalGroupsSequence") or [None])[0]
 
@@ -1152,7 +1185,9 @@ def _read_dicom_multiframe(path: Path, header: Any, limits: _Limits) -> _Loaded:
         slope = 1.0 if slope is None else slope
         if slope != 1.0 or intercept:
             values[i] = values[i] * np.float32(slope) + np.float32(intercept or 0.0)
-    values = _maybe_invert(ds, values[order])
+    if not np.array_equal(order, np.arange(frames)):
+        values = values[order]
+    values = _maybe_invert(ds, values)
     return _Loaded(values.transpose(2, 1, 0)[None], aff, "dicom-multiframe", str(path), _modality_of(ds), extra)
 
 
@@ -1176,6 +1211,8 @@ def _decode(path: Path, ds: Any) -> np.ndarray:
                                           f"install one with `pip install {hint}`") from None
     try:
         return ds.pixel_array
+    except MemoryError:
+        raise RadFM3DInputError(path, _OUT_OF_MEMORY) from None
     except Exception as err:
         if compressed:
             raise RadFM3DInputError(path, f"could not decode the {ts.name} pixel data ({_short(err)}); another "
@@ -1309,6 +1346,8 @@ def _read_pil(path: Path, fmt: str, limits: _Limits) -> _Loaded:
         _check_voxels(path, (width, height, len(img.getbands())), limits, 8)
         try:
             img.load()
+        except MemoryError:
+            raise RadFM3DInputError(path, _OUT_OF_MEMORY) from None
         except Exception as err:
             raise RadFM3DInputError(path, f"corrupt or truncated {fmt.upper()} image ({_short(err)})") from None
         mode = img.mode
@@ -1393,6 +1432,10 @@ def _check_voxels(source: Any, shape: Sequence[int], limits: _Limits, work_per_v
                                         f"{_gb(need)} GB ({need:,} bytes), the limit is {_gb(limits.max_bytes)} GB "
                                         f"(max_bytes={limits.max_bytes:,}); nothing was read. The file itself may be "
                                         "fine: pass a larger max_bytes if this machine has the memory")
+
+
+_OUT_OF_MEMORY = ("ran out of memory while reading; the file is not necessarily damaged. Free memory, or lower "
+                  "max_bytes so that such files are refused up front")
 
 
 def _gb(n: int) -> str:
