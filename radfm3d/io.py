@@ -6,7 +6,9 @@
 millimetres. Voxel order is kept as stored in the file (no reorientation here; that is
 ``radfm3d.transforms``' job). Every problem with the input is reported as a
 :class:`~radfm3d.errors.RadFM3DInputError` naming the file and what is wrong, and headers are checked
-(dimensionality, size limit, spacing, affine) *before* pixel data are read.
+(dimensionality, element count, memory need in bytes, spacing, affine, where a detached header's data files lie)
+*before* pixel data are read; values are checked finite after every scaling, and the cast to the requested dtype
+is refused when that dtype cannot hold them.
 
 Conventions
 -----------
