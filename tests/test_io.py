@@ -807,3 +807,13 @@ def test_cli_info_json_keeps_data_warnings_not_library_noise(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(summary["warnings"]) == 1 and "without sform/qform" in summary["warnings"][0], summary["warnings"]
+
+
+def test_dicom_rescale_overflowing_float32_is_refused(tmp_path):
+    paths = _small_series(tmp_path / "s", slices=3)
+    ds = pydicom.dcmread(paths[1])
+    ds.RescaleSlope = "1e38"  # a stored value of 29 * 1e38 is beyond float32
+    ds.save_as(paths[1])
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(tmp_path / "s")
+    assert_error(excinfo, str(tmp_path / "s"), "NaN or Inf")
