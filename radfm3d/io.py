@@ -786,8 +786,25 @@ def _dcmread(path: Path, *, header_only: bool, force: bool = False):
         raise RadFM3DInputError(path, f"corrupt or truncated DICOM file ({_short(err)})") from None
 
 
+def _header_and_offset(path: Path) -> tuple[Any, int]:
+    """(header without pixel data, file offset of the pixel data element) with _dcmread's clear errors."""
+    pydicom = _require("pydicom", "pydicom")
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with open(path, "rb") as fp:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            return ds, fp.tell()  # pydicom rewinds to the start of the pixel data element it stopped at
+    except InvalidDicomError:
+        raise RadFM3DInputError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
+    except MemoryError:
+        raise RadFM3DInputError(path, _OUT_OF_MEMORY) from None
+    except Exception as err:
+        raise RadFM3DInputError(path, f"corrupt or truncated DICOM file ({_short(err)})") from None
+
+
 def _read_dicom_file(path: Path, limits: _Limits, series_uid: str | None = None) -> _Loaded:
-    header = _dcmread(path, header_only=True)
+    header, offset = _header_and_offset(path)
     if "Rows" not in header or "Columns" not in header:
         raise RadFM3DInputError(path, f"DICOM file without an image ({_sop_name(header)}); not an image")
     if series_uid and header.get("SeriesInstanceUID") != series_uid:
@@ -795,7 +812,7 @@ def _read_dicom_file(path: Path, limits: _Limits, series_uid: str | None = None)
                                       f"{header.get('SeriesInstanceUID')!r}")
     frames = _num_frames(header)
     if frames > 1 or any(m in header for m in _ENHANCED_MARKERS):
-        return _read_dicom_multiframe(path, header, limits)
+        return _read_dicom_multiframe(path, header, limits, offset)
     return _read_dicom_single(path, header, limits)
 
 
@@ -862,12 +879,9 @@ def dicom_folder_files(folder: str | os.PathLike, max_files: int = DEFAULT_MAX_F
 
 def _read_header_with_offset(path: Path) -> _SliceHeader | None:
     """Header (pixel data not read) and the pixel data element's file offset; None for non-DICOM/non-image files."""
-    pydicom = _require("pydicom", "pydicom")
     try:
-        with open(path, "rb") as fp:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True)
-            offset = fp.tell()  # pydicom rewinds to the start of the pixel data element it stopped at
-    except Exception:  # not DICOM, unreadable, truncated header: skipped like any other stray file
+        ds, offset = _header_and_offset(path)
+    except RadFM3DInputError:  # not DICOM, unreadable, truncated header: skipped like any other stray file
         return None
     if "Rows" not in ds or "Columns" not in ds:
         return None
@@ -910,7 +924,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None, limits: _Limits) ->
     if len(slices) == 1:
         one = slices[0]
         if _num_frames(one.ds) > 1 or any(m in one.ds for m in _ENHANCED_MARKERS):
-            return _read_dicom_multiframe(one.path, one.ds, limits)
+            return _read_dicom_multiframe(one.path, one.ds, limits, one.pixel_offset)
         loaded = _read_dicom_single(one.path, one.ds, limits)
         loaded.source_format, loaded.filename = "dicom-series", str(folder)
         return loaded
@@ -925,11 +939,11 @@ _NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # Implicit / Explicit
 
 
 def _native_pixel_layout(s: _SliceHeader, rows: int, cols: int) -> tuple[np.dtype, int] | None:
-    """(stored dtype, shift of unused high bits) when the slice's pixels can be read straight from the file:
+    """(stored dtype, shift of unused high bits) when the pixels can be read straight from the file:
     uncompressed little-endian, one grey sample, 8/16/32 bits; None otherwise (pydicom decodes it)."""
     ds = s.ds
     ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
-    if ts not in _NATIVE_LE or s.pixel_offset < 0:
+    if ts not in _NATIVE_LE or s.pixel_offset < 0 or "PixelData" in ds:
         return None
     try:
         bits, stored_bits = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
@@ -940,15 +954,16 @@ def _native_pixel_layout(s: _SliceHeader, rows: int, cols: int) -> tuple[np.dtyp
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if bits not in (8, 16, 32) or samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return None
-    if not 0 < stored_bits <= bits or _num_frames(ds) != 1:
+    if not 0 < stored_bits <= bits:
         return None
     return np.dtype(f"<{'i' if signed else 'u'}{bits // 8}"), bits - stored_bits
 
 
 def _read_native_pixels(s: _SliceHeader, dtype: np.dtype, shift: int, rows: int, cols: int,
-                        buf: bytearray) -> np.ndarray | None:
-    """The (rows, cols) stored pixels of an uncompressed little-endian slice, read into ``buf`` (no pydicom
-    parse of the pixel element); None if the element there is not a plain PixelData of the expected size.
+                        buf: bytearray, frame: int = 0, frames: int = 1) -> np.ndarray | None:
+    """The (rows, cols) stored pixels of frame ``frame`` (of ``frames``) of an uncompressed little-endian file,
+    read into ``buf`` (no pydicom parse of the pixel element); None if the element there is not a plain PixelData
+    holding all frames.
 
     Why not ``ds.pixel_array``: that re-parses the whole dataset and copies the pixel bytes twice per slice, which
     made a 300-slice CT read ~3x slower than GDCM; the header pass already knows where the pixels start.
@@ -966,8 +981,10 @@ def _read_native_pixels(s: _SliceHeader, dtype: np.dtype, shift: int, rows: int,
             length = int.from_bytes(head[8:12], "little")
         else:
             length = int.from_bytes(head[4:8], "little")
-        if length == 0xFFFFFFFF or length < need:
+        if length == 0xFFFFFFFF or length < need * frames:
             return None
+        if frame:
+            f.seek(need * frame, os.SEEK_CUR)
         view = memoryview(buf)[:need]
         got = f.readinto(view)
         view.release()
@@ -1114,12 +1131,16 @@ def _sort_slices(source: Any, ipps: np.ndarray, row_dir: np.ndarray, col_dir: np
     return order, step
 
 
-def _read_dicom_multiframe(path: Path, header: Any, limits: _Limits) -> _Loaded:
+def _read_dicom_multiframe(path: Path, header: Any, limits: _Limits, pixel_offset: int = -1) -> _Loaded:
     """Enhanced (functional groups), RT dose (GridFrameOffsetVector) or volumetric multi-frame DICOM."""
     frames, rows, cols = _num_frames(header), int(header.Rows), int(header.Columns)
-    # the file read whole + decoded frames + the float32 frames (+ a re-ordered copy) + the result
-    _check_voxels(path, (cols, rows, frames, int(header.get("SamplesPerPixel", 1) or 1)), limits,
-                  _stored_itemsize(header) + 8, extra_bytes=path.stat().st_size)
+    native = _native_pixel_layout(_SliceHeader(path, header, pixel_offset), rows, cols)
+    if native is not None:  # frames read one at a time into the float32 volume (+ the result if another dtype)
+        _check_voxels(path, (cols, rows, frames), limits, 4 if limits.out_dtype != np.float32 else 0,
+                      extra_bytes=rows * cols * 4)
+    else:  # the file read whole + decoded frames + the float32 frames (+ a re-ordered copy) + the result
+        _check_voxels(path, (cols, rows, frames, int(header.get("SamplesPerPixel", 1) or 1)), limits,
+                      _stored_itemsize(header) + 8, extra_bytes=path.stat().st_size)
     per_frame = list(header.get("PerFrameFunctionalGroupsSequence", []) or [])
     shared = (header.get("SharedFunctionalGroupsSequence") or [None])[0]
 
@@ -1174,6 +1195,18 @@ def _read_dicom_multiframe(path: Path, header: Any, limits: _Limits) -> _Loaded:
     spacing = _pixel_spacing(path, header, spacing_values)
     aff = _dicom_affine(origin, row_dir, col_dir, spacing, step)
     _check_affine(path, aff)
+
+    def rescale(i: int) -> tuple[float, float]:
+        slope = _as_float(group_value(i, "PixelValueTransformationSequence", "RescaleSlope"))
+        intercept = _as_float(group_value(i, "PixelValueTransformationSequence", "RescaleIntercept"))
+        return (1.0 if slope is None else slope), (intercept or 0.0)
+
+    if native is not None:
+        volume = _read_native_frames(path, header, pixel_offset, native, order, rows, cols, rescale)
+        if volume is not None:
+            volume = _maybe_invert(header, volume)
+            return _Loaded(volume.transpose(2, 1, 0)[None], aff, "dicom-multiframe", str(path),
+                           _modality_of(header), extra)
     ds = _dcmread(path, header_only=False)
     pixels = _grey(path, ds, _decode(path, ds))
     if frames == 1 and pixels.ndim == 2:
@@ -1182,15 +1215,37 @@ def _read_dicom_multiframe(path: Path, header: Any, limits: _Limits) -> _Loaded:
         raise RadFM3DInputError(path, f"pixel data has shape {pixels.shape}, header says {(frames, rows, cols)}")
     values = pixels.astype(np.float32)
     for i in range(frames):
-        slope = _as_float(group_value(i, "PixelValueTransformationSequence", "RescaleSlope"))
-        intercept = _as_float(group_value(i, "PixelValueTransformationSequence", "RescaleIntercept"))
-        slope = 1.0 if slope is None else slope
+        slope, intercept = rescale(i)
         if slope != 1.0 or intercept:
-            values[i] = values[i] * np.float32(slope) + np.float32(intercept or 0.0)
+            values[i] = values[i] * np.float32(slope) + np.float32(intercept)
     if not np.array_equal(order, np.arange(frames)):
         values = values[order]
     values = _maybe_invert(ds, values)
     return _Loaded(values.transpose(2, 1, 0)[None], aff, "dicom-multiframe", str(path), _modality_of(ds), extra)
+
+
+def _read_native_frames(path: Path, header: Any, pixel_offset: int, layout: tuple[np.dtype, int],
+                        order: np.ndarray, rows: int, cols: int, rescale: Any) -> np.ndarray | None:
+    """(frames, rows, cols) float32 of an uncompressed multi-frame file, frame ``order[j]`` into plane ``j``,
+    rescaled per frame; read a frame at a time (the result plus one frame in memory). None: let pydicom decode."""
+    frames = len(order)
+    volume = np.empty((frames, rows, cols), dtype=np.float32)
+    buf = bytearray(rows * cols * 4)
+    s = _SliceHeader(path, header, pixel_offset)
+    for j, i in enumerate(order):
+        pixels = _read_native_pixels(s, *layout, rows, cols, buf, frame=int(i), frames=frames)
+        if pixels is None:
+            return None
+        slope, intercept = rescale(int(i))
+        plane = volume[j]
+        # the same float32 arithmetic as pixels.astype(float32) * slope + intercept
+        if slope != 1.0:
+            np.multiply(pixels, np.float32(slope), out=plane, dtype=np.float32)
+        else:
+            plane[...] = pixels
+        if intercept:
+            np.add(plane, np.float32(intercept), out=plane)
+    return volume
 
 
 def _decode(path: Path, ds: Any) -> np.ndarray:

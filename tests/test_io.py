@@ -817,3 +817,26 @@ def test_dicom_rescale_overflowing_float32_is_refused(tmp_path):
     with pytest.raises(RadFM3DInputError) as excinfo:
         load_quiet(tmp_path / "s")
     assert_error(excinfo, str(tmp_path / "s"), "NaN or Inf")
+
+
+@pytest.mark.parametrize("name", ["eCT_Supplemental.dcm", "emri_small.dcm", "rtdose.dcm", "CT_small.dcm"])
+def test_uncompressed_frames_read_from_the_file_equal_pydicom_decoding(name, monkeypatch, tmp_path):
+    """The direct frame reader (uncompressed files) gives exactly what pydicom's decoder path gives."""
+    import radfm3d.io as rio
+
+    path = pydicom_file(name)
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(path, folder / "f.dcm")
+    direct = [load_quiet(path), load_quiet(folder)]
+    used = []
+    original = rio._read_native_pixels
+    monkeypatch.setattr(rio, "_read_native_pixels", lambda *a, **k: used.append(1) or original(*a, **k))
+    load_quiet(path)
+    monkeypatch.setattr(rio, "_native_pixel_layout", lambda *a, **k: None)  # force pydicom's decoder
+    decoded = [load_quiet(path), load_quiet(folder)]
+    for a, b in zip(direct, decoded):
+        assert a.dtype == b.dtype and torch.equal(a.as_tensor(), b.as_tensor())
+        assert np.allclose(a.affine.numpy(), b.affine.numpy())
+    if name != "CT_small.dcm":  # single-frame files keep pydicom's reader; multi-frame ones use the direct one
+        assert used
