@@ -432,6 +432,9 @@ def _read_nifti(path: Path, limits: _Limits) -> _Loaded:
                                       f"({_short(err)})") from None
     if not hasattr(img, "affine") or not hasattr(img, "dataobj"):
         raise RadFM3DInputError(path, f"{type(img).__name__} is not a NIfTI/Analyze volume")
+    pair = getattr(img.file_map.get("image"), "filename", None)
+    if pair and os.path.abspath(pair) != os.path.abspath(path):  # .hdr/.img: the .img must lie in the same folder
+        _check_inside(path, os.path.basename(pair))
     shape = tuple(int(s) for s in img.header.get_data_shape())
     spatial, channels = _file_layout(path, shape)
     header = img.header
@@ -683,13 +686,18 @@ def _check_detached(path: Path) -> None:
         raise RadFM3DInputError(path, f"{err}; refusing to read so many data files") from None
     if not names:
         return
-    base = os.path.realpath(path.parent)
     for name in names:
-        target = os.path.realpath(os.path.join(path.parent, name))
-        if os.path.commonpath([base, target]) != base:
-            raise RadFM3DInputError(path, f"the header points at the data file {name!r}, which resolves to "
-                                          f"{target!r}, outside the header's folder {base!r}; a detached header may "
-                                          "only name files in its own folder or below, so nothing was read")
+        _check_inside(path, name)
+
+
+def _check_inside(path: Path, name: str) -> None:
+    """Refuse a data file ``name`` (relative to ``path``'s folder, or absolute) that resolves outside that folder."""
+    base = os.path.realpath(path.parent)
+    target = os.path.realpath(os.path.join(path.parent, name))
+    if os.path.commonpath([base, target]) != base:
+        raise RadFM3DInputError(path, f"the header points at the data file {name!r}, which resolves to "
+                                      f"{target!r}, outside the header's folder {base!r}; a detached header may "
+                                      "only name files in its own folder or below, so nothing was read")
 
 
 def _read_itk(path: Path, fmt: str, limits: _Limits) -> _Loaded:

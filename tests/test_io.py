@@ -840,3 +840,17 @@ def test_uncompressed_frames_read_from_the_file_equal_pydicom_decoding(name, mon
         assert np.allclose(a.affine.numpy(), b.affine.numpy())
     if name != "CT_small.dcm":  # single-frame files keep pydicom's reader; multi-frame ones use the direct one
         assert used
+
+
+def test_analyze_pair_image_symlinked_outside_is_refused(tmp_path):
+    vol = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2)
+    nib.save(nib.Nifti1Pair(vol, np.eye(4)), str(tmp_path / "real.img"))
+    (tmp_path / "scan").mkdir()
+    shutil.copy(tmp_path / "real.hdr", tmp_path / "scan" / "pair.hdr")
+    shutil.copy(tmp_path / "real.img", tmp_path / "scan" / "pair.img")
+    assert float(load_image(tmp_path / "scan" / "pair.hdr").max()) == 23.0
+    (tmp_path / "scan" / "pair.img").unlink()
+    (tmp_path / "scan" / "pair.img").symlink_to(tmp_path / "real.img")
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(tmp_path / "scan" / "pair.hdr")
+    assert_error(excinfo, "pair.hdr", "outside the header's folder")
