@@ -1047,8 +1047,13 @@ def _read_dicom_slices(folder: Path, uid: str, slices: list[_SliceHeader], limit
         volume = np.empty((len(slices), rows, cols), dtype=np.float32)
     except MemoryError:
         raise RadFM3DInputError(folder, _no_memory_message((cols, rows, len(slices)), 4 + work, limits)) from None
+
     def fill(zs: range) -> tuple[float, float]:
         """Read slices ``zs`` into their planes; -> (min, max) of the values written (NaN propagates)."""
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing rescale is reported by _finish
+            return fill_planes(zs)
+
+    def fill_planes(zs: range) -> tuple[float, float]:
         buf = bytearray(rows * cols * 4)
         lo, hi = np.float32(np.inf), np.float32(-np.inf)
         for z in zs:
@@ -1097,8 +1102,9 @@ def _read_dicom_slices(folder: Path, uid: str, slices: list[_SliceHeader], limit
         with ThreadPoolExecutor(workers, thread_name_prefix="radfm3d-dicom") as pool:
             ranges = list(pool.map(fill, chunks))
     lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-    if any(np.isnan(r[0]) or np.isnan(r[1]) for r in ranges):
-        lo = hi = float("nan")
+    if any(np.isnan(r[0]) or np.isnan(r[1]) for r in ranges) or not (np.isfinite(lo) and np.isfinite(hi)):
+        raise RadFM3DInputError(folder, f"series {uid}: the pixel values after RescaleSlope/RescaleIntercept include "
+                                        "NaN or Inf (beyond float32); the files' rescale values are broken")
     data = volume.transpose(2, 1, 0)  # (X, Y, Z) view of the (Z, Y, X) buffer
     inverted = _maybe_invert(slices[-1].ds, data)
     value_range = (lo, hi) if inverted is data else None
