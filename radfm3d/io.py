@@ -543,8 +543,8 @@ def _fast_gzip_nifti_data(path: Path, img: Any) -> np.ndarray | None:
 
     Why not nibabel alone: it inflates with Python's zlib, which made reading a 512x512x300 CT ~85% of the whole
     load+preprocess time; ISA-L inflates the same stream about 5-10x faster. The header (shape, affine, dtype,
-    offset) still comes from nibabel; only the inflate differs. The bytes land in one writeable buffer that the
-    array views (no second copy). Raises EOFError/OSError on truncated or corrupt streams.
+    offset) still comes from nibabel; only the inflate differs, and the bytes are viewed, not copied (the cast to the
+    output dtype is the one copy). Raises EOFError/OSError on truncated or corrupt streams.
     """
     if not str(path).lower().endswith(".gz"):
         return None
@@ -558,18 +558,10 @@ def _fast_gzip_nifti_data(path: Path, img: Any) -> np.ndarray | None:
     shape = tuple(int(s) for s in proxy.shape)
     count = int(np.prod(shape)) if shape else 0
     total = offset + count * dtype.itemsize
-    raw = bytearray(total)
-    view = memoryview(raw)
-    got = 0
     with igzip.open(str(path), "rb") as stream:
-        while got < total:
-            n = stream.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    view.release()
-    if got < total:
-        raise EOFError(f"pixel data ends after {max(got - offset, 0):,} of {count * dtype.itemsize:,} bytes")
+        raw = stream.read(total)  # one bytes object (read() is ~1.5x faster than readinto() a bytearray here)
+    if len(raw) < total:
+        raise EOFError(f"pixel data ends after {max(len(raw) - offset, 0):,} of {count * dtype.itemsize:,} bytes")
     return np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order=order)
 
 
