@@ -1084,7 +1084,8 @@ def _read_dicom_slices(folder: Path, uid: str, slices: list[_SliceHeader], limit
         return float(lo), float(hi)
 
     # file reads and numpy's arithmetic release the GIL: a few threads overlap them (SimpleITK/GDCM uses threads too)
-    workers = max(1, min(4, os.cpu_count() or 1, len(slices) // 8))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(4, cores, len(slices) // 8))
     chunks = [range(k, len(slices), workers) for k in range(workers)]
     if workers == 1:
         ranges = [fill(chunks[0])]
