@@ -844,3 +844,12 @@ def test_analyze_pair_image_symlinked_outside_is_refused(tmp_path):
     with pytest.raises(RadFM3DInputError) as excinfo:
         load_quiet(tmp_path / "scan" / "pair.hdr")
     assert_error(excinfo, "pair.hdr", "outside the header's folder")
+
+
+@pytest.mark.parametrize("make", [_huge_header_nifti, _huge_header_nrrd], ids=["nifti", "nrrd"])
+def test_header_over_the_byte_budget_is_refused_before_reading(make, tmp_path):
+    path = make(tmp_path)  # a header only: reading anything beyond it would fail differently
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(path, max_voxels=10**12)
+    assert_error(excinfo, path.name, "GB (", "the limit is 16 GB", "nothing was read")
+    assert "corrupt" not in str(excinfo.value).lower()
