@@ -652,7 +652,7 @@ def _metaimage_data_files(head: bytes) -> list[str]:
 
 
 def _nrrd_data_files(head: bytes) -> list[str]:
-    text = head.split(b"\n\n", 1)[0] if b"\n\n" in head else head
+    text = head.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]  # the header ends at the first blank line
     lines = _text_lines(text)
     for i, line in enumerate(lines):
         if line.startswith("#"):
