@@ -349,13 +349,13 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
 
         if not isinstance(spec, dict) or ("file_id" in spec) == ("path" in spec):
             raise APIError(400, f"{where}.input_volume needs exactly one of 'file_id' or 'path'", param=where)
-        max_voxels = settings.files.max_voxels
+        budgets = settings.files.read_kwargs()
         if "file_id" in spec:
             stored = _file_or_404(str(spec["file_id"]), who)
 
             def load_stored() -> Any:
                 try:
-                    return load_image(stored.path, max_voxels=max_voxels)
+                    return load_image(stored.path, **budgets)
                 except RadFM3DInputError as err:  # name the upload, not the server's folder
                     raise RadFM3DInputError(stored.filename, err.problem) from None
 
@@ -380,7 +380,7 @@ def create_app(engine: Any, settings: ServeSettings | None = None, store: FileSt
 
         def load() -> Any:
             try:
-                return load_image(resolved, max_voxels=max_voxels)
+                return load_image(resolved, **budgets)
             except RadFM3DInputError as err:
                 raise RadFM3DInputError(shown, err.problem) from None
 
@@ -635,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-upload-mb", type=float, default=512.0)
     parser.add_argument("--max-voxels", type=int, default=200_000_000)
+    parser.add_argument("--max-read-mb", type=float, default=4096.0, help="memory one scan read may take")
     parser.add_argument("--file-ttl-s", type=float, default=3600.0, help="uploaded files expire after this")
     parser.add_argument("--max-stored-mb", type=float, default=4096.0, help="bytes stored per API key")
     parser.add_argument("--max-tokens-limit", type=int, default=1024)
@@ -657,7 +658,8 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         if not allow.is_dir():
             raise RadFM3DInputError(args.allow_dir, "--allow-dir is not a folder")
     limits = FileLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_voxels=args.max_voxels,
-                        ttl_s=args.file_ttl_s, max_bytes_per_owner=int(args.max_stored_mb * 2**20))
+                        ttl_s=args.file_ttl_s, max_bytes_per_owner=int(args.max_stored_mb * 2**20),
+                        max_read_bytes=int(args.max_read_mb * 2**20))
     return ServeSettings(api_keys=keys, allow_dir=allow, files=limits, max_tokens_limit=args.max_tokens_limit,
                          max_prompt_chars=args.max_prompt_chars, max_pending=args.max_pending,
                          request_timeout_s=args.timeout_s)

@@ -40,11 +40,17 @@ class FileLimits:
 
     max_upload_bytes: int = 512 * 2**20
     max_voxels: int = 200_000_000
+    max_read_bytes: int = 4 * 2**30  # memory one read may take (load_image's max_bytes, checked from the header)
     max_zip_entries: int = 2000
     max_unzipped_bytes: int = 2 * 2**30
     max_files_per_owner: int = 64
     max_bytes_per_owner: int = 4 * 2**30
     ttl_s: float = 3600.0
+
+    def read_kwargs(self) -> dict[str, int]:
+        """The :func:`radfm3d.io.load_image` budgets of a server read."""
+        return {"max_voxels": int(self.max_voxels), "max_bytes": int(self.max_read_bytes),
+                "max_files": int(self.max_zip_entries)}
 
 
 @dataclass
@@ -279,7 +285,7 @@ class FileStore:
                 upload.rename(path)
                 check_attached_data(path, kind, filename)
             try:
-                image = load_image(path, max_voxels=self.limits.max_voxels)
+                image = load_image(path, **self.limits.read_kwargs())
             except RadFM3DInputError as err:  # the reader names the server's temp path: name the upload instead
                 raise RadFM3DInputError(filename, err.problem) from None
             geometry = geometry_summary(image)

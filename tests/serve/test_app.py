@@ -264,6 +264,13 @@ def test_concurrent_first_requests_preprocess_a_scan_once(engine):
     engine.forget(("test", "stampede"))
 
 
+def test_read_budgets_are_checked_from_the_header(engine):
+    for limits, words in ((FileLimits(max_read_bytes=2**20), "max_bytes"), (FileLimits(max_voxels=10_000), "voxel")):
+        with TestClient(create_app(engine, ServeSettings(files=limits))) as c:
+            err = error_of(c.post("/v1/files", files={"file": ("ct.nii.gz", CT.read_bytes())}), 400)
+            assert err["message"].startswith("ct.nii.gz:") and words in err["message"], err
+
+
 def test_bytes_stored_per_key_are_bounded(engine):
     limits = FileLimits(max_bytes_per_owner=int(CT.stat().st_size * 1.5))
     with TestClient(create_app(engine, ServeSettings(api_keys=["k"], files=limits))) as c:
