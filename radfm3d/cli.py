@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("radfm3d.io:cli", "read a scan and print its geometry, modality and the preprocessing summary"),
     "phantoms": ("radfm3d.data.phantoms:cli", "generate the RadPhantom synthetic benchmark (volumes + task manifests)"),
+    "import": ("radfm3d.data.importers:cli", "turn a dataset or a DICOM export into validated manifests (dicom-export, csv)"),
     "sample-tasks": ("radfm3d.data.manifest:cli", "write a task-balanced random subset of a manifest (training/test mix)"),
     "evaluate": ("radfm3d.evaluation.harness:cli", "score a model or a predictions file on a manifest"),
     "reading-threshold": ("radfm3d.findings.thresholds:cli", "score the findings reading per threshold on val cases"),
@@ -20,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "findings-migrate": ("radfm3d.findings.attach:migrate_cli", "rewrite an older findings model's config (weights untouched)"),
     "refit-boxes": ("radfm3d.findings.box_refit:cli", "re-fit the findings head's finding boxes (box snapping) on more cases"),
     "convert-radfm": ("radfm3d.interop.radfm:cli", "convert the official RadFM pytorch_model.bin to sharded safetensors"),
+    "serve": ("radfm3d.serve.app:cli", "serve a model over an OpenAI-compatible HTTP API (scans in, boxes in RAS mm out)"),
 }
 
 
