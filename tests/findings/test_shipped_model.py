@@ -110,3 +110,25 @@ def test_shipped_answers_are_the_recorded_ones(test_records):
     reading = model.read_findings(processor(text=["<image>"], images=[test_records[0]["images"]],
                                             return_tensors="pt")["pixel_values"])[0][0]
     assert reading["region"] == "abdomen" and reading["text"].startswith("Image reading: MRI T1-weighted, abdomen;")
+
+
+def test_loading_the_shipped_model_prints_no_misleading_warning():
+    import logging
+
+    from radfm3d.engine.training import load_processor, load_trained_model
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        load_processor(SHIPPED)
+        load_trained_model(SHIPPED)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in messages if "model of type" in m]

@@ -375,13 +375,23 @@ def test_unknown_config_key_and_non_finite_weights_are_named(model, tmp_path):
         RadFM3DConfig.from_preset("tiny", colour=1)
 
 
-def test_loading_prints_no_config_warnings(model, tmp_path, caplog):
+def test_loading_prints_no_config_warnings(model, tmp_path):
     import logging
 
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
     model.save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING):
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
         RadFM3DForCausalLM.from_pretrained(tmp_path)
-    assert not [r for r in caplog.records if "model of type" in r.getMessage()]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in messages if "model of type" in m]
 
 
 def test_modeling_imports_no_higher_room():
