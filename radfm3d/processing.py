@@ -44,6 +44,8 @@ __all__ = [
     "PROCESSOR_CONFIG_NAME",
     "IGNORE_INDEX",
     "build_char_tokenizer",
+    "check_text",
+    "check_context_length",
 ]
 
 IMAGE_START_TOKEN = "<|image_start|>"
@@ -105,6 +107,74 @@ def _load_base_tokenizer(name_or_path: str | os.PathLike) -> Any:
                 raise RadFM3DInputError(name_or_path, "the base LLM has no tokenizer")
             return tokenizer
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def check_text(text: Any, source: str) -> str:
+    """``text`` if it is a ``str`` that UTF-8 can encode; else ``RadFM3DInputError`` naming ``source``.
+
+    Refused: ``bytes``/``bytearray`` (decode them first: the processor never guesses an encoding), non-strings
+    (``None``, numbers, ...), and strings holding lone surrogates (``"\\ud800"``, e.g. from
+    ``open(..., errors="surrogateescape")``), which no tokenizer can encode.
+    """
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        raise RadFM3DInputError(source, f"is {type(text).__name__}, not text; decode it first "
+                                "(e.g. data.decode('utf-8'))")
+    if not isinstance(text, str):
+        raise RadFM3DInputError(source, f"must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RadFM3DInputError(source, f"holds a lone surrogate {text[err.start]!r} at character {err.start}, "
+                                "which is not valid Unicode text (was it read with errors='surrogateescape'?)"
+                                ) from None
+    return text
+
+
+def check_context_length(
+    input_ids: Any,
+    context_length: int,
+    *,
+    attention_mask: Any = None,
+    max_new_tokens: int = 0,
+    image_token_ids: Sequence[int] = (),
+    source: str = "prompt",
+) -> None:
+    """Refuse, before any compute, prompts that do not fit the LLM's context.
+
+    ``input_ids``: ``(B, L)`` tensor or a list of id lists (image placeholders already expanded);
+    ``attention_mask`` (same shape, optional): only its 1s count (padding is not part of a prompt).
+    Raises ``RadFM3DInputError`` naming the sample and the numbers when ``tokens + max_new_tokens`` exceeds
+    ``context_length``; ``image_token_ids`` (start, end, pad ids) let the message say how many tokens the images
+    take. ``max_new_tokens`` must be >= 0 here (``generate`` checks >= 1 itself).
+    """
+    context_length = int(context_length)
+    max_new_tokens = int(max_new_tokens)
+    if context_length < 1:
+        raise ValueError(f"context_length must be >= 1, got {context_length}")
+    if max_new_tokens < 0:
+        raise RadFM3DInputError("max_new_tokens", f"must be >= 0, got {max_new_tokens}")
+    rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else [list(r) for r in input_ids]
+    if rows and not isinstance(rows[0], list):
+        rows = [rows]
+    masks = None
+    if attention_mask is not None:
+        masks = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else [list(m) for m in attention_mask]
+        if masks and not isinstance(masks[0], list):
+            masks = [masks]
+    image_ids = {int(i) for i in image_token_ids}
+    for b, row in enumerate(rows):
+        kept = row if masks is None else [t for t, m in zip(row, masks[b]) if m]
+        n = len(kept)
+        if n + max_new_tokens <= context_length:
+            continue
+        n_image = sum(1 for t in kept if int(t) in image_ids)
+        detail = f" ({n_image} of them image tokens)" if n_image else ""
+        room = context_length - n
+        hint = (f"at most {room} new tokens fit" if room > 0
+                else "shorten the prompt or use fewer/smaller images")
+        raise RadFM3DInputError(
+            f"{source}[{b}]", f"{n} prompt tokens{detail} + max_new_tokens={max_new_tokens} = "
+            f"{n + max_new_tokens} exceed the LLM's context of {context_length} tokens; {hint}")
 
 
 def _is_single_image(obj: Any) -> bool:
@@ -214,7 +284,7 @@ class RadFM3DProcessor:
     def _prepare_text(self, text: str, n_images: int, index: int, chat: bool | None) -> str:
         """Check reserved tokens and placeholder count (prepending placeholders when none are written), then
         apply the chat format when asked."""
-        text = str(text)
+        text = check_text(text, f"text[{index}]")
         for token in self._reserved:
             if token in text:
                 raise RadFM3DInputError(f"text[{index}]", f"contains the reserved token {token!r}; write "
@@ -355,6 +425,8 @@ class RadFM3DProcessor:
         images_are_preprocessed: bool = False,
         chat: bool | None = None,
         add_special_tokens: bool = True,
+        context_length: int | None = None,
+        max_new_tokens: int = 0,
     ) -> BatchFeature:
         """Texts (+ images) -> ``BatchFeature``.
 
@@ -364,6 +436,10 @@ class RadFM3DProcessor:
         tokens; a text without ``<image>`` but with images gets one placeholder per image in front (after a
         leading task marker). ``padding``: True/"longest", "max_length" or False; ``padding_side`` "left"
         (default: batched generation) or "right". ``chat``: override ``use_chat_template`` for this call.
+        ``context_length``: the LLM's context (e.g. ``model.config.text_config.max_position_embeddings``); a prompt
+        whose tokens after image expansion (after truncation, if asked) plus ``max_new_tokens`` exceed it is refused
+        with the numbers (:func:`check_context_length`) before any image is read. ``bytes`` prompts and prompts
+        holding lone surrogates are refused (:func:`check_text`).
 
         Returns ``input_ids (B, L)`` long, ``attention_mask (B, L)`` long (0 on pads), and when any image is given
         ``pixel_values (B, S, C, H, W, D)`` float32 and ``image_mask (B, S)`` bool; always ``grid_geometry``
@@ -371,8 +447,12 @@ class RadFM3DProcessor:
         """
         if text is None:
             raise RadFM3DInputError("text", "give a prompt (or a list of prompts); write <image> where images go")
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            check_text(text, "text")
         single = isinstance(text, str)
-        texts = [text] if single else [str(t) for t in text]
+        if not single and not isinstance(text, Sequence):
+            raise RadFM3DInputError("text", f"give a string or a list of strings, got {type(text).__name__}")
+        texts = [text] if single else [check_text(t, f"text[{i}]") for i, t in enumerate(text)]
         if not texts:
             raise RadFM3DInputError("text", "empty batch")
         per_sample = self._normalise_images(images, len(texts), single)
@@ -382,6 +462,9 @@ class RadFM3DProcessor:
             if max_length is None:
                 raise ValueError("truncation=True needs max_length")
             encoded = [self._truncate(ids, int(max_length), i) for i, ids in enumerate(encoded)]
+        if context_length is not None:
+            check_context_length(encoded, context_length, max_new_tokens=max_new_tokens, source="text",
+                                 image_token_ids=list(self.image_token_ids.values()))
         input_ids, attention_mask = self._pad(encoded, padding, padding_side or "left", max_length,
                                               return_tensors is not None)
         tensors, geometries = self._load_images(per_sample, images_are_preprocessed)
@@ -454,7 +537,7 @@ class RadFM3DProcessor:
             raise ValueError("the tokenizer has no EOS token: training needs one to end answers")
         per_sample = self._normalise_images(images, 1, single=True)
         prompt_ids, prepared = self._encode_prompt(prompt, len(per_sample[0]), 0, chat)
-        answer = str(answer)
+        answer = check_text(answer, "answer")
         for token in self._reserved + (self.image_placeholder,):
             if token in answer:
                 raise RadFM3DInputError("answer", f"contains {token!r}; answers are plain text")
@@ -541,12 +624,29 @@ class RadFM3DProcessor:
                 **self.image_token_ids}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the tokenizer files, ``preprocessing.json`` and ``processor_config.json`` into a folder."""
+        """Write the tokenizer files, ``preprocessing.json`` and ``processor_config.json`` into a folder.
+
+        Every file is written atomically: all of them go to a temporary folder inside ``save_directory`` first and
+        are then moved into place one by one with ``os.replace`` (``processor_config.json`` last), so a kill leaves
+        each file either old or new, never half written."""
+        import shutil
+        import tempfile
+
+        from radfm3d.utils import atomic_write
+
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(str(out))
-        self.recipe.save(out)
-        (out / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        staging = Path(tempfile.mkdtemp(prefix=".processor-", dir=out))
+        try:
+            self.tokenizer.save_pretrained(str(staging))
+            self.recipe.save(staging)
+            for item in sorted(staging.iterdir()):
+                if item.is_file():
+                    os.replace(item, out / item.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write(out / PROCESSOR_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return out
 
     @classmethod
@@ -559,9 +659,15 @@ class RadFM3DProcessor:
         if not config_file.is_file():
             return cls.from_model_config(name_or_path, **overrides)
         try:
-            data = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise RadFM3DInputError(config_file, f"unreadable processor config ({err})") from err
+            data = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise RadFM3DInputError(config_file, f"unreadable processor config ({type(err).__name__}: {err})"
+                                    ) from None
+        if not isinstance(data, dict):
+            raise RadFM3DInputError(config_file, f"expected a JSON object, found {type(data).__name__}")
+        if "tokenizer" in data and data["tokenizer"] is None:
+            raise RadFM3DInputError(path, "this folder has no tokenizer (a RadFM conversion without --tokenizer); "
+                                    "convert again with --tokenizer /path/to/RadFM/Quick_demo/Language_files")
         if data.get("format") != _FORMAT:
             raise RadFM3DInputError(config_file, f"not a radfm3d processor config (format {data.get('format')!r})")
         from transformers import AutoTokenizer
