@@ -7,7 +7,8 @@
 - ``python -m monai.bundle run --config_file ... --key value`` (also under ``torchrun``): the config files exist,
   merge with MONAI's ``ConfigParser``, and every ``--key`` override names an entry of the merged config (MONAI would
   silently add a mistyped key).
-- ``python -m radfm3d...`` / ``python -m benchmarks...``: the module exists and answers ``--help``.
+- ``python -m radfm3d...`` / ``python -m benchmarks...``: the module exists (and, in a fenced block, answers
+  ``--help``).
 
 In process (``radfm3d.cli.main`` with the parsers stopped right after parsing), so the test takes seconds.
 """
@@ -77,13 +78,13 @@ def _commands() -> list[DocCommand]:
             if any(a <= match.start() < b for a, b in fenced_spans):
                 continue
             cmd = " ".join(match.group(1).split())
-            if re.match(r"^radfm3d [a-z]", cmd):
+            if re.match(r"^(radfm3d [a-z]|python -m (radfm3d|benchmarks)\b)", cmd):
                 found.append(DocCommand(f"{rel}:{_line_of(text, match.start())}", cmd, False))
     return found
 
 
 COMMANDS = _commands()
-RADFM3D = [c for c in COMMANDS if c.text.startswith("radfm3d")]
+RADFM3D = [c for c in COMMANDS if c.text.startswith("radfm3d ")]
 BUNDLE_RUNS = [c for c in COMMANDS if "monai.bundle run" in c.text]
 MODULES = [c for c in COMMANDS if re.match(r"^python -m (radfm3d|benchmarks)", c.text)]
 
@@ -238,10 +239,21 @@ def test_bundle_run_lines_name_real_configs_and_keys(doc: DocCommand) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- python -m
-@pytest.mark.parametrize("module", sorted({re.match(r"python -m (\S+)", c.text).group(1) for c in MODULES}) or
-                         [pytest.param(None, marks=pytest.mark.skip(reason="no python -m line in the docs"))])
-def test_python_module_lines_exist_and_answer_help(module: str) -> None:
-    assert importlib.util.find_spec(module) is not None, f"python -m {module}: no such module"
+def _module(doc: DocCommand) -> str:
+    return re.match(r"python -m (\S+)", doc.text).group(1)
+
+
+@pytest.mark.parametrize("doc", MODULES, ids=[c.source for c in MODULES])
+def test_python_module_lines_name_real_modules(doc: DocCommand) -> None:
+    assert importlib.util.find_spec(_module(doc)) is not None, f"{doc}: no such module"
+
+
+FENCED_MODULES = sorted({_module(c) for c in MODULES if c.fenced})
+
+
+@pytest.mark.parametrize("module", FENCED_MODULES or [pytest.param(
+    None, marks=pytest.mark.skip(reason="no python -m radfm3d/benchmarks line in a fenced block"))])
+def test_python_module_lines_answer_help(module: str) -> None:
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, f"python -m {module} --help: {done.stderr[-2000:]}"
