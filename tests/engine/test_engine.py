@@ -366,3 +366,12 @@ def test_non_finite_weights_in_a_checkpoint_are_refused(tmp_path: Path):
     path = atomic_torch_save(ckpt, tmp_path / "checkpoint_00000001.pt")
     with pytest.raises(RadFM3DInputError, match="non-finite values in 'projector.weight'"):
         read_training_checkpoint(path)
+
+
+@pytest.mark.parametrize("bad", [0, -3, "many", 2.5, True])
+def test_generation_inferer_refuses_a_budget_below_one(bad):
+    from radfm3d.errors import RadFM3DInputError
+
+    with pytest.raises(RadFM3DInputError, match="max_new_tokens: must be an integer >= 1"):
+        GenerationInferer(max_new_tokens=bad)
+    assert GenerationInferer(max_new_tokens="32").max_new_tokens == 32  # a bundle override arrives as text
