@@ -177,6 +177,17 @@ def check_context_length(
             f"{n + max_new_tokens} exceed the LLM's context of {context_length} tokens; {hint}")
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file, or ``RadFM3DInputError`` naming it (not UTF-8, invalid, nested too deeply, not an object)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise RadFM3DInputError(path, f"unreadable JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise RadFM3DInputError(path, f"expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def _is_single_image(obj: Any) -> bool:
     return isinstance(obj, (str, os.PathLike, np.ndarray, torch.Tensor))
 
@@ -659,12 +670,9 @@ class RadFM3DProcessor:
         if not config_file.is_file():
             return cls.from_model_config(name_or_path, **overrides)
         try:
-            data = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-            raise RadFM3DInputError(config_file, f"unreadable processor config ({type(err).__name__}: {err})"
-                                    ) from None
-        if not isinstance(data, dict):
-            raise RadFM3DInputError(config_file, f"expected a JSON object, found {type(data).__name__}")
+            data = _read_json_object(config_file)
+        except RadFM3DInputError as err:
+            raise RadFM3DInputError(config_file, f"unreadable processor config ({err.problem})") from None
         if "tokenizer" in data and data["tokenizer"] is None:
             raise RadFM3DInputError(path, "this folder has no tokenizer (a RadFM conversion without --tokenizer); "
                                     "convert again with --tokenizer /path/to/RadFM/Quick_demo/Language_files")
@@ -711,7 +719,7 @@ class RadFM3DProcessor:
             preset_file = PRESET_DIR / f"{name_or_path}.json"
             path = Path(name_or_path)
             source = preset_file if preset_file.is_file() else path if path.is_file() else path / "config.json"
-            preset_data = json.loads(source.read_text()) if source.is_file() else {}
+            preset_data = _read_json_object(source) if source.is_file() else {}
             if recipe is None and (path / "preprocessing.json").is_file():
                 recipe = PreprocessingRecipe.load(path)
         if recipe is None:

@@ -9,7 +9,8 @@ Output folder (``radfm3d convert-radfm CHECKPOINT OUT``)::
                                     generation_config.json with eos 2): ``LlamaForCausalLM.from_pretrained`` works on
                                     it, so transformers' own big-model loading (device_map, offload, int8) applies
     OUT/preprocessing.json          the RadFM preprocessing recipe (PreprocessingRecipe.radfm())
-    OUT/processor_config.json       image-token strings and ids (+ tokenizer files when a tokenizer folder is given)
+    OUT/processor_config.json       the RadFM3DProcessor (image-token strings, ids 32000-32002; with --tokenizer also
+                                    tokenizer.json + tokenizer_config.json: RadFM's Language_files, load_radfm_tokenizer)
     OUT/conversion_report.json      kept / dropped keys, dtype, shards, seconds, MB/s, peak RSS
 
 Memory: the checkpoint is memory-mapped (``torch.load(weights_only=True, mmap=True)``) and converted tensor by
