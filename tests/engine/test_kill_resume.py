@@ -78,15 +78,16 @@ ITERATIONS, SAVE_INTERVAL = 12, 4
 
 
 def _start(script: Path, ckpt: Path, out: Path, wait: bool = False) -> subprocess.Popen:
+    """The child with stdout piped (progress lines) and stderr to ``OUT.log`` (a full pipe would block it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    return subprocess.Popen([sys.executable, str(script), str(ckpt), str(out)] + (["wait"] if wait else []),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    with open(f"{out}.log", "w") as log:
+        return subprocess.Popen([sys.executable, str(script), str(ckpt), str(out)] + (["wait"] if wait else []),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
 
 
-def _finish(proc: subprocess.Popen) -> list[str]:
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+def _finish(proc: subprocess.Popen, out: Path) -> list[str]:
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, Path(f"{out}.log").read_text()[-3000:]
     return stdout.splitlines()
 
 
@@ -100,33 +101,45 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path: Path)
 
     reference = _start(script, tmp_path / "ref_ckpt", tmp_path / "ref.pt")  # uninterrupted, in parallel
     victim = _start(script, tmp_path / "ckpt", tmp_path / "victim.pt")
-    resumed = _start(script, tmp_path / "ckpt", tmp_path / "victim.pt", wait=True)
-    stamps: dict[int, float] = {}
-    for line in victim.stdout:  # type: ignore[union-attr]
-        if line.startswith("iteration "):
-            stamps[int(line.split()[1])] = time.monotonic()
-            if int(line.split()[1]) == after:
-                # somewhere inside iteration after+1: a random fraction of the last iteration's duration
-                step = stamps[after] - stamps.get(after - 1, stamps[after])
-                time.sleep(delay_fraction * 0.5 * step)
-                victim.send_signal(signal.SIGKILL)
-                break
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the training run ended before it could be killed"
-    assert not (tmp_path / "victim.pt").exists()
-    saved = sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint_*.pt"))
-    newest = (after // SAVE_INTERVAL) * SAVE_INTERVAL
-    assert saved[-1] == f"checkpoint_{newest:08d}.pt", (after, saved)
+    resumed = _start(script, tmp_path / "ckpt", tmp_path / "resumed.pt", wait=True)
+    try:
+        stamps: dict[int, float] = {}
+        for line in victim.stdout:  # type: ignore[union-attr]
+            if line.startswith("iteration "):
+                stamps[int(line.split()[1])] = time.monotonic()
+                if int(line.split()[1]) == after:
+                    # somewhere inside iteration after+1: a random fraction of the last iteration's duration
+                    step = stamps[after] - stamps.get(after - 1, stamps[after])
+                    time.sleep(delay_fraction * 0.5 * step)
+                    victim.send_signal(signal.SIGKILL)
+                    break
+        victim.wait(timeout=60)
+        assert victim.returncode == -signal.SIGKILL, "the training run ended before it could be killed"
+        done = [int(line.split()[1]) for line in victim.stdout.read().splitlines()  # type: ignore[union-attr]
+                if line.startswith("iteration ")]
+        last = max([after, *done])  # the last iteration the child reported complete
+        assert last < ITERATIONS and not (tmp_path / "victim.pt").exists()
+        saved = sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint_*.pt"))
+        newest = int(saved[-1][len("checkpoint_"):-len(".pt")])
+        # the newest checkpoint is the last save point reached (that of iteration last + 1 if the kill landed between
+        # its save and its progress line); never a half-written file (atomic saves)
+        assert newest in {(last // SAVE_INTERVAL) * SAVE_INTERVAL, ((last + 1) // SAVE_INTERVAL) * SAVE_INTERVAL}, (
+            after, last, saved)
 
-    assert resumed.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
-    resumed.stdin.write("go\n")  # type: ignore[union-attr]
-    resumed.stdin.flush()  # type: ignore[union-attr]
-    lines = _finish(resumed)
-    assert lines[0] == f"iteration {newest + 1}" and lines[-2] == f"iteration {ITERATIONS}"
-    assert lines[-1] == f"resumed_from checkpoint_{newest:08d}.pt"
-    _finish(reference)
+        assert resumed.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        resumed.stdin.write("go\n")  # type: ignore[union-attr]
+        resumed.stdin.flush()  # type: ignore[union-attr]
+        lines = _finish(resumed, tmp_path / "resumed.pt")
+        assert lines[0] == f"iteration {newest + 1}" and lines[-2] == f"iteration {ITERATIONS}"
+        assert lines[-1] == f"resumed_from checkpoint_{newest:08d}.pt"
+        _finish(reference, tmp_path / "ref.pt")
+    finally:
+        for proc in (reference, victim, resumed):  # nothing left running if an assertion failed
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     want = torch.load(tmp_path / "ref.pt", weights_only=True)
-    got = torch.load(tmp_path / "victim.pt", weights_only=True)
+    got = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert want.keys() == got.keys()
     different = [k for k in want if not torch.equal(want[k], got[k])]
     assert not different, different[:5]
