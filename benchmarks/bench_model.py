@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from radfm3d.interop.llm import load_base_llm
+    from radfm3d.modeling.llm import load_base_llm
     from radfm3d.modeling import RadFM3DForCausalLM
 
     report: dict[str, Any] = {

@@ -87,10 +87,10 @@ def build_char_tokenizer(vocab_size: int = 128) -> Any:
 
 
 def _load_base_tokenizer(name_or_path: str | os.PathLike) -> Any:
-    """The tokenizer of a base LLM (alias, local folder or .gguf) via :mod:`radfm3d.interop.llm`, no network."""
+    """The tokenizer of a base LLM (alias, local folder or .gguf) via :mod:`radfm3d.modeling.llm`, no network."""
     from transformers import AutoTokenizer
 
-    from radfm3d.interop import llm
+    from radfm3d.modeling import llm
 
     loader = getattr(llm, "load_base_tokenizer", None)
     if loader is not None:
@@ -697,7 +697,7 @@ class RadFM3DProcessor:
                       recipe: PreprocessingRecipe | None = None, num_image_tokens: int = 32,
                       **kwargs: Any) -> RadFM3DProcessor:
         """Processor around a base LLM's tokenizer (alias such as ``"smollm2-135m-instruct"``, a local transformers
-        folder or a .gguf file; see :mod:`radfm3d.interop.llm`), never touching the network."""
+        folder or a .gguf file; see :mod:`radfm3d.modeling.llm`), never touching the network."""
         return cls(_load_base_tokenizer(name_or_path), recipe, num_image_tokens, **kwargs)
 
     @classmethod

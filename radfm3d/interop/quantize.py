@@ -3,7 +3,7 @@
 
 - CUDA: bitsandbytes LLM.int8 through transformers' ``BitsAndBytesConfig(load_in_8bit=True)`` on the stock LLaMA
   folder a conversion writes (:func:`bnb_int8_config`; pass it to ``LlamaForCausalLM.from_pretrained`` /
-  ``radfm3d.interop.llm.load_base_llm(..., quantization_config=...)``).
+  ``radfm3d.modeling.llm.load_base_llm(..., quantization_config=...)``).
 - CPU: PyTorch dynamic int8 quantisation of every ``nn.Linear`` of the LLM (:func:`quantize_llm_dynamic_int8`;
   int8 weights, activations quantised per batch at run time). ``torch.ao.quantization`` is deprecated upstream in
   favour of ``torchao`` but still shipped and working in torch 2.13; it needs fp32 weights.

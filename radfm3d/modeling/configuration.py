@@ -16,8 +16,8 @@ from radfm3d.modeling.vision import VisionConfig
 
 __all__ = ["RadFM3DConfig", "PRESET_DIR", "list_presets"]
 
-#: where the shipped presets live (``configs/models/<name>.json`` at the repository root)
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+#: where the shipped presets live (``radfm3d/presets/<name>.json``, package data)
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
 
 def list_presets() -> list[str]:

@@ -531,11 +531,11 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         the named base (which stays named in the config, so a later save/load uses the real one): for work that never
         runs the LLM, e.g. vision pre-training on a machine without the base LLM's files.
 
-        The named base LLM is loaded through :func:`radfm3d.interop.llm.load_base_llm` (with ``dtype`` and
+        The named base LLM is loaded through :func:`radfm3d.modeling.llm.load_base_llm` (with ``dtype`` and
         ``device_map``; a relative ``text_model_name_or_path`` is looked up inside the checkpoint folder first, e.g.
         ``"llm"`` for a converted RadFM); the saved parts are then loaded strictly (missing or unexpected keys raise).
         """
-        from radfm3d.interop.llm import is_alias, load_base_llm
+        from radfm3d.modeling.llm import is_alias, load_base_llm
 
         source = Path(pretrained_model_name_or_path)
         is_folder = (source / "config.json").is_file()

@@ -1,6 +1,6 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""`radfm3d phantoms` end to end on tiny volumes: sharded files, manifests, splits, DICOM copies, worker-count
-independence and resuming an interrupted run."""
+"""`radfm3d phantoms` end to end on tiny volumes: sharded files, manifests, splits, DICOM copies, byte-identical
+files for a seed whatever the worker count, resuming an interrupted run, and a failing case that costs no other."""
 
 from __future__ import annotations
 
@@ -69,15 +69,62 @@ def test_outputs_manifests_and_splits(run_dir):
     assert (run_dir / "preprocessing.json").is_file()
 
 
-def test_worker_count_does_not_change_the_data(run_dir, tmp_path):
-    generate_phantoms(tmp_path, 6, 1, workers=1, dicom_fraction=0.5, matrix=(32, 48), slices=(8, 12), progress=False)
-    for name in ("cases.jsonl", "train.jsonl", "val.jsonl", "test.jsonl"):
-        assert (tmp_path / name).read_text() == (run_dir / name).read_text(), name
-    import nibabel as nib
+def _bytes(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every file of a set except the run summary (it holds timings)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "dataset.json"}
 
-    a = nib.load(run_dir / "images/shard-000/case-000002.nii.gz").get_fdata()
-    b = nib.load(tmp_path / "images/shard-000/case-000002.nii.gz").get_fdata()
-    np.testing.assert_array_equal(a, b)
+
+def test_same_seed_writes_byte_identical_files_whatever_the_worker_count(run_dir, tmp_path):
+    """NIfTI, DICOM (UIDs derived from the seed, no dates), sidecars and manifests: the same bytes for the same
+    seed, generated in another folder, at another time, by one process instead of two."""
+    generate_phantoms(tmp_path, 6, 1, workers=1, dicom_fraction=0.5, matrix=(32, 48), slices=(8, 12), progress=False)
+    a, b = _bytes(run_dir), _bytes(tmp_path)
+    assert sorted(a) == sorted(b)
+    assert sum(name.endswith(".dcm") for name in a) >= 8, "the set holds DICOM series"
+    assert [name for name in a if a[name] != b[name]] == []
+    import pydicom
+
+    dcm = sorted(run_dir.glob("dicom/shard-000/case-*/slice_*.dcm"))
+    first, second = pydicom.dcmread(dcm[0]), pydicom.dcmread(dcm[1])
+    assert first.SOPInstanceUID != second.SOPInstanceUID and first.SOPInstanceUID.startswith("2.25.")
+    assert first.SeriesInstanceUID == second.SeriesInstanceUID
+    assert not any(e.VR in ("DA", "TM", "DT") for e in first.iterall()), "no dates or times are written"
+    # another seed gives other UIDs
+    other = tmp_path / "seed2"
+    generate_phantoms(other, 1, 2, dicom_fraction=1.0, matrix=(32, 32), slices=(8, 8), progress=False)
+    assert pydicom.dcmread(next(other.glob("dicom/*/*/slice_0000.dcm"))).StudyInstanceUID != first.StudyInstanceUID
+
+
+def test_a_failing_case_is_reported_and_the_others_are_written(tmp_path, capsys):
+    """A case whose NIfTI cannot be written (a folder is in the way) fails alone: the other cases and the
+    manifests are written, the failure is recorded and printed, the exit status is 1; a rerun finishes the set."""
+    blocker = tmp_path / "images" / "shard-000" / "case-000001.nii.gz"
+    blocker.mkdir(parents=True)
+    (blocker / "keep").write_text("not a volume")
+    args = ["--n", "3", "--out", str(tmp_path), "--seed", "5", "--workers", "2", "--dicom-fraction", "0", *TINY]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 cases failed" in err and "case-000001 (images/shard-000/case-000001.nii.gz)" in err
+    summary = json.loads((tmp_path / "dataset.json").read_text())
+    failed = [(f["case"], f["file"]) for f in summary["failed"]]
+    assert failed == [("case-000001", "images/shard-000/case-000001.nii.gz")]
+    assert "IsADirectoryError" in summary["failed"][0]["error"] or "Errno" in summary["failed"][0]["error"]
+    assert summary["generated"] == 2
+    cases = [json.loads(line)["id"] for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    assert cases == ["case-000000", "case-000002"]
+    records = [r for s in ("train", "val", "test") for r in read_manifest(tmp_path / f"{s}.jsonl", check_files=True)]
+    assert {r["case_id"] for r in records} == {"case-000000", "case-000002"}
+    assert not (tmp_path / "meta/shard-000/case-000001.json").exists()
+
+    import shutil
+
+    shutil.rmtree(blocker)
+    assert cli(args) == 0
+    summary = json.loads((tmp_path / "dataset.json").read_text())
+    assert (summary["generated"], summary["skipped"], summary.get("failed")) == (1, 2, None)
+    cases = [json.loads(line)["id"] for line in (tmp_path / "cases.jsonl").read_text().splitlines()]
+    assert cases == ["case-000000", "case-000001", "case-000002"]
 
 
 def test_resume_rewrites_only_missing_cases(run_dir):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from radfm3d.data.manifest import validate_manifest
-from radfm3d.data.phantom_tasks import SIZE_BUCKETS, TASKS, build_records, size_bucket
+from radfm3d.data.phantoms.tasks import SIZE_BUCKETS, TASKS, build_records, size_bucket
 from radfm3d.data.phantoms import FINDING_TYPES, ORGANS, make_case, render_case
 
 SMALL = {"matrix": (32, 48), "slices": (10, 16)}
@@ -109,13 +109,13 @@ def test_finding_sides_match_world_x():
 def test_files_and_dicom_copy_keep_the_geometry(tmp_path):
     """NIfTI and the DICOM series written by the generator, read back with radfm3d.io.load_image, put every
     finding's voxels inside its world-mm box, with the same values."""
-    from radfm3d.data.phantoms import _write_volume_dicom, _write_volume_nifti
+    from radfm3d.data.phantoms.writers import write_volume_dicom, write_volume_nifti
     from radfm3d.io import load_image
 
     for index, plane in enumerate(["axial", "sagittal", "coronal"]):
         scan, _, gt = render_case(4, index, plane=plane, n_findings=2, **SMALL)
-        _write_volume_nifti(scan, tmp_path / f"c{index}.nii.gz")
-        _write_volume_dicom(scan, tmp_path / f"d{index}", 4, index)
+        write_volume_nifti(scan, tmp_path / f"c{index}.nii.gz")
+        write_volume_dicom(scan, tmp_path / f"d{index}", 4, index)
         nii = load_image(tmp_path / f"c{index}.nii.gz")
         np.testing.assert_allclose(nii.affine.numpy(), scan.affine, atol=1e-4)
         np.testing.assert_array_equal(nii[0].numpy(), scan.array)

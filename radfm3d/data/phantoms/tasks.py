@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from radfm3d.data.phantoms import FINDING_SITES, REGION_FINDING_ORGANS, organ_label
+from radfm3d.data.phantoms.anatomy import FINDING_SITES, REGION_FINDING_ORGANS, organ_label
 
 __all__ = ["TASKS", "build_records", "report_text", "finding_phrase", "size_bucket", "SIZE_BUCKETS"]
 
@@ -148,7 +148,7 @@ def build_records(gt: dict[str, Any], images: Sequence[str], prior_image: str | 
     """Manifest records of one case.
 
     Args:
-        gt: ground truth from :func:`radfm3d.data.phantoms.render_case`.
+        gt: ground truth from :func:`radfm3d.data.phantoms.render.render_case`.
         images: the current scan's path(s) relative to the manifest folder (first one is used).
         prior_image: the prior scan's path (comparison tasks) or None.
         rng: the case's text stream.
