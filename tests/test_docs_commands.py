@@ -132,19 +132,34 @@ class _Parsed(Exception):
     pass
 
 
-_HELP: dict[str, str] = {}
+_HELP: dict[tuple[str, ...], str] = {}
 
 
-def _help(command: str) -> str:
+def _run_help(argv: list[str]) -> str:
+    """stdout of ``radfm3d ARGV`` (a ``--help`` request), asserting it succeeds."""
     from radfm3d.cli import main
 
-    if command not in _HELP:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-            main([command, "--help"])
-        assert exit_info.value.code in (0, None), f"radfm3d {command} --help failed"
-        _HELP[command] = out.getvalue()
-    return _HELP[command]
+    out, code = io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            code = main(argv) or 0
+        except SystemExit as exit_info:
+            code = exit_info.code or 0
+    assert code == 0, f"radfm3d {' '.join(argv)} failed ({code})"
+    return out.getvalue()
+
+
+def _help(words: tuple[str, ...]) -> str:
+    if words not in _HELP:
+        _HELP[words] = _run_help([*words, "--help"])
+    return _HELP[words]
+
+
+def _subcommands(help_text: str) -> list[str]:
+    """Names a dispatcher command lists (``usage: radfm3d import <format> ...`` then ``  name   description``)."""
+    if not re.search(r"^usage: radfm3d \S+ <\w+>", help_text, re.M):
+        return []
+    return re.findall(r"^  ([a-z][a-z0-9_-]*)\s+\S", help_text, re.M)
 
 
 def _parse_only(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[bool, str]:
@@ -181,14 +196,23 @@ def test_radfm3d_command_lines_match_the_real_commands(doc: DocCommand, monkeypa
 
     tokens = _tokens(doc.text)
     assert len(tokens) >= 2 and tokens[1] in CLI_COMMANDS, f"{doc}: unknown command {tokens[1:2]}"
-    command = tokens[1]
-    help_text = _help(command)
-    known = set(re.findall(r"(--[A-Za-z0-9][-A-Za-z0-9_]*)", help_text))
+    words: tuple[str, ...] = (tokens[1],)
+    subcommands = _subcommands(_help(words))
+    if subcommands and len(tokens) > 2 and not tokens[2].startswith("-"):  # ``radfm3d import csv ...``
+        sub = subcommands[0] if re.fullmatch(r"<\w+>", tokens[2]) else tokens[2]
+        assert sub in subcommands, f"{doc}: {tokens[2]!r} is not one of `radfm3d {tokens[1]}`'s {subcommands}"
+        words = (tokens[1], sub)
+    command = " ".join(words)
+    help_text = _help(words)
+    known = set(re.findall(r"(--[A-Za-z0-9][-A-Za-z0-9_]*)", help_text)) | {"--help"}
     unknown = sorted(_options(tokens) - known)
     assert not unknown, f"{doc}: options {unknown} are not options of `radfm3d {command}` (--help lists {sorted(known)})"
     if not doc.fenced:
         return
-    argv = _first_reading(tokens[1:])
+    argv = [*words, *_first_reading(tokens[1 + len(words):])]
+    if "--help" in argv or "-h" in argv:
+        _run_help(argv)  # a help request is run for real
+        return
     parsed, error = _parse_only(argv, monkeypatch)
     if not parsed:
         # a metavar placeholder (N, DIR) given to a typed option is a documentation convention, not an error
