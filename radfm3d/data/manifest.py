@@ -54,6 +54,26 @@ REQUIRED_KEYS = ("id", "images", "prompt")
 _OPTIONAL_STR_KEYS = ("answer", "task", "modality", "region")
 
 
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate in ``text`` (JSON's ``"\\ud800"`` decodes to one), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _json_line(record: Any, path: Path, number: int) -> str:
+    """One JSONL line for ``record`` (record ``number``, 1-based); ``RadFM3DInputError`` when it cannot be one."""
+    try:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        line.encode("utf-8")
+    except (TypeError, ValueError, RecursionError, UnicodeEncodeError) as exc:
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RadFM3DInputError(path, f"record {number} cannot be written as a JSON line ({problem})") from None
+    return line + "\n"
+
+
 def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
                     check_files: bool = False) -> list[str]:
     """Problems of one manifest record (empty list = valid).
@@ -87,6 +107,11 @@ def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
     for key in _OPTIONAL_STR_KEYS:
         if key in record and not isinstance(record[key], str):
             problems.append(f"'{key}' must be a string, got {type(record[key]).__name__}")
+    for key in ("id", "prompt", *_OPTIONAL_STR_KEYS):
+        value = record.get(key)
+        if isinstance(value, str) and (bad := _lone_surrogate(value)) is not None:
+            problems.append(f"'{key}' holds a lone surrogate {value[bad]!r} at character {bad} (a JSON \\ud8xx "
+                            "escape without its pair): not valid Unicode text")
     if "choices" in record:
         choices = record["choices"]
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
@@ -262,8 +287,8 @@ def write_jsonl(records: Iterable[Any], path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
+            for number, rec in enumerate(records, start=1):
+                fh.write(_json_line(rec, path, number))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -305,7 +330,7 @@ class ManifestWriter:
                 self._ids.add(rid)
             if problems:
                 raise RadFM3DInputError(self.path, f"record {self.count}: " + "; ".join(problems))
-        self._fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self._fh.write(_json_line(record, self.path, self.count))
 
     def close(self) -> Path:
         """Finish: move the temporary file onto ``path``."""

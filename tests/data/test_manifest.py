@@ -193,3 +193,21 @@ def test_read_jsonl_is_the_one_line_numbered_reader(tmp_path):
         read_jsonl(tmp_path / "missing.jsonl")
     with pytest.raises(RadFM3DInputError, match="not a file"):
         read_jsonl(tmp_path)
+
+
+def test_lone_surrogates_and_unwritable_records_are_named(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "case-2"}).replace("Is there", "\\ud800Is")
+                    + "\n")  # valid JSON whose string decodes to a lone surrogate
+    with pytest.raises(RadFM3DInputError, match=r"line 2: 'prompt' holds a lone surrogate '\\ud800' at character 8"):
+        read_manifest(path)
+    deep: dict = {}
+    node = deep
+    for _ in range(5000):
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(RadFM3DInputError, match="record 2 cannot be written as a JSON line \\(nested too deeply\\)"):
+        write_manifest([GOOD, {**GOOD, "id": "case-2", "ground_truth": deep}], tmp_path / "out.jsonl")
+    with pytest.raises(RadFM3DInputError, match="record 1 cannot be written"):
+        write_manifest([{**GOOD, "ground_truth": {"x": object()}}], tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
