@@ -461,7 +461,7 @@ class RadFM3DProcessor:
         if isinstance(text, (bytes, bytearray, memoryview)):
             check_text(text, "text")
         single = isinstance(text, str)
-        if not single and not isinstance(text, Sequence):
+        if not single and (isinstance(text, Mapping) or not hasattr(text, "__iter__")):
             raise RadFM3DInputError("text", f"give a string or a list of strings, got {type(text).__name__}")
         texts = [text] if single else [check_text(t, f"text[{i}]") for i, t in enumerate(text)]
         if not texts:
