@@ -307,15 +307,18 @@ class TrainingCheckpointer:
         self.skipped = []
         for path in candidates:
             try:
-                return path, read_training_checkpoint(path)
+                ckpt = read_training_checkpoint(path)
             except RadFM3DInputError as err:
                 self.skipped.append((path, err.problem))
                 logger.warning(f"skipping {err}; falling back to the previous checkpoint")
-                if _is_rank0():
+                continue
+            if _is_rank0():  # set aside only once a valid one is found: with none, every rerun names them again
+                for bad, _ in self.skipped:
                     try:
-                        os.replace(path, path.with_name(path.name + ".corrupt"))
+                        os.replace(bad, bad.with_name(bad.name + ".corrupt"))
                     except OSError:
                         pass
+            return path, ckpt
         if candidates:
             raise RadFM3DInputError(self.save_dir, "no readable training checkpoint: " + "; ".join(
                 f"{p.name}: {why}" for p, why in self.skipped) + " (delete the folder or pass resume=false to "
