@@ -158,7 +158,8 @@ def check_context_length(
         rows = [rows]
     masks = None
     if attention_mask is not None:
-        masks = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else [list(m) for m in attention_mask]
+        masks = (attention_mask.tolist() if isinstance(attention_mask, torch.Tensor)
+                 else [list(m) for m in attention_mask])
         if masks and not isinstance(masks[0], list):
             masks = [masks]
     image_ids = {int(i) for i in image_token_ids}

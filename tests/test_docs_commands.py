@@ -206,7 +206,8 @@ def test_radfm3d_command_lines_match_the_real_commands(doc: DocCommand, monkeypa
     help_text = _help(words)
     known = set(re.findall(r"(--[A-Za-z0-9][-A-Za-z0-9_]*)", help_text)) | {"--help"}
     unknown = sorted(_options(tokens) - known)
-    assert not unknown, f"{doc}: options {unknown} are not options of `radfm3d {command}` (--help lists {sorted(known)})"
+    assert not unknown, (f"{doc}: options {unknown} are not options of `radfm3d {command}` "
+                         f"(--help lists {sorted(known)})")
     if not doc.fenced:
         return
     argv = [*words, *_first_reading(tokens[1 + len(words):])]

@@ -10,7 +10,7 @@ Output folder (``radfm3d convert-radfm CHECKPOINT OUT``)::
                                     it, so transformers' own big-model loading (device_map, offload, int8) applies
     OUT/preprocessing.json          the RadFM preprocessing recipe (PreprocessingRecipe.radfm())
     OUT/processor_config.json       the RadFM3DProcessor (image-token strings, ids 32000-32002; with --tokenizer also
-                                    tokenizer.json + tokenizer_config.json: RadFM's Language_files, load_radfm_tokenizer)
+                                    tokenizer files made from RadFM's Language_files by load_radfm_tokenizer)
     OUT/conversion_report.json      kept / dropped keys, dtype, shards, seconds, MB/s, peak RSS
 
 Memory: the checkpoint is memory-mapped (``torch.load(weights_only=True, mmap=True)``) and converted tensor by
@@ -459,7 +459,7 @@ def load_radfm_tokenizer(folder: str | os.PathLike, model_max_length: int | None
 
             sp = spm.SentencePieceProcessor(model_file=str(sp_file))
         except ImportError:  # pragma: no cover - sentencepiece is a dependency
-            raise RadFM3DInputError(sp_file, "reading a sentencepiece model needs `pip install sentencepiece`") from None
+            raise RadFM3DInputError(sp_file, "reading it needs `pip install sentencepiece`") from None
         except (OSError, RuntimeError) as err:
             raise RadFM3DInputError(sp_file, f"not a sentencepiece model ({err})") from None
         if sp.get_piece_size() <= max(RADFM_SPECIAL_IDS.values()):
@@ -551,7 +551,8 @@ def convert_radfm(
     if out.exists() and not overwrite:
         raise RadFM3DInputError(out, "output folder exists (pass overwrite=True / --overwrite to replace it)")
     config = _resolve_config(config)
-    processor = build_radfm_processor(tokenizer, config) if tokenizer is not None else None  # fail before the weights
+    # the tokenizer is checked before any weight is read
+    processor = build_radfm_processor(tokenizer, config) if tokenizer is not None else None
     state = load_radfm_state_dict(source)
     plan = plan_conversion(state, config)
     baseline_rss = _current_rss()  # interpreter + torch/transformers + the mapped key tree, before any weight is read
