@@ -306,9 +306,26 @@ def _corrupt(path: Path, kind: str) -> None:
         torch.save(ckpt, path)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "garbage", "not_a_checkpoint", "missing_optimizer"])
-def test_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path: Path, kind: str, reference_weights,
-                                                                  caplog):
+@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "not_a_checkpoint", "missing_optimizer"])
+def test_corrupt_checkpoints_are_named(tmp_path: Path, kind: str):
+    from radfm3d.engine.handlers import CHECKPOINT_FORMAT, read_training_checkpoint, rng_state
+    from radfm3d.errors import RadFM3DInputError
+
+    net = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(net.parameters())
+    net(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    ckpt = {"format": CHECKPOINT_FORMAT, "iteration": 4, "epoch": 2, "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    path = atomic_torch_save(ckpt, tmp_path / "checkpoint_00000004.pt")
+    assert read_training_checkpoint(path)["iteration"] == 4
+    _corrupt(path, kind)
+    with pytest.raises(RadFM3DInputError, match=r"checkpoint_00000004.pt: (corrupt training checkpoint|not a radfm3d)"):
+        read_training_checkpoint(path)
+
+
+def test_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path: Path, reference_weights, caplog):
+    kind = "truncated"
     from radfm3d.engine.handlers import read_training_checkpoint
     from radfm3d.errors import RadFM3DInputError
 
