@@ -38,6 +38,14 @@ def check_text(text: Any, source: str) -> str:
     return text
 
 
+def _rows(values: Any) -> list[list[int]]:
+    """``(B, L)`` tensor / list of lists, or one ``(L,)`` row -> list of rows."""
+    rows = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    if rows and not isinstance(rows[0], (list, tuple)) and not isinstance(rows[0], torch.Tensor):
+        return [[int(v) for v in rows]]
+    return [[int(v) for v in (r.tolist() if isinstance(r, torch.Tensor) else r)] for r in rows]
+
+
 def check_context_length(
     input_ids: Any,
     context_length: int,
@@ -61,15 +69,8 @@ def check_context_length(
         raise ValueError(f"context_length must be >= 1, got {context_length}")
     if max_new_tokens < 0:
         raise RadFM3DInputError("max_new_tokens", f"must be >= 0, got {max_new_tokens}")
-    rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else [list(r) for r in input_ids]
-    if rows and not isinstance(rows[0], list):
-        rows = [rows]
-    masks = None
-    if attention_mask is not None:
-        masks = (attention_mask.tolist() if isinstance(attention_mask, torch.Tensor)
-                 else [list(m) for m in attention_mask])
-        if masks and not isinstance(masks[0], list):
-            masks = [masks]
+    rows = _rows(input_ids)
+    masks = _rows(attention_mask) if attention_mask is not None else None
     image_ids = {int(i) for i in image_token_ids}
     for b, row in enumerate(rows):
         kept = row if masks is None else [t for t, m in zip(row, masks[b]) if m]
