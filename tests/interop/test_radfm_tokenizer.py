@@ -1,7 +1,8 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
 """RadFM's ``Quick_demo/Language_files`` tokenizer: a LLaMA-style sentencepiece ``tokenizer.model`` (trained here,
 BPE with byte fallback, unk/bos/eos = 0/1/2) beside RadFM's exact ``tokenizer_config.json`` (empty special-token
-strings, model_max_length 1e30) and ``special_tokens_map.json`` (``{}``), which make transformers 5 recurse forever.
+strings, model_max_length 1e30), ``special_tokens_map.json`` (``{}``) and its legacy LLaMA ``config.json``; the
+first two make transformers 5 recurse forever.
 Checked: the ids RadFM forces (unk 0, bos 1, eos 2, pad 0), encodings identical to sentencepiece's own, the image
 tokens at the config's ids after ``convert-radfm --tokenizer``, and a processor that loads from the result."""
 
@@ -46,6 +47,12 @@ def language_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "tokenizer.vocab").unlink()
     (folder / "tokenizer_config.json").write_text(RADFM_TOKENIZER_CONFIG)
     (folder / "special_tokens_map.json").write_text("{}")
+    # RadFM's Language_files also hold the LLaMA config.json of the old conversion (bos 0, eos 1, pad -1)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": -1,
+        "hidden_act": "silu", "hidden_size": 5120, "intermediate_size": 13824, "max_sequence_length": 2048,
+        "model_type": "llama", "num_attention_heads": 40, "num_hidden_layers": 40, "rms_norm_eps": 1e-06,
+        "vocab_size": 32000}))
     return folder
 
 
