@@ -148,3 +148,17 @@ def test_bad_tokenizer_folders_are_refused_before_converting(language_files: Pat
     with pytest.raises(RadFM3DInputError, match="base vocabulary"):
         convert_radfm(source, tmp_path / "out", config=TinyRadFMDims().radfm3d_config(), tokenizer=language_files,
                       progress=False)
+
+
+def test_a_fast_tokenizer_folder_with_radfm_configs_loads_too(language_files: Path, tmp_path: Path) -> None:
+    """tokenizer.json instead of tokenizer.model, beside the same empty-token configs: no recursion, same ids."""
+    load_radfm_tokenizer(language_files).save_pretrained(tmp_path / "saved")
+    fast = tmp_path / "fast"
+    fast.mkdir()
+    (fast / "tokenizer.json").write_bytes((tmp_path / "saved" / "tokenizer.json").read_bytes())
+    (fast / "tokenizer_config.json").write_text(RADFM_TOKENIZER_CONFIG)
+    (fast / "special_tokens_map.json").write_text("{}")
+    tokenizer = load_radfm_tokenizer(fast, model_max_length=512)
+    assert len(tokenizer) == VOCAB and tokenizer.model_max_length == 512
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        0, 1, 2, 0)
