@@ -36,7 +36,8 @@ import numpy as np
 
 from radfm3d.errors import RadFM3DInputError
 
-__all__ = ["IMAGE_META_KEYS", "check_image_fields", "apply_image_meta", "load_record_image", "needs_record_loader"]
+__all__ = ["IMAGE_META_KEYS", "check_image_fields", "apply_image_meta", "load_record_image", "needs_record_loader",
+           "record_images"]
 
 IMAGE_META_KEYS = {"spacing_mm": 3, "hu_rescale": 2, "stored_to_hu": 2, "array_axes": 0}
 
@@ -132,6 +133,15 @@ def load_record_image(record: Mapping[str, Any], index: int, path: str | os.Path
     else:
         image = load_image(Path(path), series_uid=series, **load_kwargs)
     return apply_image_meta(image, {k: v for k, v in meta.items() if k != "array_axes"}, path)
+
+
+def record_images(record: Mapping[str, Any], paths: list[Any] | None = None) -> list[Any]:
+    """What a processor reads for a record: its image paths as they are, or, where the record carries
+    ``image_series`` / ``image_meta``, each image already read with them (channel-first MetaTensors)."""
+    paths = list(record.get("images") or []) if paths is None else list(paths)
+    if not needs_record_loader(record):
+        return paths
+    return [load_record_image(record, i, p) for i, p in enumerate(paths)]
 
 
 def _read_array(path: Path, axes: str) -> np.ndarray:

@@ -81,8 +81,22 @@ def _image_cache(processor: Any, image_cache_dir: str | os.PathLike | None) -> A
 
 
 def _images(record: Mapping[str, Any], cache: Any) -> tuple[list[Any], bool]:
-    """(images of a record, already preprocessed?): paths, or cached preprocessed tensors when a cache is set."""
+    """(images of a record, already preprocessed?): paths, or cached preprocessed tensors when a cache is set.
+
+    A record whose images carry a series choice or corrections (``image_series`` / ``image_meta``,
+    :mod:`radfm3d.data.image_meta`) has them read with those applied; with a cache they are preprocessed here,
+    not stored (the cache keys on files alone).
+    """
+    from radfm3d.data.image_meta import needs_record_loader, record_images
+
     paths = list(record.get("images") or [])
+    if needs_record_loader(record):
+        loaded = record_images(record, paths)
+        if cache is None:
+            return loaded, False
+        from radfm3d.transforms import preprocess
+
+        return [preprocess(image, cache.recipe) for image in loaded], True
     return ([cache(p) for p in paths], True) if cache is not None else (paths, False)
 
 

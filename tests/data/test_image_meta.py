@@ -33,3 +33,22 @@ def test_apply_image_meta_rescales_values_and_spacing():
         apply_image_meta(image, {"hu_rescale": [1e308, 1e308]}, "scan.nii.gz")
     assert needs_record_loader({"image_meta": [None], "image_series": ["x"]})
     assert not needs_record_loader({"images": ["a"]})
+
+
+def test_training_reader_applies_record_corrections(tmp_path):
+    """engine.data reads a record's images with image_meta applied (with and without a preprocessed-image cache)."""
+    from radfm3d.data.cache import PreprocessedImageCache
+    from radfm3d.engine.data import _images
+    from radfm3d.transforms import PreprocessingRecipe
+
+    array = np.linspace(0, 1, 2 * 4 * 6 * 5, dtype=np.float32).reshape(2, 4, 6, 5)[:1]  # (C, D, H, W)
+    np.save(tmp_path / "scan.npy", array)
+    record = {"images": [str(tmp_path / "scan.npy")], "image_meta": [{"array_axes": "CZYX"}]}
+    (image,), preprocessed = _images(record, None)
+    assert not preprocessed and tuple(image.shape) == (1, 5, 6, 4)
+    np.testing.assert_allclose(np.asarray(image[0, :, :, 0]), array[0, 0].T)
+    recipe = PreprocessingRecipe(spatial_size=(8, 8, 4))
+    (tensor,), preprocessed = _images(record, PreprocessedImageCache(tmp_path / "cache", recipe))
+    assert preprocessed and tuple(tensor.shape) == (recipe.num_channels, 8, 8, 4)
+    plain, preprocessed = _images({"images": ["a.nii.gz"]}, None)
+    assert plain == ["a.nii.gz"] and not preprocessed
