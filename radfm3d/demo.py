@@ -40,6 +40,7 @@ def make_example_scans(folder: str | os.PathLike = BUNDLE / "examples", *, overw
     """Write the example scans (+ `<name>.truth.json` with the phantom's ground truth) if missing."""
     from radfm3d.data.phantoms import render_case
     from radfm3d.io import save_dicom_series, save_nifti
+    from radfm3d.utils import atomic_write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ def make_example_scans(folder: str | os.PathLike = BUNDLE / "examples", *, overw
             save_dicom_series(image, path, modality="MR" if truth["modality"] != "CT" else "CT",
                               series_uid=f"1.2.826.0.1.3680043.10.1{index:03d}.{EXAMPLE_SEED}",
                               description=f"RadPhantom example {EXAMPLE_SEED}/{index}")
-        (folder / f"{name}.truth.json").write_text(json.dumps(_truth_summary(truth), indent=2))
+        atomic_write_json(folder / f"{name}.truth.json", _truth_summary(truth), indent=2)
     return paths
 
 
@@ -108,6 +109,8 @@ def _print_truth(output_dir: Path, examples: Path) -> None:
     """After the bundle's own printout of each answer: the files written and the phantom's ground truth."""
     for result_file in sorted(output_dir.glob("*.json")):
         result = json.loads(result_file.read_text())
+        if not isinstance(result, dict) or "answers" not in result:  # failures.json, not a scan's result
+            continue
         scan = Path(str(result.get("scan", "")))
         print(f"\n{scan.name}: json {result_file}" + (f", figure {result['png']}" if result.get("png") else ""))
         truth_file = examples / f"{scan.name}.truth.json"

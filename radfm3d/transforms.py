@@ -568,6 +568,15 @@ def _affine_of(img: Any) -> np.ndarray:
     return np.eye(4)
 
 
+def _check_finite(meta: Mapping[str, Any], x: torch.Tensor, step: str) -> None:
+    """Raise ``RadFM3DInputError`` naming the image if ``step`` left NaN/Inf values in ``x`` (overflow, NaN input)."""
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise RadFM3DInputError(meta.get("filename_or_obj") or "<array>",
+                                f"{step} gives {bad:,} of {x.numel():,} values that are NaN or Inf; the input holds "
+                                "NaN/Inf or values beyond float32")
+
+
 def _plain(img: Any) -> torch.Tensor:
     if isinstance(img, MetaTensor):
         return img.as_tensor()
@@ -611,6 +620,8 @@ class ResampleToGrid(Transform):
             outside |= (coords[ax] < -0.5 - eps) | (coords[ax] > n - 0.5 + eps)
 
         volume = data.detach().to(device="cpu", dtype=torch.float32)
+        if data.dtype != torch.float32:
+            _check_finite(meta, volume, f"casting the {data.dtype} image to float32")
         # Work in the array's memory order (NIfTI readers give Fortran order, strides (.., 1, X, XY)): a
         # permuted *view* is contiguous, so pooling/sampling never copy the big volume; coordinates and
         # pooling factors are permuted alike, and the output comes out in grid order anyway.
@@ -705,6 +716,7 @@ class ModalityIntensity(Transform):
         if out.shape[-1] == 1 and grid_depth > 1 and _is_2d(tuple(data.shape[1:]), meta):
             out = out.expand(*out.shape[:-1], grid_depth)  # 2D: replicate the slice along depth (RadFM)
         out = out.contiguous().to(torch.float32)
+        _check_finite(meta, out, f"intensity scaling ({record['mode']})")  # small grid: cheap
         if not isinstance(img, MetaTensor):
             return out
         meta.pop("affine", None)

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
@@ -56,8 +57,12 @@ def as_bool(value: Any, name: str = "flag") -> bool | None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """``write(tmp)`` to a temporary sibling of ``path``, then ``os.replace`` it into place (never a half-written
-    file under ``path``); the file gets the usual umask permissions (``mkstemp`` alone makes it 0600)."""
+    """``write(tmp)`` to a uniquely named temporary sibling of ``path``, then ``os.replace`` it into place.
+
+    A write that raises (or a kill) leaves ``path`` as it was (the old file, or nothing) and no temporary file
+    behind; never a 0-byte or half-written file under ``path``. The file gets the usual umask permissions
+    (``mkstemp`` alone makes it 0600). The parent folder must exist.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -70,3 +75,127 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """``path`` as a folder that exists and can be written (created if missing; a probe file is made and removed).
+
+    Meant to run before any work, so that a bad output folder is refused before hours of compute. Raises
+    :class:`~radfm3d.errors.RadFM3DInputError` naming ``what`` when ``path`` is an existing file, cannot be created
+    or cannot be written.
+    """
+    from radfm3d.errors import RadFM3DInputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RadFM3DInputError(path, f"{what} is an existing file; give a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise RadFM3DInputError(path, f"{what} cannot be written ({err.strerror or err})") from None
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`), creating the parent folder; -> ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`), creating the parent folder; -> ``path``."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy/torch values (``.item()``/``.tolist()``) and objects with ``to_dict``."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
+    """``obj`` as JSON (numpy/torch values via :func:`json_default`) written atomically to ``path``; -> ``path``."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=json_default) + "\n")
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """``fig.savefig`` (matplotlib) to ``path`` atomically; the format comes from the suffix of ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = savefig_kwargs.pop("format", None) or path.suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kwargs))
+    return path
+
+
+class JsonlAppender:
+    """Append JSON lines to a file that survives kills: each :meth:`write` is one complete line, flushed and
+    fsync-ed before it returns, so a killed run loses at most the line being written.
+
+    Opening repairs a torn tail left by an earlier kill (bytes after the last newline are cut off), so appended
+    lines never join a half line. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = bool(fsync)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.repaired_bytes = _cut_torn_tail(self.path)
+        self._fh: TextIO | None = self.path.open("a", encoding="utf-8")
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Append ``row`` as one JSON line (numpy/torch values via :func:`json_default`)."""
+        if self._fh is None:
+            raise ValueError(f"{self.path}: appender is closed")
+        self._fh.write(json.dumps(row, default=json_default) + "\n")
+        self._fh.flush()
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Truncate ``path`` after its last newline; -> the number of bytes cut (0 when the file is whole or absent)."""
+    if not path.is_file():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with path.open("rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        # scan back in blocks for the last newline
+        pos, block = size, 65536
+        while pos > 0:
+            start = max(0, pos - block)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                fh.truncate(keep)
+                return size - keep
+            pos = start
+        fh.truncate(0)
+        return size

@@ -587,3 +587,269 @@ def test_untagged_nifti_modality_is_inferred_only_from_an_hu_signature(tmp_path,
     image = load_image(path, modality=hint)
     assert image.meta["modality"] == expected
     assert ("modality_inferred" in image.meta) is (expected == "CT" and hint is None)
+
+
+# ------------------------------------------------------------------------------------ values after scaling and casts
+def _patch_nifti(path: Path, offset: int, fmt: str, *values: float) -> Path:
+    """Overwrite raw header fields of an uncompressed .nii (little-endian) in place."""
+    import struct
+
+    blob = bytearray(path.read_bytes())
+    struct.pack_into("<" + fmt * len(values), blob, offset, *values)
+    path.write_bytes(bytes(blob))
+    return path
+
+
+def test_scl_slope_overflowing_float32_is_refused(tmp_path):
+    data = np.full((6, 5, 4), 100, np.int16)
+    path = _nifti(tmp_path, data, np.diag([1.0, 1.0, 2.0, 1.0]), name="slope.nii")
+    assert float(load_image(path).max()) == 100.0  # sane before the header is damaged
+    _patch_nifti(path, 112, "f", 3e38, 0.0)  # scl_slope, scl_inter: 100 * 3e38 is beyond float32
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(path)
+    assert_error(excinfo, "slope.nii", "scl_slope", "overflow", "120 of 120")
+
+
+def test_scl_slope_scaling_matches_nibabel(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.integers(-2000, 2000, (7, 6, 5)).astype(np.int16)
+    path = _nifti(tmp_path, data, np.diag([1.0, 1.0, 2.0, 1.0]), name="scaled.nii.gz")
+    img = nib.load(str(path))
+    img.header.set_slope_inter(0.37, -12.5)
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(path))
+    expected = nib.load(str(path)).get_fdata(dtype=np.float64).astype(np.float32)
+    got = load_image(path)[0].numpy()
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("field_value", [0.0, -1.5, float("nan")])
+def test_zero_or_negative_raw_pixdim_is_refused(field_value, tmp_path):
+    path = _nifti(tmp_path, np.ones((6, 5, 4), np.float32), np.diag([1.0, 1.0, 2.0, 1.0]), name="pixdim.nii")
+    _patch_nifti(path, 76 + 4 * 2, "f", field_value)  # pixdim[2]; nibabel "fixes" it while loading
+    if not np.isnan(field_value):
+        assert nib.load(str(path)).header.get_zooms()[1] > 0  # what nibabel shows is already repaired
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(path)
+    assert_error(excinfo, "pixdim.nii", "zero or negative voxel spacing", "pixdim[2]")
+
+
+def test_dtype_that_cannot_hold_the_values_is_refused(tmp_path):
+    hu = np.linspace(-1024, 1500, 4 * 4 * 3, dtype=np.float32).reshape(4, 4, 3)
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_image(hu, dtype=np.int8)
+    assert_error(excinfo, "<array>", "do not fit dtype=int8", "-1024", "1500")
+    path = _nifti(tmp_path, hu.astype(np.int16), np.eye(4), name="hu.nii.gz")
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_image(path, dtype=np.int8)
+    assert_error(excinfo, "hu.nii.gz", "dtype=int8")
+    with pytest.raises(RadFM3DInputError, match="float16"):
+        load_image(hu * 100, dtype=np.float16)  # 150000 > 65504: would be Inf
+    assert load_image(hu, dtype=np.int16).dtype == torch.int16  # a dtype that fits is fine
+    with pytest.raises(RadFM3DInputError, match="not supported"):
+        load_image(hu, dtype=np.complex64)
+
+
+# ------------------------------------------------------------------------------------ memory budget
+def test_byte_budget_refuses_valid_files_up_front(tmp_path):
+    vol = make_synthetic_volume()
+    nii = _nifti(tmp_path, vol.array.astype(np.int16), vol.affine, name="fine.nii.gz")
+    series = tmp_path / "series"
+    save_dicom_series(MetaTensor(torch.from_numpy(vol.array.astype(np.float32))[None],
+                                 affine=torch.as_tensor(vol.affine)), series)
+    mha = tmp_path / "fine.mha"
+    _write_itk(vol, mha)
+    voxels = int(np.prod(vol.array.shape))
+    for path in (nii, series, mha):
+        load_quiet(path)  # valid files: they read with the default budget
+        with pytest.raises(RadFM3DInputError) as excinfo:
+            load_quiet(path, max_bytes=voxels * 4 - 1)  # less than the float32 result alone
+        assert_error(excinfo, path.name, "needs", "GB", "the limit is", "max_bytes=", "nothing was read")
+        assert "corrupt" not in str(excinfo.value).lower() and "truncated" not in str(excinfo.value).lower()
+    # the budget counts working copies too: an int16 NIfTI needs its stored pixels plus the float32 result
+    with pytest.raises(RadFM3DInputError, match="the limit is"):
+        load_quiet(nii, max_bytes=voxels * 5)
+    assert load_quiet(nii, max_bytes=voxels * 6).shape[1:] == vol.array.shape
+    assert load_quiet(nii, max_bytes=None).shape[1:] == vol.array.shape
+
+
+# ------------------------------------------------------------------------------------ detached headers
+def _raw_volume(path: Path, shape=(4, 3, 2)) -> bytes:
+    blob = np.arange(int(np.prod(shape)), dtype="<i2").tobytes()
+    path.write_bytes(blob)
+    return blob
+
+
+def _mhd(path: Path, data_file: str, shape=(4, 3, 2), extra_lines: str = "") -> Path:
+    path.write_text("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+                    f"DimSize = {' '.join(map(str, shape))}\nElementSpacing = 1 1 1\nElementType = MET_SHORT\n"
+                    f"ElementDataFile = {data_file}\n{extra_lines}")
+    return path
+
+
+def _nhdr(path: Path, data_file: str, shape=(4, 3, 2), extra_lines: str = "") -> Path:
+    path.write_text("NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\n"
+                    f"sizes: {' '.join(map(str, shape))}\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
+                    f"space origin: (0,0,0)\nendian: little\nencoding: raw\ndata file: {data_file}\n{extra_lines}")
+    return path
+
+
+@pytest.mark.parametrize("writer", [_mhd, _nhdr], ids=["mhd", "nhdr"])
+def test_detached_header_reads_only_its_own_folder(writer, tmp_path):
+    (tmp_path / "scan").mkdir()
+    (tmp_path / "scan" / "sub").mkdir()
+    _raw_volume(tmp_path / "scan" / "sub" / "voxels.raw")
+    _raw_volume(tmp_path / "outside.raw")
+    ext = ".mhd" if writer is _mhd else ".nhdr"
+    # below its folder: fine
+    good = load_image(writer(tmp_path / "scan" / f"good{ext}", "sub/voxels.raw"))
+    assert good.shape == (1, 4, 3, 2) and float(good.max()) == 23.0
+    (tmp_path / "scan" / "link.raw").symlink_to(tmp_path / "outside.raw")
+    passwd = "/etc/passwd" if os.path.exists("/etc/passwd") else str(tmp_path / "outside.raw")
+    list_form = ("LIST", "sub/voxels.raw\n../outside.raw\n") if writer is _mhd else ("LIST", "sub/voxels.raw\n"
+                                                                                        "../outside.raw\n")
+    bad = {
+        "dotdot": ("../outside.raw", ""),
+        "absolute": (passwd, ""),
+        "symlink": ("link.raw", ""),
+        "list": list_form,
+        "pattern": ("../outside%d.raw 1 2 1", ""),
+    }
+    for name, (data_file, extra) in bad.items():
+        header = writer(tmp_path / "scan" / f"{name}{ext}", data_file, extra_lines=extra)
+        with pytest.raises(RadFM3DInputError) as excinfo:
+            load_quiet(header)
+        assert_error(excinfo, header.name, "outside the header's folder", "nothing was read")
+
+
+def test_attached_mha_pointing_elsewhere_is_refused(tmp_path):
+    _raw_volume(tmp_path / "outside.raw")
+    (tmp_path / "d").mkdir()
+    header = _mhd(tmp_path / "d" / "x.mha", "../outside.raw")
+    with pytest.raises(RadFM3DInputError, match="outside the header's folder"):
+        load_quiet(header)
+
+
+# ------------------------------------------------------------------------------------ DICOM folder walk bounds
+def _small_series(folder: Path, slices: int = 3) -> list[Path]:
+    arr = np.arange(6 * 5 * slices, dtype=np.float32).reshape(6, 5, slices)
+    return save_dicom_series(MetaTensor(torch.from_numpy(arr)[None], affine=torch.eye(4, dtype=torch.float64)),
+                             folder)
+
+
+def test_dicom_folder_walk_is_bounded(tmp_path):
+    _small_series(tmp_path / "flat", slices=5)
+    assert load_quiet(tmp_path / "flat", max_files=5).shape == (1, 6, 5, 5)
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(tmp_path / "flat", max_files=4)
+    assert_error(excinfo, "flat", "more than max_files=4", "point at the series folder")
+    deep = tmp_path / "deep" / "a" / "b" / "c"
+    _small_series(deep)
+    assert load_quiet(tmp_path / "deep", max_depth=3).shape == (1, 6, 5, 3)
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(tmp_path / "deep", max_depth=2)
+    assert_error(excinfo, "deep", "max_depth=2")
+
+
+# ------------------------------------------------------------------------------------ DICOM fast path vs pydicom
+def test_dicom_series_stored_bits_and_compressed_slices_match_pydicom(tmp_path):
+    """12-bit signed pixels with junk in the unused high bits, and RLE-compressed slices (pydicom's decoder),
+    read to the same values pydicom's pixel_array gives after the rescale."""
+    from pydicom.uid import RLELossless
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(-2048, 2047, (7, 6, 4)).astype(np.float32)
+    paths = save_dicom_series(MetaTensor(torch.from_numpy(arr)[None], affine=torch.eye(4, dtype=torch.float64)),
+                              tmp_path / "s")
+    expected = []
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        stored = ds.pixel_array.astype(np.int16)
+        junk = (stored.view(np.uint16) & 0x0FFF) | (0x5000 if k % 2 else 0xA000)  # unused bits set
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-7"
+        ds.PixelData = junk.astype(np.uint16).tobytes()
+        if k == 2:
+            ds.compress(RLELossless)
+        ds.save_as(p)
+        ref = pydicom.dcmread(p).pixel_array.astype(np.float32) * np.float32(0.5) + np.float32(-7)
+        expected.append(ref.T)
+    got = load_image(tmp_path / "s")[0].numpy()
+    assert np.array_equal(got, np.stack(expected, axis=-1))
+    assert np.array_equal(got, arr * np.float32(0.5) - 7)  # and it is the written data
+
+
+# ------------------------------------------------------------------------------------ info --json warnings
+def test_cli_info_json_keeps_data_warnings_not_library_noise(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "noform.nii"
+    img = nib.Nifti1Image(np.ones((4, 4, 3), np.float32), None)
+    img.header.set_sform(None, code=0)
+    img.header.set_qform(None, code=0)
+    nib.save(img, str(path))
+    env = dict(os.environ, PYTHONWARNINGS="default")
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from radfm3d.io import cli; sys.exit(cli(sys.argv[1:]))",
+                           "--json", str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(summary["warnings"]) == 1 and "without sform/qform" in summary["warnings"][0], summary["warnings"]
+
+
+def test_dicom_rescale_overflowing_float32_is_refused(tmp_path):
+    paths = _small_series(tmp_path / "s", slices=3)
+    ds = pydicom.dcmread(paths[1])
+    ds.RescaleSlope = "1e38"  # a stored value of 29 * 1e38 is beyond float32
+    ds.save_as(paths[1])
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(tmp_path / "s")
+    assert_error(excinfo, str(tmp_path / "s"), "NaN or Inf")
+
+
+@pytest.mark.parametrize("name", ["eCT_Supplemental.dcm", "emri_small.dcm", "rtdose.dcm", "CT_small.dcm"])
+def test_uncompressed_frames_read_from_the_file_equal_pydicom_decoding(name, monkeypatch, tmp_path):
+    """The direct frame reader (uncompressed files) gives exactly what pydicom's decoder path gives."""
+    import radfm3d.io as rio
+
+    path = pydicom_file(name)
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(path, folder / "f.dcm")
+    direct = [load_quiet(path), load_quiet(folder)]
+    used = []
+    original = rio._read_native_pixels
+    monkeypatch.setattr(rio, "_read_native_pixels", lambda *a, **k: used.append(1) or original(*a, **k))
+    load_quiet(path)
+    monkeypatch.setattr(rio, "_native_pixel_layout", lambda *a, **k: None)  # force pydicom's decoder
+    decoded = [load_quiet(path), load_quiet(folder)]
+    for a, b in zip(direct, decoded):
+        assert a.dtype == b.dtype and torch.equal(a.as_tensor(), b.as_tensor())
+        assert np.allclose(a.affine.numpy(), b.affine.numpy())
+    if name != "CT_small.dcm":  # single-frame files keep pydicom's reader; multi-frame ones use the direct one
+        assert used
+
+
+def test_analyze_pair_image_symlinked_outside_is_refused(tmp_path):
+    vol = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2)
+    nib.save(nib.Nifti1Pair(vol, np.eye(4)), str(tmp_path / "real.img"))
+    (tmp_path / "scan").mkdir()
+    shutil.copy(tmp_path / "real.hdr", tmp_path / "scan" / "pair.hdr")
+    shutil.copy(tmp_path / "real.img", tmp_path / "scan" / "pair.img")
+    assert float(load_image(tmp_path / "scan" / "pair.hdr").max()) == 23.0
+    (tmp_path / "scan" / "pair.img").unlink()
+    (tmp_path / "scan" / "pair.img").symlink_to(tmp_path / "real.img")
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(tmp_path / "scan" / "pair.hdr")
+    assert_error(excinfo, "pair.hdr", "outside the header's folder")
+
+
+@pytest.mark.parametrize("make", [_huge_header_nifti, _huge_header_nrrd], ids=["nifti", "nrrd"])
+def test_header_over_the_byte_budget_is_refused_before_reading(make, tmp_path):
+    path = make(tmp_path)  # a header only: reading anything beyond it would fail differently
+    with pytest.raises(RadFM3DInputError) as excinfo:
+        load_quiet(path, max_voxels=10**12)
+    assert_error(excinfo, path.name, "GB (", "the limit is 16 GB", "nothing was read")
+    assert "corrupt" not in str(excinfo.value).lower()

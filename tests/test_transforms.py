@@ -397,3 +397,18 @@ def test_load_scan_in_compose(tmp_path: Path) -> None:
     assert json.loads(out["image"].meta["intensity"])["mode"] == "ct_windows"  # the manifest's modality hint
     loaded = LoadScand("image")({"image": str(tmp_path / "scan.nii.gz")})["image"]
     assert tuple(loaded.shape) == (1, *SHAPE)
+
+
+def test_inf_after_the_float32_cast_or_scaling_is_refused():
+    from radfm3d.errors import RadFM3DInputError
+
+    recipe = PreprocessingRecipe(spatial_size=(8, 8, 4))
+    big = np.full((8, 8, 4), 1e39, np.float64)  # finite in float64, Inf in float32
+    image = MetaTensor(torch.from_numpy(big)[None], affine=torch.eye(4, dtype=torch.float64),
+                       meta={"filename_or_obj": "big64", "modality": "MR"})
+    with pytest.raises(RadFM3DInputError, match="big64.*float32"):
+        ResampleToGrid(recipe)(image)
+    nan = MetaTensor(torch.full((1, 8, 8, 4), float("nan")), affine=torch.eye(4, dtype=torch.float64),
+                     meta={"filename_or_obj": "nan32", "modality": "MR"})
+    with pytest.raises(RadFM3DInputError, match="nan32.*intensity scaling"):
+        ModalityIntensity(recipe)(nan)

@@ -32,3 +32,65 @@ def test_as_bool_reads_command_line_switches():
     assert as_bool(None) is None and as_bool("null") is None
     with pytest.raises(ValueError, match="resume"):
         as_bool("maybe", "resume")
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails_midway(tmp_path):
+    from radfm3d.utils import atomic_write
+
+    target = tmp_path / "result.json"
+    target.write_text('{"old": true}')
+
+    def half_write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write('{"new": ')  # half of the new content is on disk ...
+        raise OSError("disk full")  # ... when the write dies
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_write)
+    assert target.read_text() == '{"old": true}'
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary file left behind
+    atomic_write(target, lambda tmp: open(tmp, "w").write("new"))
+    assert target.read_text() == "new"
+
+
+def test_atomic_json_text_and_figure_writers(tmp_path):
+    import json
+
+    import numpy as np
+
+    from radfm3d.utils import atomic_savefig, atomic_write_json, atomic_write_text
+
+    path = atomic_write_json(tmp_path / "sub" / "a.json", {"x": np.float32(1.5), "v": np.arange(3)})
+    assert json.loads(path.read_text()) == {"x": 1.5, "v": [0, 1, 2]}
+    assert atomic_write_text(tmp_path / "b.md", "# hi").read_text() == "# hi"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    png = atomic_savefig(fig, tmp_path / "figs" / "c.png", dpi=20)
+    plt.close(fig)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["c.png"]
+
+
+def test_jsonl_appender_repairs_a_torn_last_line(tmp_path):
+    import json
+
+    from radfm3d.utils import JsonlAppender
+
+    path = tmp_path / "preds.jsonl"
+    with JsonlAppender(path) as out:
+        out.write({"id": "a"})
+        out.write({"id": "b"})
+    with path.open("a") as fh:
+        fh.write('{"id": "c", "predic')  # a run killed in the middle of a line
+    with JsonlAppender(path) as out:
+        assert out.repaired_bytes == len('{"id": "c", "predic')
+        out.write({"id": "c"})
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+    path.write_text('{"id": "only half')  # no complete line at all
+    with JsonlAppender(path) as out:
+        out.write({"id": "d"})
+    assert path.read_text() == '{"id": "d"}\n'

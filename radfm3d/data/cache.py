@@ -3,9 +3,11 @@
 
 Why our own instead of MONAI's ``PersistentDataset``: that caches whole *records* keyed by the record's hash, and a
 phantom case has a dozen records (report, VQA, grounding, ...) over the same scan, so it would store each volume a
-dozen times. Here the key is the *image* (absolute path, size, modification time) plus the preprocessing recipe, so
-every record, every epoch and both training stages share one entry per scan, and changing the recipe (or the file)
-can never serve a stale tensor.
+dozen times. Here the key is the *image* plus the preprocessing recipe, so every record, every epoch and both training
+stages share one entry per scan, and changing the recipe (or the data) can never serve a stale tensor. The image
+part of the key is what identifies the data: for a file its absolute path, size and modification time (and those of
+the data files a detached ``.mhd``/``.nhdr`` header names); for a DICOM folder the full list of its files, each with
+its relative path, size and modification time (so replacing any slice, not only the newest, changes the key).
 
 Entries are safetensors files (``image``: ``(C, H, W, D)`` float16 in [0, 1], rounding error <= 2.5e-4; the
 ``grid_geometry`` JSON in the metadata), written to a temporary name and renamed, so a killed warm-up never leaves a
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PreprocessedImageCache", "images_of"]
+__all__ = ["PreprocessedImageCache", "data_fingerprint", "images_of"]
 
 
 class PreprocessedImageCache:
@@ -46,11 +48,8 @@ class PreprocessedImageCache:
         self._recipe_key = json.dumps(recipe.to_dict(), sort_keys=True)
 
     def entry_path(self, image: str | os.PathLike) -> Path:
-        """Where the entry of ``image`` lives (the name changes with the file's size/mtime and with the recipe)."""
-        path = Path(image).resolve()
-        stat = path.stat() if path.is_file() else max((p.stat() for p in path.iterdir()), key=lambda s: s.st_mtime,
-                                                      default=path.stat())
-        key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{self._recipe_key}"
+        """Where the entry of ``image`` lives (the name changes with :func:`data_fingerprint` and the recipe)."""
+        key = f"{data_fingerprint(image)}|{self._recipe_key}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         return self.cache_dir / digest[:2] / f"{digest}.safetensors"
 
@@ -118,6 +117,32 @@ class PreprocessedImageCache:
         entry = self.entry_path(image)
         if not entry.is_file():
             self._write(image, entry)
+
+
+def data_fingerprint(image: str | os.PathLike) -> str:
+    """A hex digest that changes whenever the data ``load_image(image)`` reads may have changed.
+
+    A file: absolute path, size, mtime (ns), plus those of the data files a detached header names. A folder (DICOM):
+    every file :func:`radfm3d.io.dicom_folder_files` walks (bounded like the reader; raises ``RadFM3DInputError``
+    past the bound), each as relative path, size and mtime (ns).
+    """
+    from radfm3d.io import detached_data_files, dicom_folder_files
+
+    path = Path(image).resolve()
+    digest = hashlib.sha1(str(path).encode())
+    if path.is_dir():
+        members = dicom_folder_files(path)
+    else:
+        members = [path] + [path.parent / name for name in detached_data_files(path)]
+    for member in members:
+        try:
+            st = member.stat()
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        rel = os.path.relpath(member, path) if path.is_dir() else os.path.relpath(member, path.parent)
+        digest.update(f"\n{rel}|{stamp}".encode())
+    return digest.hexdigest()
 
 
 def images_of(records: Sequence[dict[str, Any]]) -> list[str]:

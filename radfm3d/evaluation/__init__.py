@@ -1,5 +1,6 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""Evaluation: metrics with bootstrap intervals, negation-aware findings, the harness and its report.
+"""Evaluation: metrics with bootstrap intervals, negation-aware findings, the harness, its report and the
+anatomical slice figures.
 
     from radfm3d.evaluation import evaluate_predictions, evaluate_model, write_report
 """
@@ -18,11 +19,13 @@ _EXPORTS: dict[str, str] = {
     "evaluate_predictions": "radfm3d.evaluation.harness",
     "evaluate_model": "radfm3d.evaluation.harness",
     "generate_predictions": "radfm3d.evaluation.harness",
+    "run_model": "radfm3d.evaluation.harness",
     "read_predictions": "radfm3d.evaluation.harness",
     "oracle_predictions": "radfm3d.evaluation.harness",
     "constant_predictions": "radfm3d.evaluation.harness",
     "task_family": "radfm3d.evaluation.harness",
     "write_report": "radfm3d.evaluation.report",
+    "anatomical_slices": "radfm3d.evaluation.figures",
 }
 
 __all__ = sorted(_EXPORTS)

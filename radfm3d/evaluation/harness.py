@@ -16,6 +16,11 @@ Task families and their figures:
 
 Every figure carries a bootstrap 95% interval, and the blind baseline (same prompts, blank image) is scored
 beside the model when given.
+
+Running a model (:func:`run_model`, the one generation path of `radfm3d evaluate --model` and :func:`evaluate_model`)
+appends each prediction to a JSONL file as it is made, so a rerun on the same output folder skips the records
+already predicted; a record whose images or prompt cannot be used is reported (``failures.json``, the report, the
+exit status) and not scored, and the other records go on.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from radfm3d.evaluation import metrics as M
-from radfm3d.evaluation.metrics import RadFM3DInputError
 from radfm3d.evaluation.findings import finding_figures, load_vocabulary
+from radfm3d.evaluation.metrics import RadFM3DInputError
+from radfm3d.evaluation.report import write_report
+from radfm3d.utils import JsonlAppender, atomic_write, atomic_write_json, json_default, writable_dir
 
 CLOSED_VQA = ("presence", "side", "count", "type", "size_bucket", "size_category", "laterality", "yes_no")
 OPEN_VQA = ("open", "location", "size", "where", "measurement")
@@ -105,12 +112,40 @@ def _read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def read_records(manifest_path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Manifest records (`radfm3d.data.manifest.read_manifest`), image paths absolute."""
-    from radfm3d.data.manifest import read_manifest, resolve_images
+def read_records(manifest_path: str | os.PathLike,
+                 failures: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Manifest records (`radfm3d.data.manifest.read_manifest`), image paths absolute.
+
+    failures: None refuses the whole manifest when a record is invalid; a list instead gets
+    ``{"id", "images", "run": "manifest", "problem": "line N: ..."}`` per invalid record (e.g. a prompt whose
+    ``<image>`` count does not match its images), which is left out. Lines that are not JSON and duplicate ids
+    always refuse the manifest (the file itself is in doubt).
+    """
+    from radfm3d.data.manifest import read_manifest, resolve_images, validate_record
 
     manifest_path = Path(manifest_path)
-    records = read_manifest(manifest_path)
+    if failures is None:
+        records = read_manifest(manifest_path)
+    else:
+        records = read_manifest(manifest_path, validate=False)
+        with manifest_path.open(encoding="utf-8") as fh:
+            linenos = [n for n, line in enumerate(fh, 1) if line.strip()]
+        kept, seen = [], {}
+        for lineno, rec in zip(linenos, records):
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            if isinstance(rid, str):
+                if rid in seen:
+                    raise RadFM3DInputError(manifest_path, f"line {lineno}: duplicate id {rid!r} (first on line "
+                                                           f"{seen[rid]})")
+                seen[rid] = lineno
+            problems = validate_record(rec, base_dir=manifest_path.parent)
+            if problems:
+                failures.append({"id": str(rid) if rid is not None else f"line {lineno}",
+                                 "images": list(rec.get("images") or []) if isinstance(rec, dict) else [],
+                                 "run": "manifest", "problem": f"line {lineno}: " + "; ".join(problems)})
+            else:
+                kept.append(rec)
+        records = kept
     for rec in records:
         rec["images"] = [str(p) for p in resolve_images(rec, manifest_path)]
     for i, rec in enumerate(records):
@@ -130,24 +165,17 @@ def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 
 def write_predictions(predictions: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write predictions as JSONL ({id, prediction, ...} per line)."""
+    """Write predictions as JSONL ({id, prediction, ...} per line), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for pid, entry in predictions.items():
-            row = {"id": pid, **_entry(entry)}
-            fh.write(json.dumps(row, default=_json_default) + "\n")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for pid, entry in predictions.items():
+                fh.write(json.dumps({"id": pid, **_entry(entry)}, default=json_default) + "\n")
+
+    atomic_write(path, write)
     return path
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
 def _entry(pred: Any) -> dict[str, Any]:
@@ -347,6 +375,9 @@ def _score_family(
             except ImportError as err:
                 notes.append(f"grounding from text needs the box codec ({err}); family not scored")
                 return {}, cases, notes
+            except RadFM3DInputError as err:  # its image cannot place the <box> text: a miss, said so
+                notes.append(f"{r['id']}: box not placed ({err}); scored as no box")
+                pred = []
             g = M.grounding_case(pred, true)
             c.update({**g, "pred_boxes_world_mm": pred, "true_boxes_world_mm": true})
             ious.append(g["iou"])
@@ -467,49 +498,101 @@ def summarize(results: Mapping[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ model running
-def _prompts_and_images(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    return [str(r.get("prompt", "")) for r in records], [list(r.get("images") or []) for r in records]
+def _prompts_and_images(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Prompts and, per record, its images: paths, or images read with the record's ``image_series`` /
+    ``image_meta`` (:func:`radfm3d.data.image_meta.record_images`)."""
+    from radfm3d.data.image_meta import record_images
+
+    return [str(r.get("prompt", "")) for r in records], [record_images(r) for r in records]
+
+
+def _problem(err: BaseException) -> str:
+    return str(err) if isinstance(err, RadFM3DInputError) else f"{type(err).__name__}: {err}".strip()
+
+
+def _generate_batch(model: Any, processor: Any, batch: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
+                    blank_images: bool, likelihood: bool) -> list[dict[str, Any]]:
+    """Greedy answers (and choice log-likelihoods) of one batch of records -> one entry per record."""
+    import torch
+
+    device = next(model.parameters()).device
+    texts, images = _prompts_and_images(batch)
+    enc = processor(text=texts, images=images if any(images) else None, return_tensors="pt", padding_side="left")
+    geoms = enc.pop("grid_geometry", None) if hasattr(enc, "pop") else None
+    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in enc.items()}
+    if blank_images and inputs.get("pixel_values") is not None:
+        inputs["pixel_values"] = torch.zeros_like(inputs["pixel_values"])
+    with torch.inference_mode():
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = ids[:, inputs["input_ids"].shape[1]:]
+    decoded = processor.batch_decode(new, skip_special_tokens=True)
+    entries = []
+    for i, (r, text) in enumerate(zip(batch, decoded)):
+        entry: dict[str, Any] = {"prediction": text.strip()}
+        if geoms is not None and i < len(geoms) and geoms[i]:
+            g = geoms[i][0] if isinstance(geoms[i], list) else geoms[i]
+            entry["grid_geometry"] = g.to_dict() if hasattr(g, "to_dict") else g
+        if likelihood and r.get("choices"):
+            entry["choice_logliks"] = choice_log_likelihoods(model, processor, r, blank_images=blank_images)
+        entries.append(entry)
+    return entries
 
 
 def generate_predictions(
     model: Any, processor: Any, records: Sequence[Mapping[str, Any]], *, batch_size: int = 4,
     max_new_tokens: int = 128, blank_images: bool = False, likelihood: bool = True, progress: bool = True,
-    desc: str = "generate",
+    desc: str = "generate", output_file: str | os.PathLike | None = None,
+    failures: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Greedy generation (and log-likelihood of each offered choice) for every record.
 
     blank_images=True gives the blind baseline: same prompts, pixel_values replaced by zeros of the grid shape.
+    output_file: a predictions JSONL that every entry is appended to (flushed) as soon as its batch is generated;
+    records whose id it already holds are not generated again (resume) and come back from the file.
+    failures: a list that gets ``{"id", "images", "run", "problem"}`` for each record that could not be generated
+    (unreadable image, prompt the processor refuses, ...); a batch that fails is retried record by record so only
+    the bad record is lost. Without it, the first failure raises.
     -> id -> {"prediction", "grid_geometry" (first image's, dict), "choice_logliks" (records with choices)}.
     """
-    import torch
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
     out: dict[str, dict[str, Any]] = {}
-    model.eval()
-    bar = tqdm(total=len(records), desc=desc, disable=not progress)
-    for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
-        texts, images = _prompts_and_images(batch)
-        enc = processor(text=texts, images=images if any(images) else None, return_tensors="pt")
-        geoms = enc.pop("grid_geometry", None) if hasattr(enc, "pop") else None
-        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in enc.items()}
-        if blank_images and inputs.get("pixel_values") is not None:
-            inputs["pixel_values"] = torch.zeros_like(inputs["pixel_values"])
-        with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new = ids[:, inputs["input_ids"].shape[1]:]
-        decoded = processor.batch_decode(new, skip_special_tokens=True)
-        for i, (r, text) in enumerate(zip(batch, decoded)):
-            entry: dict[str, Any] = {"prediction": text.strip()}
-            if geoms is not None and i < len(geoms) and geoms[i]:
-                g = geoms[i][0] if isinstance(geoms[i], list) else geoms[i]
-                entry["grid_geometry"] = g.to_dict() if hasattr(g, "to_dict") else g
-            if likelihood and r.get("choices"):
-                entry["choice_logliks"] = choice_log_likelihoods(model, processor, r, blank_images=blank_images)
-            out[str(r["id"])] = entry
-        bar.update(len(batch))
-    bar.close()
+    appender = JsonlAppender(output_file) if output_file is not None else None
+    try:
+        if appender is not None:
+            wanted = {str(r["id"]) for r in records}
+            out = {k: v for k, v in read_predictions(appender.path).items() if k in wanted}
+        todo = [r for r in records if str(r["id"]) not in out]
+        model.eval()
+        kw = dict(max_new_tokens=max_new_tokens, blank_images=blank_images, likelihood=likelihood)
+        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=desc, disable=not progress)
+
+        def run(batch: Sequence[Mapping[str, Any]]) -> None:
+            try:
+                entries = _generate_batch(model, processor, batch, **kw)
+            except Exception as err:
+                if failures is None:
+                    raise
+                if len(batch) > 1:  # find the bad record(s): the others still get their answers
+                    for r in batch:
+                        run([r])
+                    return
+                failures.append({"id": str(batch[0]["id"]), "images": list(batch[0].get("images") or []),
+                                 "run": desc, "problem": _problem(err)})
+                bar.update(1)
+                return
+            for r, entry in zip(batch, entries):
+                out[str(r["id"])] = entry
+                if appender is not None:
+                    appender.write({"id": str(r["id"]), **entry})
+            bar.update(len(batch))
+
+        for start in range(0, len(todo), batch_size):
+            run(todo[start : start + batch_size])
+        bar.close()
+    finally:
+        if appender is not None:
+            appender.close()
     return out
 
 
@@ -518,9 +601,11 @@ def choice_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any]
     """Summed log-probability (nats) of each choice's answer tokens given the record's prompt and images."""
     import torch
 
+    from radfm3d.data.image_meta import record_images
+
     device = next(model.parameters()).device
-    examples = [processor.build_training_example(str(record.get("prompt", "")), str(choice),
-                                                 list(record.get("images") or []))
+    images = record_images(record)  # read once for every choice
+    examples = [processor.build_training_example(str(record.get("prompt", "")), str(choice), images)
                 for choice in record["choices"]]
     pad_id = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None) or 0
     width = max(int(torch.as_tensor(e["input_ids"]).reshape(-1).shape[0]) for e in examples)
@@ -549,37 +634,115 @@ def choice_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any]
     return (tok * keep).sum(-1).tolist()
 
 
+def run_model(
+    model: Any, processor: Any, records: Sequence[Mapping[str, Any]], *, out_dir: str | os.PathLike | None = None,
+    blind: bool = True, batch_size: int = 4, max_new_tokens: int = 128, likelihood: bool = True,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
+    """The model's and (``blind``) the blind baseline's predictions for ``records``, and the records that failed.
+
+    With ``out_dir`` each prediction is appended to ``predictions.jsonl`` / ``blind_predictions.jsonl`` there as it is
+    made, and a rerun skips what those files already hold. -> (predictions, blind predictions or None, failures).
+    """
+    failures: list[dict[str, Any]] = []
+    out = Path(out_dir) if out_dir is not None else None
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, likelihood=likelihood, progress=progress,
+              failures=failures)
+    preds = generate_predictions(model, processor, records, desc="model",
+                                 output_file=None if out is None else out / "predictions.jsonl", **kw)
+    blind_preds = None
+    if blind:
+        blind_preds = generate_predictions(model, processor, _without_failed(records, failures), blank_images=True,
+                                           desc="blind",
+                                           output_file=None if out is None else out / "blind_predictions.jsonl", **kw)
+    return preds, blind_preds, failures
+
+
+def _without_failed(records: Sequence[Mapping[str, Any]], failures: Sequence[Mapping[str, Any]]) -> list:
+    failed = {str(f["id"]) for f in failures}
+    return [r for r in records if str(r["id"]) not in failed]
+
+
 def evaluate_model(
     model: Any, processor: Any, manifest_path: str | os.PathLike | Sequence[Mapping[str, Any]], *,
     batch_size: int = 4, max_new_tokens: int = 128, blind: bool = True, likelihood: bool = True,
     limit: int | None = None, progress: bool = True, train_records: Sequence[Mapping[str, Any]] | None = None,
-    embeddings: bool = True, name: str = "model",
+    embeddings: bool = True, name: str = "model", out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Run a radfm3d model on a manifest (and the blind baseline) and score it.
+    """Run a radfm3d model on a manifest (and the blind baseline, :func:`run_model`) and score it.
 
-    -> evaluate_predictions(...) results with `predictions` / `blind_predictions` (id -> entry) added.
+    Invalid records (see :func:`read_records`) and records that could not be generated are not scored; they are
+    listed under ``failures`` and counted in ``meta["failed_records"]``. ``out_dir``: predictions are appended there
+    as they are made and a rerun resumes (:func:`run_model`). -> evaluate_predictions(...) results with
+    ``predictions`` / ``blind_predictions`` (id -> entry) and ``failures`` added.
     """
-    records = read_records(manifest_path) if isinstance(manifest_path, (str, os.PathLike)) else list(manifest_path)
+    failures: list[dict[str, Any]] = []
+    records = read_records(manifest_path, failures=failures) if isinstance(manifest_path, (str, os.PathLike)) \
+        else list(manifest_path)
     records = records[:limit] if limit else records
-    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, likelihood=likelihood, progress=progress)
-    preds = generate_predictions(model, processor, records, desc="model", **kw)
-    blind_preds = generate_predictions(model, processor, records, blank_images=True, desc="blind", **kw) \
-        if blind else None
-    results = evaluate_predictions(records, preds, blind_preds, train_records=train_records, embeddings=embeddings,
+    preds, blind_preds, generation_failures = run_model(model, processor, records, out_dir=out_dir, blind=blind,
+                                                        batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                        likelihood=likelihood, progress=progress)
+    failures += generation_failures
+    results = evaluate_predictions(_without_failed(records, failures), preds, blind_preds,
+                                   train_records=train_records, embeddings=embeddings,
                                    recipe=getattr(processor, "recipe", None), name=name)
+    _add_failures(results, failures)
     results["predictions"] = preds
     results["blind_predictions"] = blind_preds
     return results
 
 
+def _add_failures(results: dict[str, Any], failures: Sequence[Mapping[str, Any]]) -> None:
+    results["failures"] = list(failures)
+    results["meta"]["failed_records"] = len({str(f["id"]) for f in failures})
+
+
+def prepare_output_dir(out: str | os.PathLike) -> Path:
+    """The ``--out`` folder, created and proven writable before any work (:func:`radfm3d.utils.writable_dir`).
+
+    Raises RadFM3DInputError when it is an existing file, cannot be created, or cannot be written.
+    """
+    return writable_dir(out, "--out")
+
+
+def _check_resume(out: Path, settings: Mapping[str, Any]) -> None:
+    """Refuse to append to predictions made otherwise (``run.json`` in ``out`` records the generation settings);
+    record the settings otherwise."""
+    path = out / "run.json"
+    before = None
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            before = None
+    if isinstance(before, dict):
+        diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if diff:
+            raise RadFM3DInputError(out, "holds predictions made with other settings ("
+                                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                                         + "); give another --out (or delete its predictions to start over)")
+    else:
+        for name in ("predictions.jsonl", "blind_predictions.jsonl"):
+            if (out / name).is_file() and (out / name).stat().st_size > 0:
+                raise RadFM3DInputError(out / name, "holds predictions that no --model run of this folder made "
+                                                    "(no run.json beside it); give another --out")
+    atomic_write_json(path, dict(settings))
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 def cli(argv: Iterable[str] | None = None) -> int:
-    """`radfm3d evaluate --manifest test.jsonl (--predictions preds.jsonl | --model DIR) --out DIR`."""
+    """`radfm3d evaluate --manifest test.jsonl (--predictions preds.jsonl | --model DIR) --out DIR`.
+
+    Exit status 0, or 1 when some records were invalid or could not be generated (they are listed in
+    ``failures.json`` and the report, and not scored; everything else is written first).
+    """
     p = argparse.ArgumentParser(prog="radfm3d evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--manifest", required=True, help="task manifest JSONL (paths relative to its folder)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--predictions", help="JSONL of {id, prediction[, choice_logliks]} to score")
-    src.add_argument("--model", help="radfm3d model folder (model + processor) to run")
+    src.add_argument("--model", help="radfm3d model folder (model + processor) to run; predictions are appended to "
+                                     "OUT/predictions.jsonl as they are made and a rerun skips those already there")
     src.add_argument("--oracle", action="store_true", help="score the ground-truth answers (sanity check)")
     src.add_argument("--constant", action="store_true", help="score the most common answer per task (chance)")
     p.add_argument("--blind-predictions", help="JSONL of the blind baseline's predictions")
@@ -597,9 +760,9 @@ def cli(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(list(argv) if argv is not None else None)
 
-    from radfm3d.evaluation.report import write_report
-
-    records = read_records(args.manifest)
+    out = prepare_output_dir(args.out)
+    failures: list[dict[str, Any]] = []
+    records = read_records(args.manifest, failures=failures)
     if args.limit:
         records = records[: args.limit]
     train = read_records(args.train_manifest) if args.train_manifest else None
@@ -612,15 +775,19 @@ def cli(argv: Iterable[str] | None = None) -> int:
     common = dict(train_records=train, embeddings=not args.no_embeddings, n_resamples=args.n_resamples,
                   seed=args.seed)
     if args.model:
-        from radfm3d import RadFM3DForCausalLM, RadFM3DProcessor
+        from radfm3d.modeling.model import RadFM3DForCausalLM
+        from radfm3d.processing import RadFM3DProcessor
 
+        _check_resume(out, {"model": str(Path(args.model).resolve()), "max_new_tokens": args.max_new_tokens,
+                            "likelihood": True})
         model = RadFM3DForCausalLM.from_pretrained(args.model).to(args.device)
         processor = RadFM3DProcessor.from_pretrained(args.model)
         recipe = recipe or getattr(processor, "recipe", None)
-        kw = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        preds = generate_predictions(model, processor, records, desc="model", **kw)
-        if blind is None and not args.no_blind:
-            blind = generate_predictions(model, processor, records, blank_images=True, desc="blind", **kw)
+        preds, generated_blind, generation_failures = run_model(
+            model, processor, records, out_dir=out, blind=blind is None and not args.no_blind,
+            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        failures += generation_failures
+        blind = blind if blind is not None else generated_blind
         name = Path(args.model).name
     elif args.predictions:
         preds, name = read_predictions(args.predictions), Path(args.predictions).stem
@@ -628,13 +795,27 @@ def cli(argv: Iterable[str] | None = None) -> int:
         preds, name = oracle_predictions(records), "oracle"
     else:
         preds, name = constant_predictions(records, train), "constant"
-    results = evaluate_predictions(records, preds, blind, recipe=recipe, name=name, **common)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_predictions(preds, out / "predictions.jsonl")
-    if blind is not None:
-        write_predictions(blind, out / "blind_predictions.jsonl")
-    paths = write_report(results, out, records=records, predictions=preds, recipe=recipe, n_cases=args.cases)
+    scored = _without_failed(records, failures)
+    results = evaluate_predictions(scored, preds, blind, recipe=recipe, name=name, **common)
+    _add_failures(results, failures)
+    if not args.model:  # with --model they were written as they were made
+        if (out / "run.json").is_file():  # these predictions are not a model run's any more
+            (out / "run.json").unlink()
+        write_predictions(preds, out / "predictions.jsonl")
+        if blind is not None:
+            write_predictions(blind, out / "blind_predictions.jsonl")
+    if failures:
+        atomic_write_json(out / "failures.json", failures)
+    elif (out / "failures.json").is_file():  # an earlier run's: those records have predictions now
+        (out / "failures.json").unlink()
+    paths = write_report(results, out, records=scored, predictions=preds, n_cases=args.cases)
     print("\n".join(results["summary"]))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if failures:
+        n_all = len(records) + sum(f["run"] == "manifest" for f in failures)
+        print(f"{len({f['id'] for f in failures})} of {n_all} record(s) could not be used and were not scored "
+              f"(listed in {out / 'failures.json'}):")
+        for f in failures:
+            print(f"  {f['id']} [{f['run']}]: {f['problem']}")
+        return 1
     return 0

@@ -1,17 +1,21 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
 """Evaluation outputs: `results.json` (all figures), `report.md` (one table per task family) and PNG figures
 (`task_bars.png`: headline figure per family, model vs blind with 95% intervals and chance;
-`grounding_cases.png`: predicted and true boxes on the axial and coronal slice through the true box centre).
+`grounding_cases.png`: predicted and true boxes on the axial, coronal and sagittal planes of the original scan
+through the true box centre, :mod:`radfm3d.evaluation.figures`). Every file is written atomically.
+
+This module imports nothing from the harness (the harness imports it).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from radfm3d.utils import atomic_savefig, atomic_write_json, atomic_write_text
 
 HEADLINE = {"closed": ("accuracy",), "text": ("finding_f1", "rouge_l"), "grounding": ("hit@0.5", "iou")}
 _MM_FIGURES = ("centre_error_mm",)
@@ -42,6 +46,12 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     missing = {k: v for k, v in meta.get("missing_predictions", {}).items() if v}
     if missing:
         lines += [f"**Missing predictions** (scored as empty answers): {missing}", ""]
+    failures = results.get("failures") or []
+    if failures:
+        lines += [f"## Failed records ({meta.get('failed_records', len(failures))}, not scored)", "",
+                  "| id | run | problem |", "|---|---|---|"]
+        lines += [f"| {f['id']} | {f.get('run', '')} | {str(f['problem']).replace('|', '/')} |" for f in failures]
+        lines.append("")
     if results.get("summary"):
         lines += ["## Chance check", ""] + [f"- {s}" for s in results["summary"]] + [""]
     for family, fam in results["families"].items():
@@ -104,73 +114,75 @@ def plot_task_bars(results: Mapping[str, Any], path: str | os.PathLike) -> Path 
     ax.legend(fontsize=8)
     ax.set_title(f"{results['meta']['name']}: headline figure per task family")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_grounding_cases(
     cases: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]], path: str | os.PathLike,
-    recipe: Any = None, n_cases: int = 4,
+    n_cases: int = 4,
 ) -> Path | None:
-    """Axial and coronal slices (model grid, first channel) through each true box centre, true box green,
-    predicted box red; returns None when no case has both a true box and an image."""
+    """Per case, the axial, coronal and sagittal planes of the original scan (first image, channel 0) through the
+    true box centre, cut in world RAS mm and shown in the radiological convention with R/L, A/P, S/I markers
+    (:func:`radfm3d.evaluation.figures.draw_slice_plane`); true box green, predicted box red. Cases whose scan
+    cannot be read are skipped. Returns None when no case has both a true box and a readable image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
+    from radfm3d.evaluation.figures import anatomical_slices, draw_slice_plane
     from radfm3d.io import load_image
-    from radfm3d.transforms import GridGeometry, PreprocessingRecipe, preprocess
+
+    from radfm3d.errors import RadFM3DInputError
 
     by_id = {str(r["id"]): r for r in records}
-    chosen = [c for c in cases if c.get("true_boxes_world_mm") and by_id.get(str(c["id"]), {}).get("images")]
-    chosen = chosen[:n_cases]
+    chosen = []
+    for case in cases:
+        if len(chosen) == n_cases:
+            break
+        images = by_id.get(str(case["id"]), {}).get("images")
+        if not case.get("true_boxes_world_mm") or not images:
+            continue
+        try:  # a case whose scan cannot be read is left out; the others are drawn
+            chosen.append((case, load_image(images[0])))
+        except (RadFM3DInputError, OSError):
+            continue
     if not chosen:
         return None
-    fig, axes = plt.subplots(len(chosen), 2, figsize=(7, 3.3 * len(chosen)), squeeze=False)
-    for row, case in zip(axes, chosen):
-        rec = by_id[str(case["id"])]
-        image = preprocess(load_image(rec["images"][0]), recipe or PreprocessingRecipe())
-        geom = GridGeometry.from_dict(image.meta["grid_geometry"])
-        vol = np.asarray(image[0])  # (H, W, D) grid voxels, RAS order
-        true = geom.box_world_to_grid(case["true_boxes_world_mm"][0])
-        preds = [geom.box_world_to_grid(b) for b in case.get("pred_boxes_world_mm") or []][:1]
-        centre = np.clip(np.round((true[:3] + true[3:]) / 2).astype(int), 0, np.array(vol.shape) - 1)
-        # axial: plane (i, j) at k; coronal: plane (i, k) at j
-        for ax, (sl, (a0, a1), title) in zip(row, (
-            (vol[:, :, centre[2]], (0, 1), f"axial k={centre[2]}"),
-            (vol[:, centre[1], :], (0, 2), f"coronal j={centre[1]}"),
-        )):
-            ax.imshow(sl.T, cmap="gray", origin="lower", interpolation="nearest")
-            for box, color in [(true, "lime")] + [(p, "red") for p in preds]:
-                ax.add_patch(Rectangle((box[a0] - 0.5, box[a1] - 0.5), box[a0 + 3] - box[a0], box[a1 + 3] - box[a1],
-                                       fill=False, edgecolor=color, linewidth=1.5))
-            ax.set_title(f"{case['id']} {title}  IoU={case.get('iou', 0):.2f}", fontsize=8)
-            ax.set_axis_off()
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(10.5, 3.5 * len(chosen)), squeeze=False)
+    for row, (case, image) in zip(axes, chosen):
+        vol = np.asarray(image[0], dtype=np.float32)
+        true = np.asarray(case["true_boxes_world_mm"][0], dtype=np.float64)
+        preds = [np.asarray(b, dtype=np.float64) for b in case.get("pred_boxes_world_mm") or []][:1]
+        lo, hi = np.percentile(vol, [1, 99])
+        planes = anatomical_slices(vol, np.asarray(image.affine, dtype=np.float64), (true[:3] + true[3:]) / 2)
+        for ax, plane in zip(row, planes):
+            draw_slice_plane(ax, plane, [true, *preds], colors=["lime"] + ["red"] * len(preds), vmin=lo, vmax=hi,
+                             title=f"{case['id']} {plane.name}  IoU={case.get('iou', 0):.2f}")
     fig.suptitle("grounding: true box (green), predicted box (red)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_savefig(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def write_report(
     results: Mapping[str, Any], out_dir: str | os.PathLike, *, records: Sequence[Mapping[str, Any]] | None = None,
-    predictions: Mapping[str, Any] | None = None, recipe: Any = None, n_cases: int = 4,
+    predictions: Mapping[str, Any] | None = None, n_cases: int = 4,
 ) -> dict[str, Path]:
-    """Write results.json, report.md, task_bars.png and (when images load) grounding_cases.png -> their paths."""
-    from radfm3d.evaluation.harness import _json_default
+    """Write results.json, report.md, task_bars.png and (when images load) grounding_cases.png -> their paths.
 
+    ``predictions`` is not needed (the cases in ``results`` carry them) and is accepted for callers that pass it.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     data = {k: v for k, v in results.items() if k not in ("predictions", "blind_predictions")}
-    paths["json"] = out / "results.json"
-    paths["json"].write_text(json.dumps(data, indent=1, default=_json_default), encoding="utf-8")
+    paths["json"] = atomic_write_json(out / "results.json", data)
     paths["markdown"] = out / "report.md"
     md = markdown_report(results)
     bars = plot_task_bars(results, out / "task_bars.png")
@@ -180,12 +192,12 @@ def write_report(
     cases = results.get("cases", {}).get("grounding") or []
     if records is not None and cases:
         try:
-            drawn = plot_grounding_cases(cases, records, out / "grounding_cases.png", recipe=recipe, n_cases=n_cases)
+            drawn = plot_grounding_cases(cases, records, out / "grounding_cases.png", n_cases=n_cases)
         except Exception as err:  # drawing is a courtesy; a broken image must not lose the figures
             md += f"\n(grounding cases not drawn: {type(err).__name__}: {err})\n"
             drawn = None
         if drawn is not None:
             paths["grounding_cases"] = drawn
             md += "\n![grounding cases](grounding_cases.png)\n"
-    paths["markdown"].write_text(md, encoding="utf-8")
+    atomic_write_text(paths["markdown"], md)
     return paths

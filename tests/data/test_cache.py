@@ -77,3 +77,42 @@ def test_warm_after_torch_ran_multithreaded_does_not_hang(tmp_path: Path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "warmed 4" in done.stdout
+
+
+def test_dicom_folder_key_covers_every_file(tmp_path: Path):
+    """Replacing a slice that is not the newest file (same size, older time), adding or removing one changes the key."""
+    from monai.data import MetaTensor
+
+    from radfm3d.io import save_dicom_series
+
+    arr = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
+    paths = save_dicom_series(MetaTensor(torch.from_numpy(arr)[None], affine=torch.eye(4, dtype=torch.float64)),
+                              tmp_path / "series")
+    base = time.time() - 1000
+    for i, p in enumerate(paths):
+        os.utime(p, ns=(int((base + i) * 1e9),) * 2)  # slice_0003 is the newest
+    cache = PreprocessedImageCache(tmp_path / "cache", PreprocessingRecipe(spatial_size=(8, 8, 4)))
+    first = cache.entry_path(tmp_path / "series")
+    assert cache.entry_path(tmp_path / "series") == first  # stable
+    oldest = paths[0]
+    blob = bytearray(oldest.read_bytes())
+    blob[-1] ^= 0xFF  # one voxel changed, same size
+    oldest.write_bytes(bytes(blob))
+    os.utime(oldest, ns=(int((base - 5) * 1e9),) * 2)  # still older than every other slice
+    changed = cache.entry_path(tmp_path / "series")
+    assert changed != first
+    (tmp_path / "series" / "extra.dcm").write_bytes(paths[1].read_bytes())
+    assert cache.entry_path(tmp_path / "series") not in (first, changed)
+
+
+def test_detached_header_key_covers_its_data_file(tmp_path: Path):
+    raw = tmp_path / "v.raw"
+    raw.write_bytes(np.zeros(4 * 3 * 2, "<i2").tobytes())
+    header = tmp_path / "v.mhd"
+    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 3 2\nElementSpacing = 1 1 1\n"
+                      "ElementType = MET_SHORT\nElementDataFile = v.raw\n")
+    cache = PreprocessedImageCache(tmp_path / "cache", PreprocessingRecipe(spatial_size=(4, 4, 2)))
+    first = cache.entry_path(header)
+    raw.write_bytes(np.ones(4 * 3 * 2, "<i2").tobytes())
+    os.utime(raw, ns=(1_000_000_000, 1_000_000_000))
+    assert cache.entry_path(header) != first  # the header file itself did not change

@@ -58,3 +58,102 @@ def test_boxes_in_text_and_png(tmp_path: Path):
     volume = np.random.default_rng(0).normal(size=(1, 20, 20, 10)).astype(np.float32)
     png = draw_boxes_png(volume, [boxes[0]["box_voxel"], [2, 2, 2, 5, 5, 5]], tmp_path / "x.png", title="t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_output_names_are_unique_within_a_run():
+    from radfm3d.inference import output_names
+
+    assert output_names(["d/a.nii.gz", "d/b.nrrd", "d/series"]) == ["a", "b", "series"]
+    assert output_names(["d/ct.nii.gz", "d/ct.nrrd", "d/mr.mha"]) == ["ct.nii.gz", "ct.nrrd", "mr"]
+    assert output_names(["x/scan.nii", "y/scan.nii"]) == ["x_scan.nii", "y_scan.nii"]
+    assert output_names(["d/CT.nii", "d/ct.NRRD"]) == ["CT.nii", "ct.NRRD"]  # case-insensitive file systems
+    assert output_names(["d/a.nii", "d/a.nii"]) == ["d_a.nii_1", "d_a.nii_2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny-preset model folder (random weights) with its processor."""
+    import torch
+
+    from radfm3d.modeling.configuration import RadFM3DConfig
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+    from radfm3d.processing import RadFM3DProcessor
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny")).save_pretrained(out)
+    RadFM3DProcessor.from_model_config("tiny").save_pretrained(out)
+    return out
+
+
+def _scan_folder(folder: Path) -> Path:
+    """A corrupt .nii.gz first, then ct.nii.gz and ct.nrrd (one volume, two formats, one stem)."""
+    import nibabel as nib
+    import nrrd
+
+    folder.mkdir(parents=True)
+    (folder / "a_corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08 this is not a gzip stream")
+    vol = np.random.default_rng(0).normal(size=(16, 16, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 4.0, 1.0])), str(folder / "ct.nii.gz"))
+    nrrd.write(str(folder / "ct.nrrd"), vol, {"space": "left-posterior-superior",
+                                               "space directions": np.diag([2.0, 2.0, 4.0]).tolist(),
+                                               "space origin": [0.0, 0.0, 0.0]})
+    return folder
+
+
+def test_a_bad_scan_costs_only_itself(tiny_model_dir: Path, tmp_path: Path, capsys):
+    """Corrupt first, good second and third: every good scan is written (two results for ct.nii.gz + ct.nrrd),
+    the failure is recorded and printed, and the run raises only at the end."""
+    import json
+
+    from radfm3d.errors import RadFM3DInputError
+    from radfm3d.inference import run_inference
+
+    scans, out = _scan_folder(tmp_path / "scans"), tmp_path / "out"
+    with pytest.raises(RadFM3DInputError, match="1 of 3 scan"):
+        run_inference(tiny_model_dir, out, dataset_dir=scans, prompts=["modality"], max_new_tokens=2)
+    assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz.json", "ct.nrrd.json", "failures.json"]
+    results = {p.name: json.loads(p.read_text()) for p in out.glob("ct.*.json")}
+    assert {Path(r["scan"]).name for r in results.values()} == {"ct.nii.gz", "ct.nrrd"}
+    assert all(len(r["answers"]) == 1 for r in results.values())
+    failures = json.loads((out / "failures.json").read_text())
+    assert [Path(f["scan"]).name for f in failures] == ["a_corrupt.nii.gz"]
+    assert "NIfTI" in failures[0]["problem"] or "corrupt" in failures[0]["problem"]
+    printed = capsys.readouterr().out
+    assert "3 scan(s), 2 result(s) written" in printed and "a_corrupt.nii.gz" in printed
+
+    # a clean rerun on the good scans only: no failure, no stale failures.json
+    run_inference(tiny_model_dir, out, scans=[str(scans / "ct.nrrd")], prompts=["modality"], max_new_tokens=2)
+    assert not (out / "failures.json").exists() and (out / "ct.json").is_file()
+
+
+@pytest.mark.slow
+def test_bundle_run_exits_non_zero_after_writing_the_good_scans(tiny_model_dir: Path, tmp_path: Path):
+    """`python -m monai.bundle run` with the bundle's inference.json on the same folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bundle = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_demo"
+    scans, out = _scan_folder(tmp_path / "scans"), tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+           "--bundle_root", str(bundle), "--model_dir", str(tiny_model_dir), "--dataset_dir", str(scans),
+           "--output_dir", str(out), "--max_new_tokens", "2", "--prompt", "modality"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["ct.nii.gz.json", "ct.nrrd.json", "failures.json"]
+    assert "1 of 3 scan(s) failed" in proc.stdout + proc.stderr
+    assert json.loads((out / "ct.nrrd.json").read_text())["answers"][0]["prompt"].startswith("<image>")
+
+
+def test_unusable_output_dir_is_refused_before_any_scan_is_read(tiny_model_dir: Path, tmp_path: Path):
+    from radfm3d.inference import run_inference
+
+    taken = tmp_path / "outputs"
+    taken.write_text("a file, not a folder")
+    with pytest.raises(ValueError, match="outputs: output_dir is an existing file"):
+        run_inference(tiny_model_dir, taken, dataset_dir=_scan_folder(tmp_path / "scans"), prompts=["modality"],
+                      max_new_tokens=2)
+    assert taken.read_text() == "a file, not a folder"

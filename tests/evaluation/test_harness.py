@@ -208,3 +208,155 @@ def test_finding_f1_is_not_reported_when_references_name_no_findings():
                                    n_resamples=50)
     figures = results["families"]["open_location"]["figures"]
     assert "bleu4" in figures and "finding_f1" not in figures
+
+
+# ------------------------------------------------------------------------------------ evaluate --model in batches
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny-preset model folder (random weights) with its processor."""
+    import torch
+
+    from radfm3d.modeling.configuration import RadFM3DConfig
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+    from radfm3d.processing import RadFM3DProcessor
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny")).save_pretrained(out)
+    RadFM3DProcessor.from_model_config("tiny").save_pretrained(out)
+    return out
+
+
+def _batch_manifest(folder: Path) -> Path:
+    """5 good records on one scan, plus one whose image is missing, one whose image is corrupt and one whose prompt
+    names two images for its one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_scan(folder / "scan.nii.gz")
+    (folder / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08 not gzip")
+    records = [{"id": f"m{i}", "task": "modality", "images": ["scan.nii.gz"], "prompt": "<image> CT or MRI?",
+                "answer": "CT.", "choices": ["CT.", "MRI."]} for i in range(5)]
+    records.insert(1, {"id": "missing", "task": "modality", "images": ["gone.nii.gz"], "prompt": "<image> CT?",
+                       "answer": "CT."})
+    records.insert(4, {"id": "corrupt", "task": "modality", "images": ["corrupt.nii.gz"],
+                       "prompt": "<image> CT?", "answer": "CT."})
+    records.append({"id": "two-images", "task": "modality", "images": ["scan.nii.gz"],
+                    "prompt": "<image> <image> Compare.", "answer": "CT."})
+    manifest = folder / "test.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return manifest
+
+
+@pytest.fixture
+def generated_ids(monkeypatch) -> list[int]:
+    """The batch sizes of every model.generate call (the real generate still runs)."""
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+
+    calls: list[int] = []
+    real = RadFM3DForCausalLM.generate
+
+    def counting(self, *args, **kwargs):
+        calls.append(int(kwargs["input_ids"].shape[0]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RadFM3DForCausalLM, "generate", counting)
+    return calls
+
+
+def test_evaluate_model_writes_as_it_goes_reports_bad_records_and_resumes(tiny_model_dir, tmp_path, generated_ids,
+                                                                           capsys):
+    manifest, out = _batch_manifest(tmp_path / "data"), tmp_path / "eval"
+    args = ["--manifest", str(manifest), "--model", str(tiny_model_dir), "--out", str(out), "--no-blind",
+            "--no-embeddings", "--n-resamples", "20", "--max-new-tokens", "2", "--batch-size", "2"]
+    assert cli(args) == 1  # some records failed: non-zero, after everything else was written
+    good = [f"m{i}" for i in range(5)]
+    preds = read_predictions(out / "predictions.jsonl")
+    assert sorted(preds) == good
+    assert sum(generated_ids) == 5  # each good record generated once, the bad ones never reached the model
+    failures = json.loads((out / "failures.json").read_text())
+    assert sorted(f["id"] for f in failures) == ["corrupt", "missing", "two-images"]
+    assert "line 8" in next(f["problem"] for f in failures if f["id"] == "two-images")
+    assert "gone.nii.gz" in next(f["problem"] for f in failures if f["id"] == "missing")
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["n_records"] == 5 and results["meta"]["failed_records"] == 3
+    assert "## Failed records (3, not scored)" in (out / "report.md").read_text()
+    assert "3 of 8 record(s) could not be used" in capsys.readouterr().out
+
+    # rerun: nothing is generated again
+    generated_ids.clear()
+    assert cli(args) == 1
+    assert generated_ids == [] and read_predictions(out / "predictions.jsonl") == preds
+
+    # a run killed while writing: the last record and a torn line are lost; the rerun generates that record only
+    lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:-1]) + lines[-1][:15])
+    assert cli(args) == 1
+    assert sum(generated_ids) == 1
+    assert read_predictions(out / "predictions.jsonl") == preds
+
+    # the same folder with other generation settings is refused, not mixed
+    with pytest.raises(ValueError, match="other settings.*max_new_tokens"):
+        cli([*args[:-4], "--max-new-tokens", "3", "--batch-size", "2"])
+    # and so are predictions that a scoring run (--oracle) wrote there
+    assert cli([*args[:2], "--oracle", *args[4:]]) == 1
+    assert not (out / "run.json").exists()
+    with pytest.raises(ValueError, match="predictions.jsonl.*no --model run"):
+        cli(args)
+
+
+def test_unusable_out_is_refused_before_any_work(tmp_path):
+    """An --out that is a file (or cannot be written) fails first: the model and manifest are not even read."""
+    import os
+
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    missing_model, missing_manifest = tmp_path / "no-model", tmp_path / "no-manifest.jsonl"
+    with pytest.raises(ValueError, match="results.txt.*existing file"):
+        cli(["--manifest", str(missing_manifest), "--model", str(missing_model), "--out", str(existing)])
+    assert existing.read_text() == "keep me"
+    if os.geteuid() == 0:
+        return  # root writes anywhere: the permission case cannot be staged
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match="locked.*cannot be written"):
+            cli(["--manifest", str(missing_manifest), "--model", str(missing_model), "--out", str(locked / "x")])
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_grounding_record_with_an_unreadable_scan_is_a_noted_miss(tmp_path):
+    """Scoring <box> text needs the record's scan; a corrupt one costs that case (noted), not the evaluation or the
+    figure of the other cases."""
+    from radfm3d.evaluation.report import write_report
+
+    _write_scan(tmp_path / "scan.nii.gz")
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08 not gzip")
+    records = [r for r in synthetic_records(n=8, image=str(tmp_path / "scan.nii.gz")) if r["task"] == "grounding"]
+    records[0] = {**records[0], "images": [str(tmp_path / "corrupt.nii.gz")]}
+    res = evaluate_predictions(records, oracle_predictions(records, world_boxes=False), embeddings=False,
+                               n_resamples=20)
+    cases = {c["id"]: c for c in res["cases"]["grounding"]}
+    assert cases[records[0]["id"]]["pred_boxes_world_mm"] == [] and cases[records[0]["id"]]["iou"] == 0.0
+    assert all(len(cases[r["id"]]["pred_boxes_world_mm"]) == 1 for r in records[1:])  # placed on their scan
+    assert any("corrupt.nii.gz" in n and "scored as no box" in n for n in res["families"]["grounding"]["notes"])
+    paths = write_report(res, tmp_path / "out", records=records)
+    assert paths["grounding_cases"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_model_api_runs_the_blind_baseline_on_the_good_records_only(tiny_model_dir, tmp_path,
+                                                                              generated_ids):
+    from radfm3d.evaluation.harness import evaluate_model
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+    from radfm3d.processing import RadFM3DProcessor
+
+    manifest, out = _batch_manifest(tmp_path / "data"), tmp_path / "eval"
+    model, processor = RadFM3DForCausalLM.from_pretrained(tiny_model_dir), RadFM3DProcessor.from_pretrained(
+        tiny_model_dir)
+    res = evaluate_model(model, processor, manifest, batch_size=3, max_new_tokens=2, likelihood=False,
+                         progress=False, embeddings=False, out_dir=out)
+    assert sum(generated_ids) == 10  # 5 good records, model and blind
+    assert sorted(read_predictions(out / "blind_predictions.jsonl")) == [f"m{i}" for i in range(5)]
+    assert sorted({f["id"] for f in res["failures"]}) == ["corrupt", "missing", "two-images"]
+    assert res["meta"]["runs"] == ["blind", "model"] and res["meta"]["missing_predictions"] == {"model": 0,
+                                                                                                "blind": 0}
