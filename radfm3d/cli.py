@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "findings-prompt": ("radfm3d.engine.pretraining:cli", "attach the findings prompt (encoder reading as text) to a model"),
     "refit-boxes": ("radfm3d.engine.box_refit:cli", "re-fit the findings-prompt head's finding boxes (box snapping) on more cases"),
     "convert-radfm": ("radfm3d.interop.radfm:cli", "convert the official RadFM pytorch_model.bin to sharded safetensors"),
+    "serve": ("radfm3d.serve.app:cli", "serve a model over an OpenAI-compatible HTTP API (scans in, boxes in RAS mm out)"),
 }
 
 
