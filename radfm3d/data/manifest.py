@@ -18,6 +18,8 @@ Rules (checked by :func:`validate_record` / :func:`validate_manifest`):
 - ``choices`` (closed questions): non-empty list of distinct strings that contains ``answer``.
 - ``task``, ``modality``, ``region`` (optional): strings.
 - ``ground_truth`` (optional): JSON object (structured findings, boxes in world RAS mm).
+- ``image_series`` / ``image_meta`` (optional): per-image series choice and corrections, one entry per image
+  (:mod:`radfm3d.data.image_meta`).
 - any other keys are kept untouched.
 """
 
@@ -130,6 +132,10 @@ def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
             full = Path(p) if os.path.isabs(p) else base / p
             if not full.exists():
                 problems.append(f"image {p!r} does not exist (looked for {full})")
+    if isinstance(record, Mapping) and images_ok:
+        from radfm3d.data.image_meta import check_image_fields
+
+        problems += check_image_fields(record)
     return problems
 
 
