@@ -9,7 +9,8 @@ from __future__ import annotations
 import runpy
 import sys
 
-BENCHMARKS = ("benchmarks.bench_preprocessing", "benchmarks.bench_model", "benchmarks.bench_box_snapping")
+BENCHMARKS = ("benchmarks.bench_preprocessing", "benchmarks.bench_model", "benchmarks.bench_box_snapping",
+              "benchmarks.bench_serve")
 
 if __name__ == "__main__":
     for name in BENCHMARKS:

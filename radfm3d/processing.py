@@ -33,6 +33,7 @@ import torch
 from transformers import BatchFeature
 
 from radfm3d.errors import RadFM3DInputError
+from radfm3d.text.checks import check_context_length, check_text
 from radfm3d.text.prompts import IMAGE_PLACEHOLDER, format_chat, split_task
 from radfm3d.transforms import PreprocessingRecipe
 
@@ -44,6 +45,8 @@ __all__ = [
     "PROCESSOR_CONFIG_NAME",
     "IGNORE_INDEX",
     "build_char_tokenizer",
+    "check_text",
+    "check_context_length",
 ]
 
 IMAGE_START_TOKEN = "<|image_start|>"
@@ -105,6 +108,17 @@ def _load_base_tokenizer(name_or_path: str | os.PathLike) -> Any:
                 raise RadFM3DInputError(name_or_path, "the base LLM has no tokenizer")
             return tokenizer
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file, or ``RadFM3DInputError`` naming it (not UTF-8, invalid, nested too deeply, not an object)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise RadFM3DInputError(path, f"unreadable JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise RadFM3DInputError(path, f"expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _is_single_image(obj: Any) -> bool:
@@ -214,7 +228,7 @@ class RadFM3DProcessor:
     def _prepare_text(self, text: str, n_images: int, index: int, chat: bool | None) -> str:
         """Check reserved tokens and placeholder count (prepending placeholders when none are written), then
         apply the chat format when asked."""
-        text = str(text)
+        text = check_text(text, f"text[{index}]")
         for token in self._reserved:
             if token in text:
                 raise RadFM3DInputError(f"text[{index}]", f"contains the reserved token {token!r}; write "
@@ -355,6 +369,8 @@ class RadFM3DProcessor:
         images_are_preprocessed: bool = False,
         chat: bool | None = None,
         add_special_tokens: bool = True,
+        context_length: int | None = None,
+        max_new_tokens: int = 0,
     ) -> BatchFeature:
         """Texts (+ images) -> ``BatchFeature``.
 
@@ -364,6 +380,10 @@ class RadFM3DProcessor:
         tokens; a text without ``<image>`` but with images gets one placeholder per image in front (after a
         leading task marker). ``padding``: True/"longest", "max_length" or False; ``padding_side`` "left"
         (default: batched generation) or "right". ``chat``: override ``use_chat_template`` for this call.
+        ``context_length``: the LLM's context (e.g. ``model.config.text_config.max_position_embeddings``); a prompt
+        whose tokens after image expansion (after truncation, if asked) plus ``max_new_tokens`` exceed it is refused
+        with the numbers (:func:`check_context_length`) before any image is read. ``bytes`` prompts and prompts
+        holding lone surrogates are refused (:func:`check_text`).
 
         Returns ``input_ids (B, L)`` long, ``attention_mask (B, L)`` long (0 on pads), and when any image is given
         ``pixel_values (B, S, C, H, W, D)`` float32 and ``image_mask (B, S)`` bool; always ``grid_geometry``
@@ -371,8 +391,12 @@ class RadFM3DProcessor:
         """
         if text is None:
             raise RadFM3DInputError("text", "give a prompt (or a list of prompts); write <image> where images go")
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            check_text(text, "text")
         single = isinstance(text, str)
-        texts = [text] if single else [str(t) for t in text]
+        if not single and (isinstance(text, Mapping) or not hasattr(text, "__iter__")):
+            raise RadFM3DInputError("text", f"give a string or a list of strings, got {type(text).__name__}")
+        texts = [text] if single else [check_text(t, f"text[{i}]") for i, t in enumerate(text)]
         if not texts:
             raise RadFM3DInputError("text", "empty batch")
         per_sample = self._normalise_images(images, len(texts), single)
@@ -382,6 +406,9 @@ class RadFM3DProcessor:
             if max_length is None:
                 raise ValueError("truncation=True needs max_length")
             encoded = [self._truncate(ids, int(max_length), i) for i, ids in enumerate(encoded)]
+        if context_length is not None:
+            check_context_length(encoded, context_length, max_new_tokens=max_new_tokens, source="text",
+                                 image_token_ids=list(self.image_token_ids.values()))
         input_ids, attention_mask = self._pad(encoded, padding, padding_side or "left", max_length,
                                               return_tensors is not None)
         tensors, geometries = self._load_images(per_sample, images_are_preprocessed)
@@ -454,7 +481,7 @@ class RadFM3DProcessor:
             raise ValueError("the tokenizer has no EOS token: training needs one to end answers")
         per_sample = self._normalise_images(images, 1, single=True)
         prompt_ids, prepared = self._encode_prompt(prompt, len(per_sample[0]), 0, chat)
-        answer = str(answer)
+        answer = check_text(answer, "answer")
         for token in self._reserved + (self.image_placeholder,):
             if token in answer:
                 raise RadFM3DInputError("answer", f"contains {token!r}; answers are plain text")
@@ -541,12 +568,29 @@ class RadFM3DProcessor:
                 **self.image_token_ids}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the tokenizer files, ``preprocessing.json`` and ``processor_config.json`` into a folder."""
+        """Write the tokenizer files, ``preprocessing.json`` and ``processor_config.json`` into a folder.
+
+        Every file is written atomically: all of them go to a temporary folder inside ``save_directory`` first and
+        are then moved into place one by one with ``os.replace`` (``processor_config.json`` last), so a kill leaves
+        each file either old or new, never half written."""
+        import shutil
+        import tempfile
+
+        from radfm3d.utils import atomic_write
+
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(str(out))
-        self.recipe.save(out)
-        (out / PROCESSOR_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        staging = Path(tempfile.mkdtemp(prefix=".processor-", dir=out))
+        try:
+            self.tokenizer.save_pretrained(str(staging))
+            self.recipe.save(staging)
+            for item in sorted(staging.iterdir()):
+                if item.is_file():
+                    os.replace(item, out / item.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write(out / PROCESSOR_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return out
 
     @classmethod
@@ -559,9 +603,12 @@ class RadFM3DProcessor:
         if not config_file.is_file():
             return cls.from_model_config(name_or_path, **overrides)
         try:
-            data = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise RadFM3DInputError(config_file, f"unreadable processor config ({err})") from err
+            data = _read_json_object(config_file)
+        except RadFM3DInputError as err:
+            raise RadFM3DInputError(config_file, f"unreadable processor config ({err.problem})") from None
+        if "tokenizer" in data and data["tokenizer"] is None:
+            raise RadFM3DInputError(path, "this folder has no tokenizer (a RadFM conversion without --tokenizer); "
+                                    "convert again with --tokenizer /path/to/RadFM/Quick_demo/Language_files")
         if data.get("format") != _FORMAT:
             raise RadFM3DInputError(config_file, f"not a radfm3d processor config (format {data.get('format')!r})")
         from transformers import AutoTokenizer, PretrainedConfig
@@ -607,7 +654,7 @@ class RadFM3DProcessor:
             preset_file = PRESET_DIR / f"{name_or_path}.json"
             path = Path(name_or_path)
             source = preset_file if preset_file.is_file() else path if path.is_file() else path / "config.json"
-            preset_data = json.loads(source.read_text()) if source.is_file() else {}
+            preset_data = _read_json_object(source) if source.is_file() else {}
             if recipe is None and (path / "preprocessing.json").is_file():
                 recipe = PreprocessingRecipe.load(path)
         if recipe is None:

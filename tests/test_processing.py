@@ -263,3 +263,81 @@ def test_smollm2_tokenizer_from_base_llm():
     ex = processor.build_training_example("<image> Is there a nodule?", "Yes.", _volume())
     assert processor.decode(ex["input_ids"][ex["labels"] != IGNORE_INDEX]) == "Yes."
     assert ex["labels"][-1] == processor.tokenizer.eos_token_id
+
+
+# ------------------------------------------------------------------------------------------------ bad text
+@pytest.mark.parametrize("bad", [b"Is there a nodule?", bytearray(b"<image> Q?")])
+def test_bytes_prompts_are_refused(processor, bad):
+    with pytest.raises(RadFM3DInputError, match="decode it first"):
+        processor(bad)
+    with pytest.raises(RadFM3DInputError, match=r"text\[1\].*decode it first"):
+        processor(["fine", bad])
+    with pytest.raises(RadFM3DInputError, match="decode it first"):
+        processor.build_training_example(bad, "A")
+
+
+def test_lone_surrogates_and_non_strings_are_refused(processor):
+    with pytest.raises(RadFM3DInputError, match=r"text\[0\].*surrogate '\\udcff' at character 3"):
+        processor("abc\udcffdef")
+    with pytest.raises(RadFM3DInputError, match="answer.*surrogate"):
+        processor.build_training_example("Q?", "bad \ud800 answer")
+    with pytest.raises(RadFM3DInputError, match=r"text\[1\].*must be a string, got NoneType"):
+        processor(["ok", None])
+    with pytest.raises(RadFM3DInputError, match="list of strings, got int"):
+        processor(42)
+    assert processor("ünïcode ✓")["input_ids"].shape[0] == 1  # valid non-ASCII text still works
+
+
+def test_prompts_longer_than_the_context_are_refused_with_the_numbers(processor):
+    from radfm3d.processing import check_context_length
+
+    enc = processor("<image> Q?", images=[_volume()], return_tensors=None)
+    n = len(enc["input_ids"][0])  # BOS + image block (N + 2) + " Q?"
+    assert n == 1 + N + 2 + 3
+    ok = processor("<image> Q?", images=[_volume()], context_length=n + 2, max_new_tokens=2)
+    assert ok["input_ids"].shape == (1, n)
+    with pytest.raises(RadFM3DInputError, match=rf"text\[0\]: {n} prompt tokens \({N + 2} of them image tokens\) "
+                       rf"\+ max_new_tokens=3 = {n + 3} exceed the LLM's context of {n + 2} tokens; at most 2 new"):
+        processor("<image> Q?", images=[_volume()], context_length=n + 2, max_new_tokens=3)
+    # refused before any image is read: a missing file is never opened
+    with pytest.raises(RadFM3DInputError, match="exceed the LLM's context"):
+        processor("<image> Q?", images=["/no/such/scan.nii.gz"], context_length=4)
+    # model.generate's form: padded (B, L) tensors, only attention-mask 1s count
+    ids = torch.tensor([[0, 0, 5, 6], [5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    check_context_length(ids[:1], 4, attention_mask=mask[:1], max_new_tokens=2)
+    with pytest.raises(RadFM3DInputError, match=r"prompt\[1\]: 4 prompt tokens \+ max_new_tokens=1 = 5 exceed"):
+        check_context_length(ids, 4, attention_mask=mask, max_new_tokens=1)
+    with pytest.raises(RadFM3DInputError, match="max_new_tokens.*>= 0"):
+        check_context_length(ids, 4, max_new_tokens=-1)
+
+
+def test_save_pretrained_is_atomic_and_leaves_no_temporaries(processor, tmp_path, monkeypatch):
+    processor.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) >= {"preprocessing.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
+
+    def killed(*args, **kwargs):  # the tokenizer write dies half way (disk full, kill): nothing in place changes
+        (tmp_path / ".half").write_text("x")
+        raise OSError("No space left on device")
+
+    processor.num_image_tokens = N + 1
+    monkeypatch.setattr(processor.tokenizer, "save_pretrained", killed)
+    with pytest.raises(OSError, match="No space"):
+        processor.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".half"} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".processor-")]
+    monkeypatch.undo()
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["num_image_tokens"] == N + 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".half"]
+
+
+def test_unreadable_processor_configs_are_clear_errors(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_bytes(b'{"format": "radfm3d-processor", "x": "\xff"}')
+    with pytest.raises(RadFM3DInputError, match="processor_config.json: unreadable processor config"):
+        RadFM3DProcessor.from_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(RadFM3DInputError, match="processor_config.json: unreadable"):
+        RadFM3DProcessor.from_pretrained(tmp_path)

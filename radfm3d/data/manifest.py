@@ -18,6 +18,8 @@ Rules (checked by :func:`validate_record` / :func:`validate_manifest`):
 - ``choices`` (closed questions): non-empty list of distinct strings that contains ``answer``.
 - ``task``, ``modality``, ``region`` (optional): strings.
 - ``ground_truth`` (optional): JSON object (structured findings, boxes in world RAS mm).
+- ``image_series`` / ``image_meta`` (optional): per-image series choice and corrections, one entry per image
+  (:mod:`radfm3d.data.image_meta`).
 - any other keys are kept untouched.
 """
 
@@ -35,6 +37,8 @@ from radfm3d.errors import RadFM3DInputError
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "REQUIRED_KEYS",
+    "iter_jsonl",
+    "read_jsonl",
     "read_manifest",
     "write_manifest",
     "write_jsonl",
@@ -50,6 +54,26 @@ __all__ = [
 IMAGE_PLACEHOLDER = "<image>"
 REQUIRED_KEYS = ("id", "images", "prompt")
 _OPTIONAL_STR_KEYS = ("answer", "task", "modality", "region")
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate in ``text`` (JSON's ``"\\ud800"`` decodes to one), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _json_line(record: Any, path: Path, number: int) -> str:
+    """One JSONL line for ``record`` (record ``number``, 1-based); ``RadFM3DInputError`` when it cannot be one."""
+    try:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        line.encode("utf-8")
+    except (TypeError, ValueError, RecursionError, UnicodeEncodeError) as exc:
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RadFM3DInputError(path, f"record {number} cannot be written as a JSON line ({problem})") from None
+    return line + "\n"
 
 
 def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
@@ -85,6 +109,11 @@ def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
     for key in _OPTIONAL_STR_KEYS:
         if key in record and not isinstance(record[key], str):
             problems.append(f"'{key}' must be a string, got {type(record[key]).__name__}")
+    for key in ("id", "prompt", *_OPTIONAL_STR_KEYS):
+        value = record.get(key)
+        if isinstance(value, str) and (bad := _lone_surrogate(value)) is not None:
+            problems.append(f"'{key}' holds a lone surrogate {value[bad]!r} at character {bad} (a JSON \\ud8xx "
+                            "escape without its pair): not valid Unicode text")
     if "choices" in record:
         choices = record["choices"]
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
@@ -103,19 +132,91 @@ def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
             full = Path(p) if os.path.isabs(p) else base / p
             if not full.exists():
                 problems.append(f"image {p!r} does not exist (looked for {full})")
+    if isinstance(record, Mapping) and images_ok:
+        from radfm3d.data.image_meta import check_image_fields
+
+        problems += check_image_fields(record)
     return problems
 
 
+def _decode_line(raw: bytes, lineno: int) -> tuple[Any, str | None]:
+    """One raw JSONL line -> (object, None) or (None, problem). Never raises for bad content."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, (f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as "
+                      "UTF-8")
+    if lineno == 1 and text.startswith("\ufeff"):  # a UTF-8 byte-order mark some editors write
+        text = text[1:]
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply to read (hundreds of levels of [ or {)"
+    except ValueError as exc:  # e.g. an integer literal longer than Python's int-conversion limit
+        return None, f"invalid JSON ({exc})"
+
+
 def _iter_lines(path: Path) -> Iterable[tuple[int, Any, str | None]]:
-    """(line number, decoded object or None, JSON problem or None) for every non-blank line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    """(line number, decoded object or None, problem or None) for every non-blank line.
+
+    The file is read as bytes and each line decoded on its own, so a non-UTF-8 byte is reported with its line
+    number (and the other lines are still checked); json's ``RecursionError`` on deeply nested input is a problem
+    of that line, not a crash."""
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise RadFM3DInputError(path, f"cannot be read ({exc.strerror or exc})") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
-            try:
-                yield lineno, json.loads(line), None
-            except json.JSONDecodeError as exc:
-                yield lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+            obj, problem = _decode_line(raw, lineno)
+            yield lineno, obj, problem
+
+
+def iter_jsonl(path: str | os.PathLike, *, objects_only: bool = True,
+               allow_partial_last_line: bool = False) -> Iterable[tuple[int, Any]]:
+    """``(line number, value)`` for every non-blank line of a JSONL file, streaming.
+
+    The first bad line raises ``RadFM3DInputError(path, "line N: problem")``: not UTF-8, invalid JSON, nested too
+    deeply, or (``objects_only``) not a JSON object. ``allow_partial_last_line``: a final line without its newline
+    that does not parse is skipped instead (what a killed writer of an append-only JSONL leaves behind).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RadFM3DInputError(path, "file not found" if not path.exists() else "not a file")
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise RadFM3DInputError(path, f"cannot be read ({exc.strerror or exc})") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            if allow_partial_last_line and not raw.endswith(b"\n") and _decode_line(raw, lineno)[1] is not None:
+                return  # only the last line of a file can lack its newline
+            yield _checked(path, lineno, raw, objects_only)
+
+
+def _checked(path: Path, lineno: int, raw: bytes, objects_only: bool) -> tuple[int, Any]:
+    obj, problem = _decode_line(raw, lineno)
+    if problem is None and objects_only and not isinstance(obj, dict):
+        problem = f"expected a JSON object, found {type(obj).__name__}"
+    if problem is not None:
+        raise RadFM3DInputError(path, f"line {lineno}: {problem}")
+    return lineno, obj
+
+
+def read_jsonl(path: str | os.PathLike, *, objects_only: bool = True,
+               allow_partial_last_line: bool = False) -> list[Any]:
+    """All values of a JSONL file (blank lines skipped), in order: :func:`iter_jsonl` as a list.
+
+    The one JSONL reader of radfm3d (manifests, predictions, cases files): errors are ``RadFM3DInputError`` naming
+    the file and the line (not UTF-8, invalid JSON, nested too deeply, not an object)."""
+    return [obj for _, obj in iter_jsonl(path, objects_only=objects_only,
+                                         allow_partial_last_line=allow_partial_last_line)]
 
 
 def validate_manifest(source: str | os.PathLike | Sequence[Mapping[str, Any]], *, check_files: bool = False,
@@ -170,12 +271,7 @@ def read_manifest(path: str | os.PathLike, *, validate: bool = True, check_files
         raise RadFM3DInputError(path, "manifest file does not exist")
     if validate:
         validate_manifest(path, check_files=check_files)
-    records = []
-    for lineno, rec, problem in _iter_lines(path):
-        if problem:
-            raise RadFM3DInputError(path, f"line {lineno}: {problem}")
-        records.append(rec)
-    return records
+    return read_jsonl(path, objects_only=False)
 
 
 def write_manifest(records: Iterable[Mapping[str, Any]], path: str | os.PathLike, *,
@@ -197,8 +293,8 @@ def write_jsonl(records: Iterable[Any], path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
+            for number, rec in enumerate(records, start=1):
+                fh.write(_json_line(rec, path, number))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -240,7 +336,7 @@ class ManifestWriter:
                 self._ids.add(rid)
             if problems:
                 raise RadFM3DInputError(self.path, f"record {self.count}: " + "; ".join(problems))
-        self._fh.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self._fh.write(_json_line(record, self.path, self.count))
 
     def close(self) -> Path:
         """Finish: move the temporary file onto ``path``."""

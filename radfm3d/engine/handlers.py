@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import time
@@ -23,6 +24,8 @@ from ignite.engine import Engine, Events
 
 from radfm3d.engine.data import ResumableSampler, dist_info
 from radfm3d.engine.training import save_trained_model, unwrap_model
+from radfm3d.data.manifest import iter_jsonl
+from radfm3d.errors import RadFM3DInputError
 
 __all__ = [
     "TrainingCheckpointer",
@@ -36,12 +39,16 @@ __all__ = [
     "set_rng_state",
     "atomic_torch_save",
     "latest_checkpoint",
+    "list_checkpoints",
+    "read_training_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "radfm3d-train-checkpoint/1"
 _CKPT_RE = re.compile(r"^checkpoint_(\d{8})\.pt$")
+_TMP_RE = re.compile(r"^\.checkpoint_\d{8}\.pt\.tmp-(\d+)$")
+_REQUIRED_KEYS = {"iteration": int, "epoch": int, "model": Mapping, "optimizer": Mapping, "rng": Mapping}
 
 
 def loss_of(output: Any) -> float:
@@ -111,13 +118,64 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint with the highest iteration in ``save_dir`` (None if there is none)."""
+def list_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint_<iteration>.pt`` files of ``save_dir``, newest (highest iteration) first."""
     folder = Path(save_dir)
     if not folder.is_dir():
-        return None
+        return []
     found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name)))
-    return found[-1][1] if found else None
+    return [p for _, p in reversed(found)]
+
+
+def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint with the highest iteration in ``save_dir`` (None if there is none; not checked readable)."""
+    found = list_checkpoints(save_dir)
+    return found[0] if found else None
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load one training checkpoint with ``torch.load(weights_only=True)`` and check its structure.
+
+    Raises ``RadFM3DInputError`` naming the file when it is unreadable (truncated, empty, not a torch zip, a pickle
+    with Python objects beyond tensors and containers), not a radfm3d training checkpoint, or missing a part
+    (iteration, epoch, model, optimizer, RNG states), or when a saved weight is not finite.
+    """
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RadFM3DInputError(path, f"corrupt training checkpoint (refused by weights_only loading: {first})"
+                                ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, AttributeError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RadFM3DInputError(path, f"corrupt training checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise RadFM3DInputError(path, f"not a radfm3d training checkpoint (format {found!r})")
+    for key, kind in _REQUIRED_KEYS.items():
+        if not isinstance(ckpt.get(key), kind):
+            raise RadFM3DInputError(path, f"corrupt training checkpoint: {key!r} is missing or not a {kind.__name__}")
+    for name, tensor in ckpt["model"].items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RadFM3DInputError(path, f"training checkpoint holds non-finite values in {name!r}")
+    return dict(ckpt)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete ``.checkpoint_*.pt.tmp-<pid>`` files of writers that no longer run (a kill during ``torch.save``)."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        m = _TMP_RE.match(p.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):
+            pass
 
 
 def _is_rank0() -> bool:
@@ -164,6 +222,7 @@ class TrainingCheckpointer:
         self.processor = processor
         self._last_saved = -1
         self.resumed_from: Path | None = None
+        self.skipped: list[tuple[Path, str]] = []
 
     def attach(self, engine: Engine) -> None:
         if self.resume:
@@ -238,28 +297,56 @@ class TrainingCheckpointer:
         logger.info(f"checkpoint saved: {path} (iteration {iteration}, epoch {engine.state.epoch})")
         return path
 
+    def _newest_valid(self) -> tuple[Path | None, dict[str, Any]]:
+        """The newest checkpoint that :func:`read_training_checkpoint` accepts. Each unreadable newer one is named in
+        a warning, kept in ``self.skipped`` and renamed ``*.corrupt`` (rank 0), so it is neither loaded nor pruned
+        in its place again; with checkpoints present but none readable, ``RadFM3DInputError`` names them all."""
+        if _is_rank0():
+            _remove_stale_temporaries(self.save_dir)
+        candidates = list_checkpoints(self.save_dir)
+        self.skipped = []
+        for path in candidates:
+            try:
+                ckpt = read_training_checkpoint(path)
+            except RadFM3DInputError as err:
+                self.skipped.append((path, err.problem))
+                logger.warning(f"skipping {err}; falling back to the previous checkpoint")
+                continue
+            if _is_rank0():  # set aside only once a valid one is found: with none, every rerun names them again
+                for bad, _ in self.skipped:
+                    try:
+                        os.replace(bad, bad.with_name(bad.name + ".corrupt"))
+                    except OSError:
+                        pass
+            return path, ckpt
+        if candidates:
+            raise RadFM3DInputError(self.save_dir, "no readable training checkpoint: " + "; ".join(
+                f"{p.name}: {why}" for p, why in self.skipped) + " (delete the folder or pass resume=false to "
+                "start over)")
+        return None, {}
+
     def load(self, engine: Engine) -> Path | None:
-        """Restore the latest checkpoint (if any) into the model, optimizer, scheduler, RNGs and engine state."""
-        path = latest_checkpoint(self.save_dir)
+        """Restore the newest valid checkpoint (if any) into the model, optimizer, scheduler, RNGs and engine state.
+
+        A corrupt newer checkpoint (truncated, empty, garbage, missing parts) is named in a warning and skipped:
+        the run resumes from the newest one that reads (see :meth:`_newest_valid`)."""
+        path, ckpt = self._newest_valid()
         if path is None:
             return None
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a radfm3d training checkpoint (format {ckpt.get('format')!r})")
         inner = unwrap_model(self.network)
         missing, unexpected = inner.load_state_dict(ckpt["model"], strict=False)
         trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
         lost = sorted(trainable & set(missing))
         if unexpected or lost:
-            raise ValueError(f"{path}: checkpoint does not fit the model (unexpected {unexpected[:5]}, "
-                             f"missing trainable {lost[:5]}); was the stage or preset changed?")
+            raise RadFM3DInputError(path, f"checkpoint does not fit the model (unexpected {unexpected[:5]}, "
+                                    f"missing trainable {lost[:5]}); was the stage or preset changed?")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.lr_scheduler is not None and ckpt.get("lr_scheduler"):
             self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         max_epochs = engine.state.max_epochs
         if max_epochs is not None and ckpt["epoch"] > max_epochs:
-            raise ValueError(f"{path}: checkpoint is at epoch {ckpt['epoch']} > max_epochs {max_epochs}; "
-                             "raise max_epochs to extend the run")
+            raise RadFM3DInputError(path, f"checkpoint is at epoch {ckpt['epoch']} > max_epochs {max_epochs}; "
+                                    "raise max_epochs to extend the run")
         engine.state.iteration = int(ckpt["iteration"])
         engine.state.epoch = int(ckpt["epoch"])
         epoch_length = engine.state.epoch_length
@@ -338,7 +425,9 @@ class PredictionWriter:
     """Write one JSON line per sample: ``{"id", "prediction", "task", "grid_geometry"}`` (harness format).
 
     Reads ``engine.state.batch["id"]`` and ``engine.state.output["pred"]`` (list of texts, non-decollated engine).
-    Under torch.distributed each rank writes a part; rank 0 merges them into ``output_file`` at the end.
+    Lines go to a hidden ``.<name>.partial`` sibling as they are made (flushed per batch) and the finished file is
+    moved onto ``output_file`` with ``os.replace`` on ``COMPLETED``, so ``output_file`` is never half written.
+    Under torch.distributed each rank writes a part; rank 0 merges them (atomically) into ``output_file``.
     """
 
     def __init__(self, output_file: str | os.PathLike, id_key: str = "id", pred_key: str = "pred",
@@ -355,8 +444,8 @@ class PredictionWriter:
 
     def open(self, engine: Engine | None = None) -> None:
         rank, world = dist_info()
-        self._part = self.output_file if world == 1 else self.output_file.with_name(
-            f"{self.output_file.name}.rank{rank}")
+        self._part = self.output_file.with_name(
+            f".{self.output_file.name}.partial" if world == 1 else f"{self.output_file.name}.rank{rank}")
         self._part.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self._part.open("w", encoding="utf-8")
 
@@ -382,19 +471,25 @@ class PredictionWriter:
             self._fh.close()
             self._fh = None
         rank, world = dist_info()
+        if world == 1:
+            if self._part is not None and self._part.exists():
+                os.replace(self._part, self.output_file)
+            return
         if world > 1:
             torch.distributed.barrier()
             if rank == 0:
                 seen: set[str] = set()
-                with self.output_file.open("w", encoding="utf-8") as out:
+                merged = self.output_file.with_name(f".{self.output_file.name}.partial")
+                with merged.open("w", encoding="utf-8") as out:
                     for r in range(world):
                         part = self.output_file.with_name(f"{self.output_file.name}.rank{r}")
-                        for line in part.read_text(encoding="utf-8").splitlines():
-                            sid = json.loads(line)["id"]
+                        for _, row in iter_jsonl(part):
+                            sid = row.get("id")
                             if sid not in seen:  # DistributedSampler pads with repeats
                                 seen.add(sid)
-                                out.write(line + "\n")
+                                out.write(json.dumps(row) + "\n")
                         part.unlink()
+                os.replace(merged, self.output_file)
             torch.distributed.barrier()
 
 

@@ -38,6 +38,19 @@ class ForwardInferer(Inferer):
             return network(inputs, *args, **kwargs)
 
 
+def _positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1 (a bundle override may arrive as the string "32"), else ``RadFM3DInputError``."""
+    from radfm3d.errors import RadFM3DInputError
+
+    try:
+        number = int(str(value).strip()) if not isinstance(value, (bool, float)) else None
+    except ValueError:
+        number = None
+    if number is None or number < 1:
+        raise RadFM3DInputError(name, f"must be an integer >= 1, got {value!r}")
+    return number
+
+
 class GenerationInferer(Inferer):
     """Greedy ``generate`` on the (unwrapped) model; returns the decoded new text per sample (list of B str).
 
@@ -54,7 +67,7 @@ class GenerationInferer(Inferer):
                  **generate_kwargs: Any) -> None:
         super().__init__()
         self.processor = processor
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
         self.precision = precision
         self.generate_kwargs = {"do_sample": False, **generate_kwargs}
         self.last_seconds = 0.0

@@ -94,22 +94,10 @@ def comparison_label(text: str) -> str | None:
 
 # ----------------------------------------------------------------------------------------------- reading
 def _read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise RadFM3DInputError(path, "file not found")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RadFM3DInputError(path, f"line {lineno} is not JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise RadFM3DInputError(path, f"line {lineno} is not a JSON object")
-            rows.append(row)
-    return rows
+    """Rows of a predictions JSONL (:func:`radfm3d.data.manifest.read_jsonl`; a line torn by a kill is skipped)."""
+    from radfm3d.data.manifest import read_jsonl
+
+    return read_jsonl(path, allow_partial_last_line=True)
 
 
 def read_records(manifest_path: str | os.PathLike,

@@ -9,7 +9,8 @@ Output folder (``radfm3d convert-radfm CHECKPOINT OUT``)::
                                     generation_config.json with eos 2): ``LlamaForCausalLM.from_pretrained`` works on
                                     it, so transformers' own big-model loading (device_map, offload, int8) applies
     OUT/preprocessing.json          the RadFM preprocessing recipe (PreprocessingRecipe.radfm())
-    OUT/processor_config.json       image-token strings and ids (+ tokenizer files when a tokenizer folder is given)
+    OUT/processor_config.json       the RadFM3DProcessor (image-token strings, ids 32000-32002; with --tokenizer also
+                                    tokenizer files made from RadFM's Language_files by load_radfm_tokenizer)
     OUT/conversion_report.json      kept / dropped keys, dtype, shards, seconds, MB/s, peak RSS
 
 Memory: the checkpoint is memory-mapped (``torch.load(weights_only=True, mmap=True)``) and converted tensor by
@@ -55,6 +56,8 @@ __all__ = [
     "ConversionPlan",
     "ConversionResult",
     "load_radfm_state_dict",
+    "load_radfm_tokenizer",
+    "build_radfm_processor",
     "map_radfm_key",
     "plan_conversion",
     "convert_radfm",
@@ -410,31 +413,115 @@ def _shard(entries: list[tuple[str, tuple[int, ...], torch.dtype]], limit: int) 
     return shards
 
 
-def _write_tokenizer(tokenizer_dir: Path, out: Path, config: Any) -> dict[str, Any]:
-    """Copy the LLaMA tokenizer, add ``<image>``, ``</image>``, ``<image_pad>`` (ids start/end/placeholder of the
-    config, in that order) and check the ids; returns the processor-config entries."""
-    from transformers import AutoTokenizer
+#: RadFM forces these ids whatever its tokenizer_config.json says (Quick_demo/test.py; RADFM_CHECKPOINT.md §1.3)
+RADFM_SPECIAL_IDS = {"unk_token": 0, "bos_token": 1, "eos_token": 2, "pad_token": 0}
 
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise RadFM3DInputError(tokenizer_dir, f"not a tokenizer folder: {err}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise RadFM3DInputError(path, f"unreadable JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise RadFM3DInputError(path, f"expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def load_radfm_tokenizer(folder: str | os.PathLike, model_max_length: int | None = None) -> Any:
+    """RadFM's LLaMA tokenizer folder (``Quick_demo/Language_files``) -> a fast tokenizer with RadFM's ids.
+
+    RadFM ships a sentencepiece ``tokenizer.model`` beside a ``tokenizer_config.json`` whose ``unk/bos/eos`` tokens
+    are empty strings and an empty ``special_tokens_map.json``; transformers 5 recurses forever resolving ``""``.
+    RadFM then forces ``pad 0, bos 1, eos 2`` (unk 0), so the special tokens here are the sentencepiece pieces at
+    those ids, whatever the config says. The result encodes like ``sentencepiece`` itself (``[1] + sp.encode(t)``:
+    BOS prepended, no EOS, a dummy ``▁`` prefix on every text segment, byte fallback): the ``LlamaTokenizer``
+    conversion's vocabulary and merges are kept, its ``Metaspace`` pre-tokenizer (which does not add the dummy
+    prefix before text that already starts with a space) is replaced by sentencepiece's own normalisation
+    (``Prepend("▁")`` + ``Replace(" ", "▁")``). A folder without ``tokenizer.model`` (a fast ``tokenizer.json``)
+    is loaded as it is, with the same forced ids.
+
+    ``model_max_length``: the LLM's context (RadFM's config says 1e30, i.e. none).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RadFM3DInputError(folder, "tokenizer folder not found")
+    config = _read_json_file(folder / "tokenizer_config.json")
+    _read_json_file(folder / "special_tokens_map.json")  # checked readable; RadFM's is {}
+    sp_file = folder / "tokenizer.model"
+    max_len = int(model_max_length) if model_max_length else None
+    if sp_file.is_file():
+        try:
+            import sentencepiece as spm
+
+            sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+        except ImportError:  # pragma: no cover - sentencepiece is a dependency
+            raise RadFM3DInputError(sp_file, "reading it needs `pip install sentencepiece`") from None
+        except (OSError, RuntimeError) as err:
+            raise RadFM3DInputError(sp_file, f"not a sentencepiece model ({err})") from None
+        if sp.get_piece_size() <= max(RADFM_SPECIAL_IDS.values()):
+            raise RadFM3DInputError(sp_file, f"only {sp.get_piece_size()} pieces")
+        pieces = {name: sp.id_to_piece(i) for name, i in RADFM_SPECIAL_IDS.items()}
+        try:
+            llama = AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, tokenizer_class="LlamaTokenizer", add_bos_token=True,
+                add_eos_token=False, **{k: v for k, v in pieces.items() if k != "pad_token"})
+        except (OSError, ValueError, TypeError, RecursionError, ImportError) as err:
+            raise RadFM3DInputError(folder, f"cannot convert the sentencepiece tokenizer ({err})") from None
+        from tokenizers import normalizers
+
+        backend = llama.backend_tokenizer
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **pieces,
+                                            model_max_length=max_len or int(1e30))
+        probe = tokenizer("a")["input_ids"]
+        if not probe or probe[0] != RADFM_SPECIAL_IDS["bos_token"]:
+            raise RadFM3DInputError(folder, f"the converted tokenizer does not prepend BOS 1 (gives {probe})")
+    else:
+        overrides = {k: None for k in ("unk_token", "bos_token", "eos_token") if config.get(k) == ""}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **overrides)
+        except (OSError, ValueError, TypeError, RecursionError) as err:
+            raise RadFM3DInputError(folder, f"not a tokenizer folder: {err}") from None
+        if len(tokenizer) <= max(RADFM_SPECIAL_IDS.values()):
+            raise RadFM3DInputError(folder, f"tokenizer has only {len(tokenizer)} tokens")
+        for name, i in RADFM_SPECIAL_IDS.items():
+            setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(i))
+        if max_len:
+            tokenizer.model_max_length = max_len
+    return tokenizer
+
+
+def build_radfm_processor(tokenizer_dir: str | os.PathLike, config: Any) -> Any:
+    """RadFM's tokenizer folder (:func:`load_radfm_tokenizer`) -> a :class:`~radfm3d.processing.RadFM3DProcessor`
+    with the ``radfm()`` preprocessing recipe, whose three image tokens (start, end, pad; added in that order) get
+    the config's ids (``base_vocab_size + 0/1/2``: 32000-32002 for RadFM-13B). The tokenizer must have exactly the
+    LLM's base vocabulary."""
+    from radfm3d.processing import RadFM3DProcessor
+    from radfm3d.transforms import PreprocessingRecipe
+
+    tokenizer_dir = Path(tokenizer_dir)
+    config = _resolve_config(config)
+    context = getattr(config.text_config, "max_position_embeddings", None)
+    tokenizer = load_radfm_tokenizer(tokenizer_dir, model_max_length=context)
     base = int(config.base_vocab_size)
     if len(tokenizer) != base:
         raise RadFM3DInputError(
             tokenizer_dir, f"tokenizer has {len(tokenizer)} tokens; the RadFM LLM's base vocabulary is {base} "
             "(give the original LLaMA tokenizer, without RadFM's added <image...> tokens)"
         )
-    tokens = {"image_start_token": "<image>", "image_end_token": "</image>", "image_token": "<image_pad>"}
-    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens.values())})
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in tokens.items()}
-    want = {"image_start_token": config.image_start_token_id, "image_end_token": config.image_end_token_id,
-            "image_token": config.image_token_id}
-    if ids != want:
-        raise RadFM3DInputError(tokenizer_dir, f"added image tokens got ids {ids}, the model config expects {want}")
-    tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id = 1, 2, 0  # RadFM forces these
-    tokenizer.save_pretrained(out)
-    return tokens
+    processor = RadFM3DProcessor(tokenizer, PreprocessingRecipe.radfm(), int(config.tokens_per_image))
+    want = {"image_start_token_id": int(config.image_start_token_id),
+            "image_end_token_id": int(config.image_end_token_id), "image_token_id": int(config.image_token_id)}
+    if processor.image_token_ids != want:
+        raise RadFM3DInputError(tokenizer_dir, f"added image tokens got ids {processor.image_token_ids}, the model "
+                                f"config expects {want}")
+    processor.check_config(config)
+    return processor
 
 
 def convert_radfm(
@@ -464,6 +551,8 @@ def convert_radfm(
     if out.exists() and not overwrite:
         raise RadFM3DInputError(out, "output folder exists (pass overwrite=True / --overwrite to replace it)")
     config = _resolve_config(config)
+    # the tokenizer is checked before any weight is read
+    processor = build_radfm_processor(tokenizer, config) if tokenizer is not None else None
     state = load_radfm_state_dict(source)
     plan = plan_conversion(state, config)
     baseline_rss = _current_rss()  # interpreter + torch/transformers + the mapped key tree, before any weight is read
@@ -528,16 +617,13 @@ def convert_radfm(
             on_shard_written(path)
         bar.close()
 
-        processor = {"num_image_tokens": int(config.num_image_tokens), "image_start_token": "<image>",
-                     "image_end_token": "</image>", "image_token": "<image_pad>",
-                     "image_start_token_id": int(config.image_start_token_id),
-                     "image_end_token_id": int(config.image_end_token_id),
-                     "image_token_id": int(config.image_token_id), "bos_token_id": 1, "eos_token_id": 2,
-                     "pad_token_id": 0, "tokenizer": None}
-        if tokenizer is not None:
-            processor.update(_write_tokenizer(Path(tokenizer), partial, config))
-            processor["tokenizer"] = "."
-        (partial / PROCESSOR_CONFIG_NAME).write_text(json.dumps(processor, indent=2))
+        if processor is not None:
+            processor.save_pretrained(partial)
+            entries = {**processor.to_dict(), "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                       "tokenizer": "."}
+        else:
+            entries = _processor_entries(config)
+        (partial / PROCESSOR_CONFIG_NAME).write_text(json.dumps(entries, indent=2) + "\n")
         _write_recipe(partial)
 
         seconds = time.perf_counter() - started
@@ -572,6 +658,21 @@ def convert_radfm(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return ConversionResult(out, report)
+
+
+def _processor_entries(config: Any) -> dict[str, Any]:
+    """``processor_config.json`` of a conversion without a tokenizer: the processor's format and token ids, with
+    ``"tokenizer": null`` (``RadFM3DProcessor.from_pretrained`` then asks for ``--tokenizer``)."""
+    from radfm3d.processing import IMAGE_END_TOKEN, IMAGE_PAD_TOKEN, IMAGE_START_TOKEN, _FORMAT
+    from radfm3d.text.prompts import IMAGE_PLACEHOLDER
+
+    return {"format": _FORMAT, "version": 1, "processor_class": "RadFM3DProcessor",
+            "num_image_tokens": int(config.tokens_per_image), "image_start_token": IMAGE_START_TOKEN,
+            "image_end_token": IMAGE_END_TOKEN, "image_pad_token": IMAGE_PAD_TOKEN,
+            "image_placeholder": IMAGE_PLACEHOLDER, "use_chat_template": False,
+            "image_start_token_id": int(config.image_start_token_id),
+            "image_end_token_id": int(config.image_end_token_id), "image_token_id": int(config.image_token_id),
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tokenizer": None}
 
 
 def _extra_rows(figure: torch.Tensor, config: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

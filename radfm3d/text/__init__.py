@@ -1,5 +1,6 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""Text side of radfm3d: task prompts, chat formatting, the ``<box>`` codec and box post-processing.
+"""Text side of radfm3d: task prompts, chat formatting, the ``<box>`` codec, box post-processing, and the checks
+on prompts (``check_text``, ``check_context_length``).
 
 ``boxes_from_text`` (in :mod:`radfm3d.text.postprocess`) needs :mod:`radfm3d.transforms` and is imported lazily.
 """
@@ -15,6 +16,7 @@ from radfm3d.text.boxes import (
     order_box,
     parse_boxes,
 )
+from radfm3d.text.checks import check_context_length, check_text
 from radfm3d.text.prompts import (
     DEFAULT_QUESTIONS,
     IMAGE_PLACEHOLDER,
@@ -35,6 +37,8 @@ __all__ = [
     "TASK_TOKENS",
     "boxes_from_text",
     "build_prompt",
+    "check_context_length",
+    "check_text",
     "count_images",
     "format_box",
     "format_boxes",

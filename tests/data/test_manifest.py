@@ -143,3 +143,71 @@ def test_sample_tasks_cli_errors(tmp_path, capsys):
     assert "missing.jsonl" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli([str(tmp_path / "missing.jsonl"), "--counts", "report", "--out", str(tmp_path / "o.jsonl")])
+
+
+# ------------------------------------------------------------------------------------------------ hostile files
+def test_non_utf8_manifest_names_the_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(GOOD, ensure_ascii=False)
+    bad = json.dumps({**GOOD, "id": "case-2", "answer": "Yes.", "region": "thorax"}, ensure_ascii=False)
+    path.write_bytes(good.encode() + b"\n" + bad.replace("thorax", "th\xe9rax").encode("latin-1") + b"\n")
+    problems = validate_manifest(path, raise_on_error=False)
+    assert len(problems) == 1 and problems[0].startswith("line 2: not UTF-8 text (byte 0xe9 at column ")
+    with pytest.raises(RadFM3DInputError, match=r"(?s)latin1.jsonl: .*line 2: not UTF-8 text"):
+        read_manifest(path)
+    with pytest.raises(RadFM3DInputError, match=r"latin1.jsonl: line 2: not UTF-8 text \(byte 0xe9"):
+        read_manifest(path, validate=False)
+
+
+def test_deeply_nested_json_is_a_clear_error_not_a_recursion_crash(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    deep = {**GOOD, "id": "deep", "ground_truth": {"x": 0}}
+    line = json.dumps(deep).replace('{"x": 0}', '{"x": ' + "[" * 200000 + "]" * 200000 + "}")
+    path.write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    problems = validate_manifest(path, raise_on_error=False)
+    assert problems == ["line 2: JSON nested too deeply to read (hundreds of levels of [ or {)"]
+    with pytest.raises(RadFM3DInputError, match="line 2: JSON nested too deeply"):
+        read_manifest(path)
+
+
+def test_read_jsonl_is_the_one_line_numbered_reader(tmp_path):
+    from radfm3d.data.manifest import iter_jsonl, read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n\n{"a": 2}\n')  # a UTF-8 byte-order mark is accepted
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert [n for n, _ in iter_jsonl(path)] == [1, 3]
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(RadFM3DInputError, match="line 2: expected a JSON object, found list"):
+        read_jsonl(path)
+    assert read_jsonl(path, objects_only=False) == [{"a": 1}, [1, 2]]
+    # a killed appender leaves half a last line: an error by default, skipped when asked
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    with pytest.raises(RadFM3DInputError, match="line 3: invalid JSON"):
+        read_jsonl(path)
+    assert read_jsonl(path, allow_partial_last_line=True) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n{"a": \n{"a": 3}')  # a broken line in the middle is never skipped
+    with pytest.raises(RadFM3DInputError, match="line 2: invalid JSON"):
+        read_jsonl(path, allow_partial_last_line=True)
+    with pytest.raises(RadFM3DInputError, match="file not found"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    with pytest.raises(RadFM3DInputError, match="not a file"):
+        read_jsonl(tmp_path)
+
+
+def test_lone_surrogates_and_unwritable_records_are_named(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "case-2"}).replace("Is there", "\\ud800Is")
+                    + "\n")  # valid JSON whose string decodes to a lone surrogate
+    with pytest.raises(RadFM3DInputError, match=r"line 2: 'prompt' holds a lone surrogate '\\ud800' at character 8"):
+        read_manifest(path)
+    deep: dict = {}
+    node = deep
+    for _ in range(5000):
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(RadFM3DInputError, match="record 2 cannot be written as a JSON line \\(nested too deeply\\)"):
+        write_manifest([GOOD, {**GOOD, "id": "case-2", "ground_truth": deep}], tmp_path / "out.jsonl")
+    with pytest.raises(RadFM3DInputError, match="record 1 cannot be written"):
+        write_manifest([{**GOOD, "ground_truth": {"x": object()}}], tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]

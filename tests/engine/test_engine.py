@@ -288,3 +288,108 @@ def test_checkpoint_keeps_the_running_statistics_of_trained_modules(tmp_path):
     state = TrainingCheckpointer(tmp_path, net, optimizer, save_frozen=False).model_state()
     assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(state)
     assert torch.equal(state["1.running_mean"], net[1].running_mean) and "2.weight" not in state
+
+
+def _corrupt(path: Path, kind: str) -> None:
+    data = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 64)
+    elif kind == "not_a_checkpoint":
+        torch.save({"format": "something else", "model": {}}, path)
+    elif kind == "missing_optimizer":
+        ckpt = torch.load(path, weights_only=True)
+        del ckpt["optimizer"]
+        torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "not_a_checkpoint", "missing_optimizer"])
+def test_corrupt_checkpoints_are_named(tmp_path: Path, kind: str):
+    from radfm3d.engine.handlers import CHECKPOINT_FORMAT, read_training_checkpoint, rng_state
+    from radfm3d.errors import RadFM3DInputError
+
+    net = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(net.parameters())
+    net(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    ckpt = {"format": CHECKPOINT_FORMAT, "iteration": 4, "epoch": 2, "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    path = atomic_torch_save(ckpt, tmp_path / "checkpoint_00000004.pt")
+    assert read_training_checkpoint(path)["iteration"] == 4
+    _corrupt(path, kind)
+    with pytest.raises(RadFM3DInputError, match=r"checkpoint_00000004.pt: (corrupt training checkpoint|not a radfm3d)"):
+        read_training_checkpoint(path)
+
+
+def test_corrupt_latest_checkpoint_is_named_and_resume_falls_back(tmp_path: Path, reference_weights, caplog):
+    kind = "truncated"
+    from radfm3d.engine.handlers import read_training_checkpoint
+    from radfm3d.errors import RadFM3DInputError
+
+    model = build_model("tiny", seed=0)
+    trainer, _ = _trainer(model, _loader(model), 2, tmp_path / "run", save_interval=2)
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=4))
+    def _kill(engine):
+        raise Kill("simulated kill after iteration 4")
+
+    with pytest.raises(Kill):
+        trainer.run()
+    newest = latest_checkpoint(tmp_path / "run")
+    assert newest.name == "checkpoint_00000004.pt"
+    _corrupt(newest, kind)
+    with pytest.raises(RadFM3DInputError, match="checkpoint_00000004.pt"):
+        read_training_checkpoint(newest)
+
+    model = build_model("tiny", seed=0)
+    trainer, checkpointer = _trainer(model, _loader(model), 2, tmp_path / "run", save_interval=2)
+    with caplog.at_level("WARNING", logger="radfm3d.engine.handlers"):
+        trainer.run()
+    assert checkpointer.resumed_from.name == "checkpoint_00000003.pt"  # saves: 2, 3 (epoch end), 4
+    assert [p.name for p, _ in checkpointer.skipped] == ["checkpoint_00000004.pt"]
+    assert "checkpoint_00000004.pt" in caplog.text and "falling back" in caplog.text
+    assert (tmp_path / "run" / "checkpoint_00000004.pt.corrupt").is_file()  # kept aside, never loaded again
+    resumed = _state(model)
+    for key in reference_weights:
+        assert torch.equal(reference_weights[key], resumed[key]), key
+
+
+def test_no_readable_checkpoint_names_every_file(tmp_path: Path):
+    from radfm3d.errors import RadFM3DInputError
+
+    model = build_model("tiny", seed=0)
+    trainer, _ = _trainer(model, _loader(model), 1, tmp_path / "run", save_interval=2)
+    trainer.run()
+    names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint_*.pt"))
+    assert names == ["checkpoint_00000002.pt", "checkpoint_00000003.pt"]
+    (tmp_path / "run" / names[0]).write_bytes(b"")
+    (tmp_path / "run" / names[1]).write_bytes(b"PK\x03\x04 not really a zip")
+    for _ in range(2):  # nothing is set aside when there is no valid one: a rerun names them again
+        model = build_model("tiny", seed=0)
+        trainer, _ = _trainer(model, _loader(model), 2, tmp_path / "run", save_interval=2)
+        with pytest.raises(RadFM3DInputError, match="no readable training checkpoint: checkpoint_00000003.pt: "
+                           "corrupt.*checkpoint_00000002.pt: corrupt"):
+            trainer.run()
+
+
+def test_non_finite_weights_in_a_checkpoint_are_refused(tmp_path: Path):
+    from radfm3d.engine.handlers import CHECKPOINT_FORMAT, read_training_checkpoint
+    from radfm3d.errors import RadFM3DInputError
+
+    ckpt = {"format": CHECKPOINT_FORMAT, "iteration": 1, "epoch": 1, "optimizer": {}, "rng": {},
+            "model": {"projector.weight": torch.tensor([1.0, float("nan")])}}
+    path = atomic_torch_save(ckpt, tmp_path / "checkpoint_00000001.pt")
+    with pytest.raises(RadFM3DInputError, match="non-finite values in 'projector.weight'"):
+        read_training_checkpoint(path)
+
+
+@pytest.mark.parametrize("bad", [0, -3, "many", 2.5, True])
+def test_generation_inferer_refuses_a_budget_below_one(bad):
+    from radfm3d.errors import RadFM3DInputError
+
+    with pytest.raises(RadFM3DInputError, match="max_new_tokens: must be an integer >= 1"):
+        GenerationInferer(max_new_tokens=bad)
+    assert GenerationInferer(max_new_tokens="32").max_new_tokens == 32  # a bundle override arrives as text

@@ -295,11 +295,14 @@ def test_tokenizer_gets_image_tokens_at_the_config_ids(source, tmp_path: Path) -
     convert_radfm(source[0], out, config=DIMS.radfm3d_config(), tokenizer=tok_dir, progress=False)
     from transformers import AutoTokenizer
 
+    from radfm3d.processing import IMAGE_END_TOKEN, IMAGE_PAD_TOKEN, IMAGE_START_TOKEN
+
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok.convert_tokens_to_ids(["<image>", "</image>", "<image_pad>"]) == [DIMS.vocab, DIMS.vocab + 1,
-                                                                                DIMS.vocab + 2]
+    assert tok.convert_tokens_to_ids([IMAGE_START_TOKEN, IMAGE_END_TOKEN, IMAGE_PAD_TOKEN]) == [
+        DIMS.vocab, DIMS.vocab + 1, DIMS.vocab + 2]
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
     processor = json.loads((out / "processor_config.json").read_text())
-    assert processor["tokenizer"] == "." and processor["image_token"] == "<image_pad>"
+    assert processor["tokenizer"] == "." and processor["image_pad_token"] == IMAGE_PAD_TOKEN
     # a tokenizer that already carries RadFM's added tokens would shift the ids: refused
     with pytest.raises(ValueError, match="base vocabulary"):
         convert_radfm(source[0], tmp_path / "out2", config=DIMS.radfm3d_config(), tokenizer=out, progress=False)

@@ -1,5 +1,5 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""Server overhead benchmark: ``python -m radfm3d.serve.bench MODEL [--requests 20] [--max-tokens 16]``.
+"""Server overhead benchmark: ``python -m benchmarks.bench_serve [MODEL] [--requests 20] [--max-tokens 16]``.
 
 Measures, on one scan and one prompt with greedy decoding:
 
@@ -11,7 +11,8 @@ Measures, on one scan and one prompt with greedy decoding:
 - time to first token with ``stream: true`` (p50);
 - the overhead ratio ``server p50 at concurrency 1 / direct p50 (worker thread)``.
 
-Prints one JSON object (also written to ``--out``). Timings are measured, never asserted.
+Prints one JSON object, written to ``benchmarks/results/serve.json`` (or ``--out``). Timings are measured, never
+asserted. MODEL defaults to the ``tiny`` preset (seeded), so ``make bench`` stays short.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import numpy as np
 
 __all__ = ["cli"]
 
-_CT = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_demo" / "examples" / "ct_abdomen.nii.gz"
+_CT = Path(__file__).resolve().parents[1] / "bundles" / "radfm3d_demo" / "examples" / "ct_abdomen.nii.gz"
+_RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -66,14 +68,14 @@ def _start(model: str, port: int, device: str | None) -> subprocess.Popen:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m radfm3d.serve.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="model folder or preset")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve", description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", default="tiny", help="model folder or preset (default: tiny)")
     parser.add_argument("--scan", default=str(_CT))
     parser.add_argument("--prompt", default="Locate the liver.")
     parser.add_argument("--requests", type=int, default=20, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--out", default=str(_RESULTS), help="where to write the JSON (default: benchmarks/results/serve.json)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
     from radfm3d.client import RadFM3DClient
@@ -157,7 +159,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from radfm3d.utils import atomic_write_text
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, text + "\n")
     return 0
 
 
