@@ -16,9 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("radfm3d.data.importers:cli", "turn a dataset or a DICOM export into validated manifests (dicom-export, csv)"),
     "sample-tasks": ("radfm3d.data.manifest:cli", "write a task-balanced random subset of a manifest (training/test mix)"),
     "evaluate": ("radfm3d.evaluation.harness:cli", "score a model or a predictions file on a manifest"),
-    "reading-threshold": ("radfm3d.evaluation.reading:cli", "score the findings-prompt reading per threshold on val cases"),
-    "findings-prompt": ("radfm3d.engine.pretraining:cli", "attach the findings prompt (encoder reading as text) to a model"),
-    "refit-boxes": ("radfm3d.engine.box_refit:cli", "re-fit the findings-prompt head's finding boxes (box snapping) on more cases"),
+    "reading-threshold": ("radfm3d.findings.thresholds:cli", "score the findings reading per threshold on val cases"),
+    "findings-prompt": ("radfm3d.findings.attach:cli", "attach the findings reader (encoder reading as text) to a model"),
+    "findings-migrate": ("radfm3d.findings.attach:migrate_cli", "rewrite an older findings model's config (weights untouched)"),
+    "refit-boxes": ("radfm3d.findings.box_refit:cli", "re-fit the findings head's finding boxes (box snapping) on more cases"),
     "convert-radfm": ("radfm3d.interop.radfm:cli", "convert the official RadFM pytorch_model.bin to sharded safetensors"),
     "serve": ("radfm3d.serve.app:cli", "serve a model over an OpenAI-compatible HTTP API (scans in, boxes in RAS mm out)"),
 }

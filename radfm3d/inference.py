@@ -350,12 +350,13 @@ class ScanResultWriter:
 
     @staticmethod
     def _reading(engine: Engine, batch: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The findings prompt's reading of the scan (what the LLM was told the encoder sees), None without one."""
+        """The findings reader's reading of the scan (what the LLM was told the encoder sees), None without one;
+        the findings model reuses the encoder pass of the generation on the same images."""
         from radfm3d.engine.training import unwrap_model
 
         model = unwrap_model(engine.network)
         pixels = batch.get("pixel_values")
-        if getattr(model, "findings_prompter", None) is None or pixels is None:
+        if getattr(model, "reader", None) is None or pixels is None:
             return None
         with torch.no_grad():
             rows = model.read_findings(torch.as_tensor(pixels[:1]).to(engine.state.device),
@@ -364,12 +365,12 @@ class ScanResultWriter:
 
     @staticmethod
     def _snaps_boxes(engine: Engine) -> bool:
-        """Whether the model moves the LLM's boxes onto its heads' finding boxes (:mod:`radfm3d.modeling.box_snapping`),
+        """Whether the model moves the LLM's boxes onto its heads' finding boxes (:mod:`radfm3d.findings.box_snapping`),
         so a reader of the JSON knows where a box came from."""
         from radfm3d.engine.training import unwrap_model
 
-        prompter = getattr(unwrap_model(engine.network), "findings_prompter", None)
-        return bool(prompter is not None and prompter.snaps_boxes)
+        reader = getattr(unwrap_model(engine.network), "reader", None)
+        return bool(reader is not None and reader.snaps_boxes)
 
     def _fail(self, scan: Any, problem: str) -> None:
         self.failures.append({"scan": str(scan), "problem": problem})

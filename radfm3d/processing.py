@@ -611,9 +611,11 @@ class RadFM3DProcessor:
                                     "convert again with --tokenizer /path/to/RadFM/Quick_demo/Language_files")
         if data.get("format") != _FORMAT:
             raise RadFM3DInputError(config_file, f"not a radfm3d processor config (format {data.get('format')!r})")
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # the folder's config.json is the model's (a radfm3d type transformers' AutoConfig does not know, so it would
+        # warn about "a model of type ``"); the tokenizer class comes from tokenizer_config.json
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, config=PretrainedConfig())
         kwargs = {k: data[k] for k in ("num_image_tokens", "image_start_token", "image_end_token",
                                        "image_pad_token", "image_placeholder", "use_chat_template") if k in data}
         recipe = overrides.pop("recipe", None) or PreprocessingRecipe.load(path)

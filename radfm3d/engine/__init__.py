@@ -8,8 +8,8 @@
 - :mod:`.handlers`: ``TrainingCheckpointer`` (atomic, exact resume), ``TimeLimit``, ``PredictionWriter``,
   ``EvaluationReportHandler``, ``ProgressBar``
 - :mod:`.training`: stages (alignment / instruction with LoRA), freeze switches, optimizer, warm-up + cosine LR
-- :mod:`.pretraining`: stage 0, vision pre-training on structured labels (``StructuredLoss``,
-  ``build_structured_dataset``, ``StructuredValidation``, ``build_pretraining_model``)
+
+Stage 0 (vision pre-training on structured labels) lives with the findings reader: :mod:`radfm3d.findings.pretraining`.
 """
 
 from __future__ import annotations
@@ -39,11 +39,6 @@ _EXPORTS: dict[str, str] = {
     "load_trained_model": "radfm3d.engine.training",
     "load_processor": "radfm3d.engine.training",
     "seed_everything": "radfm3d.engine.training",
-    "StructuredLoss": "radfm3d.engine.pretraining",
-    "PrepareBatchStructured": "radfm3d.engine.pretraining",
-    "StructuredValidation": "radfm3d.engine.pretraining",
-    "build_structured_dataset": "radfm3d.engine.pretraining",
-    "build_pretraining_model": "radfm3d.engine.pretraining",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -225,8 +225,8 @@ class ResumableSampler(DistributedSampler):
         self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Also tell the dataset the epoch when it draws per-epoch randomness (e.g. the finding crops of
-        :class:`radfm3d.engine.pretraining.FindingCropDataset`), so a resumed run draws the same crops."""
+        """Also tell the dataset the epoch when it draws per-epoch randomness (a dataset with ``set_epoch``), so a
+        resumed run draws the same samples."""
         super().set_epoch(epoch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)

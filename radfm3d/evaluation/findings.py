@@ -15,8 +15,10 @@ Rules (deliberately simple, tested):
 - each finding takes the nearest organ mention in its clause (ties go to the organ after it), and the side
   written next to that organ (else next to the finding, else the organ's default side, else "none").
 
-The vocabulary (types, organs, sides with synonyms) is owned here; if `radfm3d.data.phantoms` exposes
-`FINDING_TYPES` / `ORGANS` (names), those names are added so the extractor follows the generator.
+The vocabulary (types, organs, sides with synonyms) is owned here; a label schema (the JSON data of
+`radfm3d.findings.schema`, e.g. a findings model's `label_schema.json`) adds its finding types and flags as types and
+its structures as organs (the organ part of a structure's `case` key "organ/side", else its name), so the extractor
+follows the schema a model was trained with: `load_vocabulary(schema)`.
 """
 
 from __future__ import annotations
@@ -102,25 +104,33 @@ def _tok(phrase: str) -> tuple[str, ...]:
     return tuple(_TOKEN.findall(phrase.lower().replace("-", " ")))
 
 
-@lru_cache(maxsize=1)
-def load_vocabulary() -> Vocabulary:
-    """The extractor's vocabulary; names exported by the phantom generator (if present) are merged in."""
+def load_vocabulary(schema: Any = None) -> Vocabulary:
+    """The extractor's vocabulary; with ``schema`` (label-schema JSON data, or the path of its file) the schema's
+    finding types, flags and structures are merged in."""
+    import json
+    from pathlib import Path
+
+    if schema is not None and not isinstance(schema, dict):
+        schema = json.loads(Path(schema).read_text())
+    return _vocabulary(json.dumps(schema, sort_keys=True) if schema is not None else None)
+
+
+@lru_cache(maxsize=8)
+def _vocabulary(schema_json: str | None) -> Vocabulary:
+    import json
+
     types = {k: set(v) for k, v in FINDING_TYPES.items()}
     organs = {k: (set(v[0]), v[1]) for k, v in ORGANS.items()}
     source = "radfm3d.evaluation.findings"
-    try:
-        from radfm3d.data import phantoms  # noqa: PLC0415 - optional, generator owns its own names
-    except Exception:  # the generator is optional for scoring user data
-        phantoms = None
-    if phantoms is not None:
-        extra_types = getattr(phantoms, "FINDING_TYPES", None)
-        extra_organs = getattr(phantoms, "ORGANS", None)
-        for name in _names(extra_types):
-            types.setdefault(name.replace("_", " "), set()).add(name.replace("_", " "))
-        for name in _names(extra_organs):
-            organs.setdefault(name.replace("_", " "), (set(), "none"))[0].add(name.replace("_", " "))
-        if extra_types or extra_organs:
-            source += " + radfm3d.data.phantoms"
+    if schema_json is not None:
+        schema = json.loads(schema_json)
+        for entry in list(schema.get("finding_types") or []) + list(schema.get("flags") or []):
+            name = str(entry["name"]).replace("_", " ")
+            types.setdefault(name, set()).update({name, str(entry.get("phrase", name)).strip().lower()})
+        for entry in schema.get("structures") or []:
+            organ = str(entry.get("case", entry["name"])).split("/")[0].replace("_", " ")
+            organs.setdefault(organ, (set(), "none"))[0].add(organ)
+        source += f" + label schema {schema.get('name', 'custom')!r}"
     vocab = Vocabulary(source=source)
     for canon, forms in types.items():
         for f in forms | {canon}:
@@ -136,19 +146,6 @@ def load_vocabulary() -> Vocabulary:
     vocab.post_neg = {_tok(p) for p in POST_NEGATION}
     vocab.pseudo_neg = {_tok(p) for p in PSEUDO_NEGATION}
     return vocab
-
-
-def _names(obj: Any) -> list[str]:
-    """Names from a dict / list / tuple of strings (or objects with `.name`)."""
-    if not obj:
-        return []
-    items = obj.keys() if isinstance(obj, dict) else obj
-    out = []
-    for item in items:
-        name = item if isinstance(item, str) else getattr(item, "name", None)
-        if isinstance(name, str) and name:
-            out.append(name.lower())
-    return out
 
 
 def _spans(tokens: Sequence[str], table: dict[tuple[str, ...], Any] | set[tuple[str, ...]]) -> list[tuple[int, int]]:

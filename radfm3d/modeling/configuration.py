@@ -20,6 +20,10 @@ __all__ = ["RadFM3DConfig", "PRESET_DIR", "list_presets"]
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
 
+#: preset sections read by others (the processor's ``preprocessing``), not config keys
+PRESET_EXTRA_KEYS = ("preprocessing",)
+
+
 def list_presets() -> list[str]:
     """Names of the shipped model presets (``tiny``, ``demo``, ...)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
@@ -40,8 +44,6 @@ class RadFM3DConfig(PretrainedConfig):
     - ``image_start_token_id`` / ``image_end_token_id`` / ``image_token_id`` (placeholder): default
       ``base_vocab_size + 0 / 1 / 2``.
     - ``projector_type``: ``"linear"`` (RadFM: one Linear) or ``"mlp"`` (Linear-GELU-Linear).
-    - ``findings_prompt``: None, or the spec of :mod:`radfm3d.modeling.findings_prompt` (the encoder's reading of each
-      image written as ``findings_prompt["num_tokens"]`` text tokens after its visual tokens).
     """
 
     model_type = "radfm3d"
@@ -60,7 +62,6 @@ class RadFM3DConfig(PretrainedConfig):
     projector_type: Literal["linear", "mlp"] = "mlp"
     projector_bias: bool = True
     tie_word_embeddings: bool = False
-    findings_prompt: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -105,16 +106,32 @@ class RadFM3DConfig(PretrainedConfig):
             text["_name_or_path"] = ""
         return out
 
+    # ------------------------------------------------------------------ keys
+    @classmethod
+    def own_keys(cls) -> set[str]:
+        """The keys this config class defines (its fields and those of its RadFM3D parents)."""
+        keys: set[str] = set()
+        for klass in cls.__mro__:
+            if isinstance(klass, type) and issubclass(klass, RadFM3DConfig):
+                keys.update(getattr(klass, "__annotations__", {}))
+        return keys
+
+    @classmethod
+    def known_keys(cls) -> set[str]:
+        """Every key a ``config.json`` of this class may hold: :meth:`own_keys` and transformers' common ones."""
+        common: set[str] = set()
+        for klass in PretrainedConfig.__mro__:
+            common.update(getattr(klass, "__annotations__", {}))
+        common.update({"_name_or_path", "model_type", "auto_map", "architectures", "transformers_version", "dtype",
+                       "torch_dtype", "output_attentions", "output_hidden_states", "return_dict", "id2label",
+                       "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder"})
+        return {k for k in common if not k.startswith("__")} | cls.own_keys()
+
     # ------------------------------------------------------------------ helpers
     @property
-    def num_findings_tokens(self) -> int:
-        """Findings-prompt slots per image (0 without a findings prompt)."""
-        return int(self.findings_prompt["num_tokens"]) if self.findings_prompt else 0
-
-    @property
     def tokens_per_image(self) -> int:
-        """Placeholder tokens per image in the text: visual tokens + findings-prompt slots."""
-        return int(self.num_image_tokens) + self.num_findings_tokens
+        """Placeholder tokens per image in the text (the visual tokens; a subclass may add slots of its own)."""
+        return int(self.num_image_tokens)
 
     @property
     def vision(self) -> VisionConfig:
@@ -132,14 +149,22 @@ class RadFM3DConfig(PretrainedConfig):
     @classmethod
     def from_preset(cls, name_or_path: str | os.PathLike, **overrides: Any) -> RadFM3DConfig:
         """Build a config from a shipped preset name (``"tiny"``, ``"demo"``), a JSON file or a folder holding
-        ``config.json``. ``overrides`` replace top-level keys."""
+        ``config.json``. ``overrides`` replace top-level keys. A key the class does not know is a ``ValueError``
+        naming it, except in a model folder's ``config.json``, of which the keys of this class are read (a subclass's
+        own keys are checked by :meth:`RadFM3DForCausalLM.from_pretrained`)."""
         path = Path(name_or_path)
         candidates = [PRESET_DIR / f"{name_or_path}.json", path, path / "config.json"]
         for candidate in candidates:
             if candidate.is_file():
                 data = json.loads(candidate.read_text())
-                data = {k: v for k, v in data.items() if not k.startswith("_comment")}
+                data = {k: v for k, v in data.items() if not k.startswith("_comment") and k not in PRESET_EXTRA_KEYS}
                 data.update(overrides)
+                unknown = sorted(set(data) - cls.known_keys())
+                if candidate.name == "config.json":  # a model folder: its base part (a subclass adds its own keys)
+                    data = {k: v for k, v in data.items() if k not in unknown}
+                elif unknown:
+                    raise ValueError(f"{candidate}: unknown config key {unknown[0]!r} for {cls.__name__}"
+                                     + (f" (and {unknown[1:]})" if len(unknown) > 1 else ""))
                 data.pop("model_type", None)
                 return cls(**data)
         raise FileNotFoundError(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.configuration import RadFM3DConfig
-from radfm3d.modeling.findings_prompt import FindingsPrompter
 from radfm3d.modeling.resampler import PerceiverResampler
 from radfm3d.modeling.vision import VisionTransformer3D
 from radfm3d.utils import atomic_write
@@ -104,9 +102,6 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
                 self.extra_token_embeddings.weight.normal_(0.0, 1.0)
                 self.extra_token_embeddings.weight.mul_(base.std()).add_(base.mean(0))
         self.extra_token_embeddings.to(dtype=language_model.get_input_embeddings().weight.dtype)
-        self.findings_prompter: FindingsPrompter | None = None
-        if config.findings_prompt:
-            self.findings_prompter = FindingsPrompter(config.findings_prompt, vision_hidden, config.num_image_tokens)
         self.post_init()
 
     # ------------------------------------------------------------------ transformers plumbing
@@ -136,71 +131,14 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
 
     @property
     def tokens_per_image(self) -> int:
-        """Placeholders per image: ``num_image_tokens`` visual tokens + the findings-prompt slots (if any)."""
+        """Placeholders per image (``config.tokens_per_image``: the visual tokens, plus the slots a subclass adds)."""
         return int(self.config.tokens_per_image)
 
     def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(M, C, H, W, D)`` -> projected visual tokens ``(M, N, text_hidden)``, followed, with a findings prompt,
-        by the embedded reading ``(M, N + num_findings_tokens, text_hidden)``."""
+        """``(M, C, H, W, D)`` -> the ``(M, tokens_per_image, text_hidden)`` embeddings scattered into each image's
+        placeholders: the projected visual tokens (a subclass may append embeddings of its own)."""
         proj_dtype = next(self.projector.parameters()).dtype
-        if self.findings_prompter is None:
-            return self.projector(self.get_visual_latents(pixel_values).to(proj_dtype))
-        latents, tokens, grid = self.get_visual_latents(pixel_values, return_patch_tokens=True)
-        visual = self.projector(latents.to(proj_dtype))
-        readings = self._read(pixel_values, latents, tokens, grid)
-        reading_ids = self.findings_prompter.token_ids(readings, device=visual.device)
-        return torch.cat([visual, self.embed_tokens(reading_ids).to(visual.dtype)], dim=1)
-
-    @torch.no_grad()
-    def read_findings(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None,
-                      threshold: float | None = None) -> list[list[dict[str, Any]]]:
-        """The findings prompt's reading of each real image, ``pixel_values (B, S, C, H, W, D)`` -> B lists of
-        ``{"text", "modality", "region", "findings": [{"structure", "type", "score"}]}`` (empty lists without a
-        findings prompt); ``threshold`` overrides the prompt's own."""
-        if pixel_values.ndim == 5:
-            pixel_values = pixel_values.unsqueeze(1)
-        mask = self._image_mask(pixel_values, image_mask)
-        if self.findings_prompter is None or not bool(mask.any()):
-            return [[] for _ in range(pixel_values.shape[0])]
-        images = pixel_values[mask]
-        latents, tokens, grid = self.get_visual_latents(images, return_patch_tokens=True)
-        readings = iter(self._read(images, latents, tokens, grid, threshold=threshold))
-        return [[self.findings_prompter.describe(next(readings)) for real in row if real] for row in mask.tolist()]
-
-    @torch.no_grad()
-    def _read(self, images: torch.Tensor, latents: torch.Tensor, tokens: torch.Tensor, grid: Sequence[int],
-              threshold: float | None = None) -> list[dict[str, Any]]:
-        """The findings prompt's reading of ``images (M, C, H, W, D)`` from their encoder outputs, with one more
-        encoder pass per test-time shift of the prompt (``test_time_shifts``)."""
-        return self.findings_prompter.read(latents, tokens, grid, pixel_values=images, threshold=threshold,
-                                           shifted_latents=self._shifted_latents(images))
-
-    def _shifted_latents(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Resampler latents of ``images (M, C, H, W, D)`` moved by each of the findings prompt's
-        ``test_time_shifts`` (one encoder pass per shift; none without shifts)."""
-        from radfm3d.modeling.findings_prompt import shifted_volume
-
-        return [self.get_visual_latents(shifted_volume(images, shift))
-                for shift in self.findings_prompter.test_time_shifts]
-
-    def add_findings_prompt(self, spec: dict[str, Any], head_state: dict[str, torch.Tensor],
-                            replace: bool = False) -> None:
-        """Attach a findings prompt (``spec`` from :func:`build_findings_prompt_config`) with the trained heads of the
-        vision pre-training stage (``head_state``: ``head.*`` / ``patch_head.*`` (and, with ``spec["detector"]``,
-        ``detector.*``) tensors, e.g. the contents of ``structured_head.safetensors``). The processor must then expand
-        each image to ``tokens_per_image``. ``replace=True`` swaps an existing prompt for one with the same number of
-        slots (e.g. the same reading from a better detector under a trained LLM stage)."""
-        if self.findings_prompter is not None:
-            if not replace:
-                raise ValueError("the model already has a findings prompt")
-            if int(spec["num_tokens"]) != self.findings_prompter.num_tokens:
-                raise ValueError(f"a replacement findings prompt must keep {self.findings_prompter.num_tokens} "
-                                 f"slots, got {spec['num_tokens']}")
-        param = next(self.vision_model.parameters())
-        prompter = FindingsPrompter(spec, self.config.vision.hidden_size, self.num_image_tokens)
-        prompter.load_state_dict(dict(head_state), strict=True)
-        self.findings_prompter = prompter.to(device=param.device, dtype=param.dtype)
-        self.config.findings_prompt = dict(spec)
+        return self.projector(self.get_visual_latents(pixel_values).to(proj_dtype))
 
     def get_image_features(
         self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None
@@ -356,6 +294,38 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items_in_batch
 
     # ------------------------------------------------------------------ generation
+    def _check_generation_request(self, input_ids: torch.Tensor, gen_kwargs: dict[str, Any]) -> None:
+        """Refuse, before any compute, ``max_new_tokens < 1`` and a prompt (image placeholders included) that with
+        ``max_new_tokens`` does not fit the LLM's context (``text_config.max_position_embeddings``)."""
+        new = gen_kwargs.get("max_new_tokens")
+        if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 1):
+            raise RadFM3DInputError("generate", f"max_new_tokens must be a whole number >= 1, got {new!r}")
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        prompt = int(input_ids.shape[-1])
+        total = prompt + (int(new) if new is not None else 0)
+        max_length = gen_kwargs.get("max_length")
+        if new is None and isinstance(max_length, int):
+            total = max(total, max_length)
+        if total > int(limit):
+            raise RadFM3DInputError(
+                "generate", f"the prompt is {prompt} tokens after image-token expansion "
+                f"({self.tokens_per_image} per image){f' + max_new_tokens {new}' if new is not None else ''} = "
+                f"{total}, more than the LLM's context of {int(limit)} tokens")
+
+    def generation_stop_ids(self) -> tuple[Any, Any]:
+        """``(eos, pad)`` ids ``generate`` uses by default: the LLM's generation config, else its config (pad falls
+        back to eos)."""
+        gen_config = self.language_model.generation_config
+        eos = gen_config.eos_token_id if gen_config.eos_token_id is not None else self.config.text_config.eos_token_id
+        pad = gen_config.pad_token_id
+        if pad is None:
+            pad = self.config.text_config.pad_token_id
+        if pad is None:
+            pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+        return eos, pad
+
     @torch.no_grad()
     def generate(
         self,
@@ -367,18 +337,12 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
     ) -> Any:
         """Embed once (images scattered in), then run the LLM's own ``generate`` (KV cache, greedy/sampling,
         every HF option). Returns ``prompt ids + new ids`` (or the usual output object with ``.sequences``).
-        Left-pad batches (positions are taken from ``attention_mask``). With a findings prompt that snaps boxes
-        (spec ``snap_boxes``), the generated boxes are then moved onto the head's finding boxes
-        (:mod:`radfm3d.modeling.box_snapping`)."""
+        Left-pad batches (positions are taken from ``attention_mask``). ``max_new_tokens < 1`` and prompts longer
+        than the LLM's context raise :class:`~radfm3d.errors.RadFM3DInputError` before any compute."""
         gen_kwargs.pop("grid_geometry", None)  # so that ``model.generate(**processor(...))`` works as is
+        self._check_generation_request(input_ids, gen_kwargs)
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
-        gen_config = self.language_model.generation_config
-        eos = gen_config.eos_token_id if gen_config.eos_token_id is not None else self.config.text_config.eos_token_id
-        pad = gen_config.pad_token_id
-        if pad is None:
-            pad = self.config.text_config.pad_token_id
-        if pad is None:
-            pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+        eos, pad = self.generation_stop_ids()
         gen_kwargs.setdefault("eos_token_id", eos)
         gen_kwargs.setdefault("pad_token_id", pad)
         if attention_mask is None:
@@ -389,46 +353,9 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             input_ids=safe_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen_kwargs
         )
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        prompt_len = 0
         if sequences.shape[1] >= input_ids.shape[1] and torch.equal(sequences[:, : input_ids.shape[1]], safe_ids):
             sequences[:, : input_ids.shape[1]] = input_ids
-            prompt_len = input_ids.shape[1]
-        if pixel_values is not None and self.findings_prompter is not None and self.findings_prompter.snaps_boxes:
-            sequences = self._snap_boxes(sequences, prompt_len, pixel_values, image_mask, pad)
-            if isinstance(out, torch.Tensor):
-                return sequences
-            out.sequences = sequences
         return out
-
-    @torch.no_grad()
-    def _snap_boxes(self, sequences: torch.Tensor, prompt_len: int, pixel_values: torch.Tensor,
-                    image_mask: torch.Tensor | None, pad: int | None) -> torch.Tensor:
-        """Generated ``sequences (B, L)`` with the boxes after ``prompt_len`` moved onto the findings prompt's head
-        boxes (:mod:`radfm3d.modeling.box_snapping`); rows with one real image only (which image a box of a
-        several-image answer refers to is not known). Rows whose length changes are re-padded with ``pad``."""
-        from radfm3d.modeling.box_snapping import BoxTokens, snap_box
-
-        prompter = self.findings_prompter
-        codec = BoxTokens(prompter.spec["box_tokens"])
-        if pixel_values.ndim == 5:
-            pixel_values = pixel_values.unsqueeze(1)
-        mask = self._image_mask(pixel_values, image_mask)
-        rows = sequences.tolist()
-        spans = {b: found for b, row in enumerate(rows) if int(mask[b].sum()) == 1
-                 and (found := codec.find(row[prompt_len:]))}
-        if not spans:
-            return sequences
-        images = torch.stack([pixel_values[b][mask[b]][0] for b in spans])
-        candidates = prompter.site_boxes(self.get_visual_latents(images), images.shape[-3:],
-                                         self._shifted_latents(images))
-        for (b, found), boxes in zip(spans.items(), candidates):
-            snapped = [(start, end, snap_box(box, boxes["finding"], boxes["structure"])[0])
-                       for start, end, box in found]
-            rows[b] = rows[b][:prompt_len] + codec.rewrite(rows[b][prompt_len:], snapped)
-        width = max(len(row) for row in rows)
-        filler = int(pad if pad is not None else 0)
-        return torch.tensor([row + [filler] * (width - len(row)) for row in rows], dtype=sequences.dtype,
-                            device=sequences.device)
 
     # ------------------------------------------------------------------ training switches
     def freeze(
@@ -517,6 +444,59 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         return written
 
     @classmethod
+    def _read_config(cls, folder: Path) -> RadFM3DConfig:
+        """``folder/config.json`` -> this class's config; every key must be one the config class knows (a mistyped or
+        unknown key is a :class:`~radfm3d.errors.RadFM3DInputError` naming it)."""
+        path = folder / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RadFM3DInputError(path, f"not JSON ({err.msg})") from None
+        data = cls._migrate_config(data, folder)
+        config_class = cls.config_class
+        unknown = sorted(set(data) - config_class.known_keys())
+        if unknown:
+            raise RadFM3DInputError(path, f"unknown config key {unknown[0]!r}" + (
+                f" (and {unknown[1:]})" if len(unknown) > 1 else "") + f" for {config_class.__name__}; known keys: "
+                f"{', '.join(sorted(config_class.own_keys()))}"
+                + ("; this is an older findings model: `radfm3d findings-migrate FOLDER` rewrites its config"
+                   if "findings_prompt" in unknown else ""))
+        data.pop("model_type", None)
+        try:
+            return config_class(**data)
+        except (TypeError, ValueError) as err:
+            raise RadFM3DInputError(path, str(err)) from None
+
+    @classmethod
+    def _migrate_config(cls, data: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """Bring an older ``config.json`` (as a dict) up to this class's layout (nothing to do for the base)."""
+        return data
+
+    @classmethod
+    def _checkpoint_class(cls, folder: Path) -> type[RadFM3DForCausalLM]:
+        """The class a checkpoint folder names in its ``config.json`` ``auto_map`` (transformers' convention for
+        model classes outside transformers; only ``radfm3d.`` modules are imported), else ``cls``."""
+        import importlib
+
+        try:
+            data = json.loads((folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return cls
+        target = (data.get("auto_map") or {}).get("AutoModelForCausalLM")
+        if not target or target.rsplit(".", 1)[-1] == cls.__name__:
+            return cls
+        module_name, _, name = str(target).rpartition(".")
+        if not module_name.startswith("radfm3d."):
+            raise RadFM3DInputError(folder / "config.json", f"auto_map names {target!r}, outside radfm3d")
+        found = getattr(importlib.import_module(module_name), name, None)
+        if not (isinstance(found, type) and issubclass(found, RadFM3DForCausalLM)):
+            raise RadFM3DInputError(folder / "config.json", f"auto_map names {target!r}, not a RadFM3DForCausalLM")
+        if not issubclass(found, cls):
+            raise RadFM3DInputError(folder / "config.json", f"this checkpoint is a {found.__name__}, not a "
+                                    f"{cls.__name__}")
+        return found
+
+    @classmethod
     def from_pretrained(  # type: ignore[override]
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
@@ -527,22 +507,28 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
     ) -> RadFM3DForCausalLM:
         """Load a checkpoint folder (or build a fresh model from a preset name, e.g. ``"demo"``).
 
-        ``load_text_weights=False`` builds the LLM from ``config.text_config`` with random weights instead of loading
-        the named base (which stays named in the config, so a later save/load uses the real one): for work that never
-        runs the LLM, e.g. vision pre-training on a machine without the base LLM's files.
+        A folder whose ``config.json`` names a subclass in ``auto_map`` (e.g. a findings model) is loaded as that
+        class. ``load_text_weights=False`` builds the LLM from ``config.text_config`` with random weights instead of
+        loading the named base (which stays named in the config, so a later save/load uses the real one): for work
+        that never runs the LLM, e.g. vision pre-training on a machine without the base LLM's files.
 
         The named base LLM is loaded through :func:`radfm3d.modeling.llm.load_base_llm` (with ``dtype`` and
         ``device_map``; a relative ``text_model_name_or_path`` is looked up inside the checkpoint folder first, e.g.
-        ``"llm"`` for a converted RadFM); the saved parts are then loaded strictly (missing or unexpected keys raise).
+        ``"llm"`` for a converted RadFM); the saved parts are then loaded strictly (missing or unexpected keys raise)
+        and checked finite (a NaN/inf tensor raises naming it).
         """
         from radfm3d.modeling.llm import is_alias, load_base_llm
 
         source = Path(pretrained_model_name_or_path)
         is_folder = (source / "config.json").is_file()
         if is_folder:
-            config = RadFM3DConfig.from_pretrained(source)
+            klass = cls._checkpoint_class(source)
+            if klass is not cls:
+                return klass.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                             load_text_weights=load_text_weights, **kwargs)
+            config = cls._read_config(source)
         else:
-            config = RadFM3DConfig.from_preset(pretrained_model_name_or_path)
+            config = cls.config_class.from_preset(pretrained_model_name_or_path)
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         base_name = config.text_model_name_or_path
@@ -559,17 +545,29 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
             )
         if is_folder and (source / ADAPTER_CONFIG_NAME).is_file():
             language_model = _attach_adapter(language_model, source / ADAPTER_CONFIG_NAME)
-        model = cls(config, language_model=language_model)
+        model = cls._build_loaded(config, language_model, source if is_folder else None)
         device = language_model.get_input_embeddings().weight.device
         own_dtype = dtype if isinstance(dtype, torch.dtype) else None
-        for part in (model.vision_model, model.resampler, model.projector, model.extra_token_embeddings,
-                     model.findings_prompter):
-            if part is not None:
-                part.to(device=device if device.type != "meta" else "cpu", dtype=own_dtype)
+        for part in model._own_parts():
+            part.to(device=device if device.type != "meta" else "cpu", dtype=own_dtype)
         if is_folder:
             model._load_checkpoint_state(source)
         model.eval()
         return model
+
+    @classmethod
+    def _build_loaded(cls, config: RadFM3DConfig, language_model: PreTrainedModel, folder: Path | None
+                      ) -> RadFM3DForCausalLM:
+        """The model :meth:`from_pretrained` fills (a subclass may read more files of ``folder``)."""
+        return cls(config, language_model=language_model)
+
+    def _own_parts(self) -> list[nn.Module]:
+        """The parts outside the LLM (placed on the LLM's device when loading)."""
+        return [self.vision_model, self.resampler, self.projector, self.extra_token_embeddings]
+
+    def _upgrade_checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename / drop the keys of an older checkpoint layout (nothing to do for the base)."""
+        return state
 
     def _load_checkpoint_state(self, folder: Path) -> None:
         from safetensors import safe_open
@@ -583,6 +581,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
                 with_base = with_base or meta.get("radfm3d_with_base") == "True"
                 for key in handle.keys():
                     loaded[key] = handle.get_tensor(key)
+        loaded = self._upgrade_checkpoint_state(loaded)
         if not any(k.startswith("language_model.") and not _is_adapter_key(k) for k in loaded):
             with_base = False
         expected = set(self._checkpoint_state(with_base))
@@ -594,6 +593,9 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
                 f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
                 f"{' ...' if len(unexpected) > 20 else ''}",
             )
+        for name, tensor in loaded.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise RadFM3DInputError(folder, f"tensor {name!r} of the checkpoint holds NaN or inf values")
         result = self.load_state_dict(loaded, strict=False)
         still_missing = sorted(set(result.unexpected_keys))
         if still_missing:  # pragma: no cover - guarded by the key check above

@@ -331,7 +331,7 @@ class Engine:
         if meta is not None and "reading" in meta:
             return meta["reading"]
         reading = None
-        if getattr(self.model, "findings_prompter", None) is not None and hasattr(self.model, "read_findings"):
+        if getattr(self.model, "reader", None) is not None and hasattr(self.model, "read_findings"):
             param = next(self.model.parameters())
             pixels = torch.as_tensor(image.as_tensor() if hasattr(image, "as_tensor") else image)
             rows = self.model.read_findings(pixels[None, None].to(param.device, param.dtype))

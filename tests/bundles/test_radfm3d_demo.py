@@ -194,7 +194,7 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
     instructed = dict(load_trained_model(tmp_path / "instructed").named_parameters())
     assert torch.equal(instructed[vision_key], moved)  # frozen in the instruction stage
     assert any(k.startswith("resampler.") for k in instructed)
-    assert any(k.startswith("findings_prompter.") for k in instructed)
+    assert any(k.startswith("reader.head.") for k in instructed)
 
     record = json.loads((workdir / "phantoms" / "val.jsonl").read_text().splitlines()[0])
     scans = tmp_path / "scans"
@@ -210,34 +210,21 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
     assert reading["text"].startswith("Image reading: ") and reading["region"] in ("head", "chest", "abdomen")
     assert written["box_snapping"] is False  # the bundle's tiny model was not given box snapping
 
-    # a finding detector trained alone on finding-centred crops under the finished model (everything else frozen,
-    # no encoder pass), validated on whole scans, swapped into its findings prompt
-    detector_dir = tmp_path / "detector_stage"
-    overrides = {**_train_overrides(workdir), "model_name_or_path": str(tmp_path / "instructed"),
-                 "output_dir": str(tmp_path / "det"), "model_dir": str(detector_dir), "cache_dir": str(cache),
-                 "val_split": "train", "val_interval": 1, "load_text_weights": "false", "network_def#parts": "$[]",
-                 "detector": {"channels": [4, 4, 4, 4]}, "train_heads": "false", "detector_only": "true",
-                 "crop_size": [16, 16, 4], "crop_samples": 2, "detector_pos_weight": 10.0}
-    workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "pretrain_vision.json")],
-                              meta_file=META, logging_file=LOGGING, workflow_type="train", **overrides)
-    _check_workflow(workflow)
-    assert "val_detector_recall" in workflow.trainer.state.metrics
-    assert "val_modality_acc" not in workflow.trainer.state.metrics  # the encoder did not run
-    with_detector = tmp_path / "with_detector"
-    assert radfm3d_main(["findings-prompt", str(tmp_path / "instructed"), "--heads", str(detector_dir),
-                         "--out", str(with_detector), "--replace", "--threshold", "0.7"]) == 0
-    swapped = dict(load_trained_model(with_detector).named_parameters())
-    assert any(k.startswith("findings_prompter.detector.") for k in swapped)
+    # a new threshold for the instructed model's reader (its head, the LLM side and the slots unchanged)
+    with_threshold = tmp_path / "with_threshold"
+    assert radfm3d_main(["findings-prompt", str(tmp_path / "instructed"), "--out", str(with_threshold), "--replace",
+                         "--threshold", "0.7"]) == 0
+    swapped = dict(load_trained_model(with_threshold).named_parameters())
     assert all(torch.equal(v, swapped[k]) for k, v in instructed.items())  # the rest is the instructed model
     table = tmp_path / "reading.json"
-    assert radfm3d_main(["reading-threshold", str(with_detector), "--cases", str(workdir / "phantoms" / "cases.jsonl"),
+    assert radfm3d_main(["reading-threshold", str(with_threshold), "--cases", str(workdir / "phantoms" / "cases.jsonl"),
                          "--split", "all", "--cache", str(cache), "--json", str(table)]) == 0
     rows = json.loads(table.read_text())
     assert rows["sites"] > 0 and len(rows["table"]) == 7 and 0.0 <= rows["best"]["exact"] <= 1.0
-    overrides = {"bundle_root": str(BUNDLE), "model_dir": str(with_detector), "dataset_dir": str(scans),
-                 "output_dir": str(tmp_path / "out_detector"), "max_new_tokens": 2, "prompts": ["Which modality?"]}
+    overrides = {"bundle_root": str(BUNDLE), "model_dir": str(with_threshold), "dataset_dir": str(scans),
+                 "output_dir": str(tmp_path / "out_threshold"), "max_new_tokens": 2, "prompts": ["Which modality?"]}
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="infer", **overrides)
     _check_workflow(workflow)
-    assert json.loads((tmp_path / "out_detector" / "ct.json").read_text())["image_reading"]["text"].startswith(
+    assert json.loads((tmp_path / "out_threshold" / "ct.json").read_text())["image_reading"]["text"].startswith(
         "Image reading: ")

@@ -53,3 +53,15 @@ def test_finding_figures_micro_and_per_case():
     assert figs["finding_f1_per_case"].value == pytest.approx(5 / 9)
     for f in figs.values():
         assert f.low <= f.value <= f.high
+
+
+def test_vocabulary_follows_a_label_schema():
+    from radfm3d.evaluation.findings import extract_findings, load_vocabulary
+
+    schema = {"name": "mine", "finding_types": [{"name": "ground_glass", "phrase": " ground-glass opacity"}],
+              "structures": [{"name": "left_adrenal", "case": "adrenal/left"}]}
+    text = "There is a ground-glass opacity in the left adrenal."
+    assert extract_findings(text) == set()
+    vocab = load_vocabulary(schema)
+    assert extract_findings(text, vocab) == {("ground glass", "adrenal", "left")}
+    assert "mine" in vocab.source and load_vocabulary(schema) is vocab  # cached by content

@@ -323,3 +323,88 @@ def test_freeze_and_gradient_checkpointing(tmp_path):
     for n, p in m.named_parameters():
         if n in grads:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- refused requests and checkpoints
+def test_generate_refuses_bad_lengths_before_any_compute(model):
+    from radfm3d.errors import RadFM3DInputError
+
+    cfg = model.config
+    ids = sample(cfg, [1, "img", 5])
+    calls = []
+    hook = model.vision_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for bad in (0, -3, 2.5):
+            with pytest.raises(RadFM3DInputError, match="max_new_tokens"):
+                model.generate(ids, pixel_values=volumes(1, 0), max_new_tokens=bad)
+        limit = int(cfg.text_config.max_position_embeddings)
+        new = limit - ids.shape[1] + 1
+        with pytest.raises(RadFM3DInputError, match=rf"{ids.shape[1]} tokens after image-token expansion .*"
+                                                    rf"max_new_tokens {new} = {limit + 1}.*context of {limit}"):
+            model.generate(ids, pixel_values=volumes(1, 0), max_new_tokens=new)
+    finally:
+        hook.remove()
+    assert calls == []  # refused before the encoder ran
+
+
+def test_unknown_config_key_and_non_finite_weights_are_named(model, tmp_path):
+    from radfm3d.errors import RadFM3DInputError
+
+    model.save_pretrained(tmp_path / "ok")
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    bad = tmp_path / "typo"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((tmp_path / "ok" / "model.safetensors").read_bytes())
+    (bad / "config.json").write_text(json.dumps({**config, "num_image_token": 8}))
+    with pytest.raises(RadFM3DInputError, match="unknown config key 'num_image_token'"):
+        RadFM3DForCausalLM.from_pretrained(bad)
+    (bad / "config.json").write_text(json.dumps({**config, "projector_type": "conv"}))
+    with pytest.raises(RadFM3DInputError, match="projector_type"):
+        RadFM3DForCausalLM.from_pretrained(bad)
+    (bad / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "os.system"}}))
+    with pytest.raises(RadFM3DInputError, match="outside radfm3d"):
+        RadFM3DForCausalLM.from_pretrained(bad)
+    (bad / "config.json").write_text(json.dumps(config))
+    state = load_file(str(bad / "model.safetensors"))
+    state["resampler.latents"] = state["resampler.latents"].clone()
+    state["resampler.latents"][0, 0] = float("nan")
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt", "radfm3d_with_base": "True"})
+    with pytest.raises(RadFM3DInputError, match="'resampler.latents'.*NaN"):
+        RadFM3DForCausalLM.from_pretrained(bad)
+    with pytest.raises(ValueError, match="unknown config key 'colour'"):
+        RadFM3DConfig.from_preset("tiny", colour=1)
+
+
+def test_loading_prints_no_config_warnings(model, tmp_path):
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    model.save_pretrained(tmp_path)
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        RadFM3DForCausalLM.from_pretrained(tmp_path)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in messages if "model of type" in m]
+
+
+def test_modeling_imports_no_higher_room():
+    """The model room is the general VLM: no import of data, engine, evaluation or findings (static or lazy)."""
+    import ast
+    from pathlib import Path
+
+    import radfm3d.modeling
+
+    for path in Path(radfm3d.modeling.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("radfm3d.data", "radfm3d.engine", "radfm3d.evaluation",
+                                            "radfm3d.findings")), f"{path.name} imports {name}"

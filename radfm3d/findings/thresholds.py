@@ -1,13 +1,14 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""How good is a model's findings-prompt reading, site by site, and which threshold should it use?
+"""How good is a findings model's reading, site by site, and which threshold should it use?
 
-The reading (:mod:`radfm3d.modeling.findings_prompt`) names, for every finding site of the scan's region, the best
-finding type when its score passes the spec's threshold. Against the structured labels of ``cases.jsonl``
-(:func:`radfm3d.data.structured_labels.labels_for_image`), each (image, site) pair is one decision: does the site hold
-a finding, and of which type (the largest one's). :func:`reading_sites` scores every site once (threshold off),
-:func:`threshold_table` turns the scores into accuracy / recall / specificity / type accuracy per threshold, so the
-threshold can be chosen on a validation split (``radfm3d reading-threshold``) instead of guessed. Sites are read in
-the model's predicted region, as at inference; a wrong region counts every true site it hides as missed.
+The reading (:mod:`radfm3d.findings.reader`) names, for every finding site of the scan's region, the best finding
+type when its score passes the reader's threshold. Against the structured labels of ``cases.jsonl`` under the
+model's label schema (:func:`radfm3d.findings.labels.labels_for_image`), each (image, site) pair is one decision:
+does the site hold a finding, and of which type (the largest one's). :func:`reading_sites` scores every site once
+(threshold off), :func:`threshold_table` turns the scores into accuracy / recall / specificity / type accuracy
+per threshold, so the threshold can be chosen on a validation split (``radfm3d reading-threshold``) instead of
+guessed. Sites are read in the model's predicted region, as at inference; a wrong region counts every true site it
+hides as missed.
 """
 
 from __future__ import annotations
@@ -40,21 +41,24 @@ def reading_sites(model: Any, recipe: Any, cases_file: str | os.PathLike, split:
                   progress: bool = True) -> list[SiteScore]:
     """Score every finding site of every image of ``split`` (current scans and priors) with the model's reading.
 
-    ``model``: a ``RadFM3DForCausalLM`` with a findings prompt; ``recipe``: its ``PreprocessingRecipe`` (the
+    ``model``: a :class:`~radfm3d.findings.model.RadFM3DFindingsModel` whose schema has findings; ``recipe``: its
+    ``PreprocessingRecipe`` (the
     processor's ``recipe``); with ``cache_dir`` images go through the preprocessed-image cache.
     """
     from radfm3d.data.cache import PreprocessedImageCache
-    from radfm3d.data.structured_labels import STRUCTURES, structured_records
     from radfm3d.errors import RadFM3DInputError
+    from radfm3d.findings.labels import structured_records
     from radfm3d.utils import progress_bar
 
-    prompter = getattr(model, "findings_prompter", None)
-    if prompter is None:
-        raise RadFM3DInputError("model", "this model has no findings prompt, so there is no reading to score")
-    spec = prompter.spec
+    reader = getattr(model, "reader", None)
+    if reader is None:
+        raise RadFM3DInputError("model", "this model has no findings reader, so there is no reading to score")
+    schema = reader.schema
+    if not schema.has_findings:
+        raise RadFM3DInputError("model", f"the label schema {schema.name!r} has no finding sites to score")
     cache = PreprocessedImageCache(cache_dir, recipe) if cache_dir is not None else None
-    records = structured_records(cases_file, split=split)[: None if limit is None else int(limit)]
-    all_sites = {spec["structures"][s] for sites in spec["region_sites"] for s, _ in sites}
+    records = structured_records(cases_file, schema, split=split)[: None if limit is None else int(limit)]
+    all_sites = set(schema.all_site_structures())
     rows: list[SiteScore] = []
     bar = progress_bar(len(records), enabled=progress, desc="reading", unit="scan")
     try:
@@ -65,13 +69,13 @@ def reading_sites(model: Any, recipe: Any, cases_file: str | os.PathLike, split:
             for record, reading in zip(chunk, model.read_findings(pixels, threshold=-1.0)):
                 found = {f["structure"]: (f["score"], f["type"]) for f in reading[0]["findings"]}
                 label = record["label"]
-                for index, structure in enumerate(STRUCTURES):
+                for index, structure in enumerate(schema.structures):
                     if structure not in all_sites or label["structure_present"][index] <= 0:
                         continue
                     true_index = int(label["finding_type"][index])
                     score, kind = found.get(structure, (0.0, None))
                     rows.append(SiteScore(record["image"], structure, float(score), kind,
-                                          spec["finding_types"][true_index] if true_index >= 0 else None))
+                                          schema.finding_types[true_index] if true_index >= 0 else None))
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -116,16 +120,16 @@ def best_threshold(table: Sequence[dict[str, float]], key: str = "exact") -> dic
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """``radfm3d reading-threshold MODEL --cases CASES``: score the findings-prompt reading per threshold."""
+    """``radfm3d reading-threshold MODEL --cases CASES``: score the findings reading per threshold."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser(prog="radfm3d reading-threshold", description=(
-        "Score a model's findings-prompt reading site by site against the structured labels of a cases.jsonl split "
+        "Score a findings model's reading site by site against the structured labels of a cases.jsonl split "
         "and print accuracy, recall, specificity and type accuracy per threshold, to choose the threshold on "
         "validation data (set it with: radfm3d findings-prompt MODEL --replace --threshold T)."))
-    parser.add_argument("model", help="model folder with a findings prompt")
-    parser.add_argument("--cases", required=True, help="cases.jsonl with structured labels (phantom format)")
+    parser.add_argument("model", help="findings model folder")
+    parser.add_argument("--cases", required=True, help="cases.jsonl with structured labels")
     parser.add_argument("--split", default="val", help="split to score (default val; 'all' for every case)")
     parser.add_argument("--cache", default=None, help="preprocessed-image cache folder (optional)")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many images")
@@ -139,10 +143,11 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
     thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     model = load_trained_model(args.model)
-    rows = reading_sites(model, load_processor(args.model).recipe, args.cases, None if args.split == "all" else args.split, args.cache, args.limit)
+    rows = reading_sites(model, load_processor(args.model).recipe, args.cases,
+                         None if args.split == "all" else args.split, args.cache, args.limit)
     table = threshold_table(rows, thresholds)
     print(f"{len(rows)} sites, {sum(r.true_type is not None for r in rows)} with a finding; current threshold "
-          f"{model.findings_prompter.spec['threshold']}")
+          f"{model.reader.settings['threshold']}")
     print("threshold  accuracy  recall  specificity  balanced  type_acc  exact")
     for row in table:
         print(f"{row['threshold']:9.2f}  {row['accuracy']:8.3f}  {row['recall']:6.3f}  {row['specificity']:11.3f}  "

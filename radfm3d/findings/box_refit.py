@@ -1,7 +1,7 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""Re-fit the finding boxes of a finished model's findings-prompt head on more cases, everything else frozen.
+"""Re-fit the finding boxes of a finished findings model's head on more cases, everything else frozen.
 
-Box snapping (:mod:`radfm3d.modeling.box_snapping`) writes the latent head's ``finding_box`` into grounding answers,
+Box snapping (:mod:`radfm3d.findings.box_snapping`) writes the latent head's ``finding_box`` into grounding answers,
 so those boxes are worth training further; but the head also gives the reading the LLM was trained with. Only the
 rows of the head's last ``Linear`` that produce ``finding_box`` are trained here (the hidden layer, every other
 output, the encoder and the LLM keep their exact weights), so the reading, and every answer without a box, stay the
@@ -30,19 +30,19 @@ logger = logging.getLogger(__name__)
 def head_features(model: Any, recipe: Any, cases_file: str | os.PathLike, split: str | None,
                   cache_dir: str | os.PathLike | None = None, batch_size: int = 8, progress: bool = True
                   ) -> dict[str, torch.Tensor]:
-    """Every image of ``split`` (current scans and priors) -> ``{"hidden": (N, head_hidden)`` the findings-prompt
+    """Every image of ``split`` (current scans and priors) -> ``{"hidden": (N, head_hidden)`` the findings
     head's features before its last layer, ``"finding_box": (N, S, 6)`` unit-grid targets, ``"finding_mask": (N,
     S)}``. Without ``cache_dir`` the preprocessed images go through a temporary cache, removed afterwards."""
     import tempfile
 
-    from radfm3d.engine.pretraining import build_structured_dataset
+    from radfm3d.findings.pretraining import build_structured_dataset
     from radfm3d.utils import progress_bar
 
-    trunk = model.findings_prompter.head.net[:-1]
+    trunk = model.reader.head.net[:-1]
     hidden, boxes, masks = [], [], []
     with tempfile.TemporaryDirectory(prefix="radfm3d-refit-") as scratch:
         dataset = build_structured_dataset(cases_file, recipe, scratch if cache_dir is None else cache_dir,
-                                           split=split, include_priors=True)
+                                           model.reader.schema, split=split, include_priors=True)
         bar = progress_bar(len(dataset), enabled=progress, desc=f"features {Path(cases_file).parent.name}",
                            unit="scan")
         try:
@@ -64,7 +64,7 @@ def head_features(model: Any, recipe: Any, cases_file: str | os.PathLike, split:
 
 def _box_hit(weight: torch.Tensor, bias: torch.Tensor, data: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(hit@0.3, mean IoU) of the boxes from ``weight``/``bias`` over the labelled (image, structure) pairs."""
-    from radfm3d.modeling.box_snapping import box_iou
+    from radfm3d.findings.box_snapping import box_iou
 
     pred = torch.sigmoid(data["hidden"] @ weight.T + bias).reshape(data["finding_box"].shape)
     iou = box_iou(pred, data["finding_box"])[data["finding_mask"] > 0]
@@ -78,7 +78,7 @@ def fit_finding_box_rows(weight: torch.Tensor, bias: torch.Tensor, train: dict[s
     """Adam on the box rows ``weight (S*6, hidden)``, ``bias (S*6,)`` from their current values; returns the rows of
     the step with the best validation hit@0.3 (the start counts, so the result is never worse on val) and a report
     with the before/after figures and the per-evaluation history."""
-    from radfm3d.modeling.box_snapping import box_iou
+    from radfm3d.findings.box_snapping import box_iou
 
     generator = torch.Generator().manual_seed(int(seed))
     w, b = weight.detach().float().clone().requires_grad_(True), bias.detach().float().clone().requires_grad_(True)
@@ -115,7 +115,7 @@ def refit_finding_boxes(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                         val: tuple[str | os.PathLike, str | os.PathLike | None], train_split: str | None = "train",
                         val_split: str | None = "val", steps: int = 1000, learning_rate: float = 3e-4, seed: int = 0,
                         progress: bool = True) -> dict[str, Any]:
-    """Write ``out_dir``: the model of ``model_dir`` with its findings-prompt head's finding-box rows re-fitted on
+    """Write ``out_dir``: the model of ``model_dir`` with its findings head's finding-box rows re-fitted on
     the ``train_split`` images of each ``(cases.jsonl, cache folder or None)`` in ``train``, the step chosen on the
     ``val_split`` of ``val`` (None: every case); the report (also ``box_refit.json`` in ``out_dir``) has the figures."""
     from radfm3d.engine.training import load_processor
@@ -126,14 +126,16 @@ def refit_finding_boxes(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     # the base LLM is not needed (nor loaded): only the encoder, the resampler and the head run, and the written
     # folder names the same base
     model = RadFM3DForCausalLM.from_pretrained(model_dir, load_text_weights=False).eval()
-    if model.findings_prompter is None:
-        raise RadFM3DInputError(model_dir, "this model has no findings prompt, so there is no head to re-fit")
+    if getattr(model, "reader", None) is None:
+        raise RadFM3DInputError(model_dir, "this model has no findings reader, so there is no head to re-fit")
+    if not model.reader.schema.has("finding_box"):
+        raise RadFM3DInputError(model_dir, f"the label schema {model.reader.schema.name!r} has no finding boxes")
     processor = load_processor(model_dir)
     recipe = processor.recipe
     parts = [head_features(model, recipe, cases, train_split, cache, progress=progress) for cases, cache in train]
     train_data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     val_data = head_features(model, recipe, val[0], val_split, val[1], progress=progress)
-    head = model.findings_prompter.head
+    head = model.reader.head
     rows = head.finding_box_rows()
     last = head.net[-1]
     weight, bias, report = fit_finding_box_rows(last.weight[rows], last.bias[rows], train_data, val_data, steps,
@@ -162,9 +164,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="radfm3d refit-boxes", description=(
-        "Re-fit the finding boxes of a model's findings-prompt head (the boxes box snapping writes into grounding "
+        "Re-fit the finding boxes of a findings model's head (the boxes box snapping writes into grounding "
         "answers) on more cases; the reading, the encoder and the LLM keep their exact weights."))
-    parser.add_argument("model", help="model folder with a findings prompt")
+    parser.add_argument("model", help="findings model folder")
     parser.add_argument("--out", required=True, help="output model folder")
     parser.add_argument("--train", action="append", required=True, metavar="CASES[=CACHE]",
                         help="cases.jsonl (structured labels) and, optionally, its preprocessed-image cache folder; "

@@ -7,14 +7,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from radfm3d.engine.box_refit import fit_finding_box_rows, refit_finding_boxes
-from radfm3d.modeling.heads import StructuredFindingsHead
+from radfm3d.findings.box_refit import fit_finding_box_rows, refit_finding_boxes
+from radfm3d.findings.heads import StructuredFindingsHead
+from radfm3d.findings.schema import load_schema
 
 
-@pytest.mark.parametrize(("structures", "types", "modalities", "regions"), [(13, 5, 3, 3), (2, 1, 2, 4), (4, 3, 1, 1)])
-def test_finding_box_rows_are_exactly_the_finding_box_outputs(structures, types, modalities, regions):
-    head = StructuredFindingsHead(4, 2, structures, types, hidden=8, num_modalities=modalities,
-                                  num_regions=regions).eval()
+def _schema(phantom_schema, structures: int, types: int, modalities: int, regions: int):
+    data = phantom_schema.to_dict()
+    data["structures"] = data["structures"][:structures]
+    data["finding_types"] = data["finding_types"][:types]
+    data["modalities"], data["regions"] = data["modalities"][:modalities], data["regions"][:regions]
+    for s in data["structures"]:
+        s["regions"] = [r["name"] for r in data["regions"]]
+    data["finding_sites"] = {r["name"]: [[data["structures"][0]["name"], [data["finding_types"][0]["name"]]]]
+                             for r in data["regions"]}
+    return load_schema(data)
+
+
+@pytest.mark.parametrize(("structures", "types", "modalities", "regions"), [(13, 5, 3, 3), (2, 1, 2, 3), (4, 3, 1, 1)])
+def test_finding_box_rows_are_exactly_the_finding_box_outputs(phantom_schema, structures, types, modalities,
+                                                              regions):
+    head = StructuredFindingsHead(4, 2, _schema(phantom_schema, structures, types, modalities, regions),
+                                  hidden=8).eval()
     rows = head.finding_box_rows()
     assert rows.shape == (structures * 6,)
     latents = torch.randn(3, 2, 4)
@@ -52,35 +66,36 @@ def test_fit_finding_box_rows_learns_boxes_and_never_gets_worse_on_val():
     assert report["best_step"] == 0 and torch.equal(same_weight, new_weight) and torch.equal(same_bias, new_bias)
 
 
-def test_refit_changes_only_the_finding_box_rows(structured_phantoms: Path, tmp_path: Path):
-    """End to end on a tiny model with a findings prompt: the written model differs from the source in the finding-box
+def test_refit_changes_only_the_finding_box_rows(structured_phantoms: Path, tmp_path: Path, phantom_schema):
+    """End to end on a tiny findings model: the written model differs from the source in the finding-box
     rows of the head's last layer only, loads, and carries its report."""
     from safetensors.torch import load_file
 
     from radfm3d.cli import main
-    from radfm3d.engine.pretraining import attach_findings_prompt
+    from radfm3d.findings.attach import attach_findings_prompt
+    from radfm3d.findings.heads import VisionPretrainingModel
     from radfm3d.modeling.configuration import RadFM3DConfig
-    from radfm3d.modeling.heads import VisionPretrainingModel
     from radfm3d.modeling.model import RadFM3DForCausalLM
     from radfm3d.processing import RadFM3DProcessor
 
     torch.manual_seed(0)
     model = RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny"))
     stage0 = tmp_path / "stage0"
-    VisionPretrainingModel(model).save_pretrained(stage0)
+    VisionPretrainingModel(model, phantom_schema).save_pretrained(stage0)
     processor = RadFM3DProcessor.from_model_config("tiny")
     processor.save_pretrained(stage0)
     source = attach_findings_prompt(stage0, tmp_path / "source", num_tokens=120)
     out = tmp_path / "refit"
-    report = refit_finding_boxes(source, out, [(structured_phantoms, None)], (structured_phantoms, None), train_split=None,
+    report = refit_finding_boxes(source, out, [(structured_phantoms, None)], (structured_phantoms, None),
+                                 train_split=None,
                                  val_split=None, steps=30, learning_rate=1e-2, progress=False)
     assert report["train_images"] == report["val_images"] > 6  # 6 cases, some with a prior scan
     assert report["after"]["val"]["hit@0.3"] >= report["before"]["val"]["hit@0.3"]
     assert json.loads((out / "box_refit.json").read_text())["best_step"] == report["best_step"]
     before, after = load_file(str(source / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert before.keys() == after.keys()
-    rows = RadFM3DForCausalLM.from_pretrained(out, load_text_weights=False).findings_prompter.head.finding_box_rows()
-    last = "findings_prompter.head.net.4."
+    rows = RadFM3DForCausalLM.from_pretrained(out, load_text_weights=False).reader.head.finding_box_rows()
+    last = "reader.head.net.4."
     for key in before:
         if key in (last + "weight", last + "bias"):
             keep = torch.ones(len(before[key]), dtype=torch.bool)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from radfm3d.evaluation.reading import SiteScore, best_threshold, threshold_table
+from radfm3d.findings.thresholds import SiteScore, best_threshold, threshold_table
 
 
 def _rows() -> list[SiteScore]:
