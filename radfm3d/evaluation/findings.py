@@ -250,13 +250,15 @@ def case_scores(predicted: set[Finding], reference: set[Finding]) -> dict[str, f
 
 
 def finding_figures(
-    predictions: Sequence[str], references: Sequence[str], **bootstrap: Any
+    predictions: Sequence[str], references: Sequence[str], vocab: Vocabulary | None = None, **bootstrap: Any
 ) -> tuple[dict[str, Figure], list[dict[str, Any]]]:
     """Micro finding-level precision/recall/F1 over cases (bootstrap over cases), plus mean per-case F1.
 
-    -> (figures, per_case) with per_case[i] = {"predicted", "reference", "tp", "fp", "fn", "f1"}.
+    ``vocab``: the extractor's vocabulary (default :func:`load_vocabulary`; pass ``load_vocabulary(schema)`` to
+    score in a model's label schema). -> (figures, per_case) with per_case[i] = {"predicted", "reference", "tp",
+    "fp", "fn", "f1"}.
     """
-    vocab = load_vocabulary()
+    vocab = vocab or load_vocabulary()
     per_case, counts = [], []
     for pred, ref in zip(predictions, references):
         ps, rs = extract_findings(pred, vocab), extract_findings(ref, vocab)

@@ -311,7 +311,7 @@ def predicted_boxes_world_mm(entry: Mapping[str, Any], record: Mapping[str, Any]
 # ------------------------------------------------------------------------------------------------ scoring
 def _score_family(
     family: str, records: Sequence[Mapping[str, Any]], entries: Sequence[dict[str, Any]], *,
-    embeddings: bool, recipe: Any, geom_cache: dict, bootstrap: dict,
+    embeddings: bool, recipe: Any, geom_cache: dict, bootstrap: dict, vocab: Any = None,
 ) -> tuple[dict[str, M.Figure], list[dict[str, Any]], list[str]]:
     """Figures, per-case rows and notes of one family for one set of predictions."""
     kind = family_kind(family, records)
@@ -343,7 +343,7 @@ def _score_family(
                 figures["embedding_similarity"] = M.embedding_similarity(preds, answers, **bootstrap)
             except ImportError as err:
                 notes.append(f"embedding similarity skipped: {err}")
-        fig, per_case = finding_figures(preds, answers, **bootstrap)
+        fig, per_case = finding_figures(preds, answers, vocab=vocab, **bootstrap)
         if any(pc["reference"] for pc in per_case):
             figures.update(fig)
             for c, pc in zip(cases, per_case):
@@ -412,8 +412,12 @@ def evaluate_predictions(
     n_resamples: int = M.N_RESAMPLES,
     seed: int = M.BOOTSTRAP_SEED,
     name: str = "model",
+    label_schema: Any = None,
 ) -> dict[str, Any]:
     """Score predictions (and a blind baseline) on manifest records, grouped by task family.
+
+    label_schema: a label schema (JSON data or the path of its file) whose finding types, flags and structures join
+    the report finding-F1 vocabulary (:func:`radfm3d.evaluation.findings.load_vocabulary`).
 
     predictions: id -> text, or id -> {"prediction", "choice_logliks"?, "grid_geometry"?, "boxes_world_mm"?}.
     Records without a prediction count as an empty answer (listed under `missing`).
@@ -421,6 +425,7 @@ def evaluate_predictions(
        "notes"}}, "cases": {family: [...]}, "summary": [str]} (figures are Figure.to_dict()).
     """
     bootstrap = {"n_resamples": n_resamples, "seed": seed}
+    vocab = load_vocabulary(label_schema)
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in manifest_records:
         groups[task_family(r)].append(r)
@@ -438,7 +443,7 @@ def evaluate_predictions(
         for run, preds in runs.items():
             entries = [_entry(preds.get(str(r["id"]))) for r in recs]
             figs, cases, notes = _score_family(family, recs, entries, embeddings=embeddings, recipe=recipe,
-                                               geom_cache=geom_cache, bootstrap=bootstrap)
+                                               geom_cache=geom_cache, bootstrap=bootstrap, vocab=vocab)
             fam["figures" if run == "model" else "blind"] = {k: f.to_dict() for k, f in figs.items()}
             fam["notes"] += [f"{run}: {n}" for n in dict.fromkeys(notes)]
             if run == "model":
@@ -458,7 +463,7 @@ def evaluate_predictions(
         "meta": {"name": name, "n_records": len(manifest_records), "runs": sorted(runs),
                  "missing_predictions": {k: len(v) for k, v in missing.items()},
                  "bootstrap": {"n_resamples": n_resamples, "seed": seed, "interval": "percentile 95%"},
-                 "finding_vocabulary": load_vocabulary().source,
+                 "finding_vocabulary": vocab.source,
                  "units": {"bleu4": "fraction (sacrebleu/100)", "centre_error_mm": "mm, world RAS of the original scan"}},
         "families": families,
         "cases": all_cases,
@@ -742,6 +747,8 @@ def cli(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--no-blind", action="store_true", help="with --model: skip the blind baseline")
     p.add_argument("--no-embeddings", action="store_true", help="skip the sentence-encoder similarity")
     p.add_argument("--recipe", help="preprocessing.json used to place <box> answers (default: the model's)")
+    p.add_argument("--label-schema", help="label_schema.json whose findings join the report finding-F1 vocabulary "
+                                          "(default: the model's, when it has one)")
     p.add_argument("--n-resamples", type=int, default=M.N_RESAMPLES)
     p.add_argument("--seed", type=int, default=M.BOOTSTRAP_SEED)
     p.add_argument("--cases", type=int, default=4, help="grounding cases drawn on slices")
@@ -783,8 +790,11 @@ def cli(argv: Iterable[str] | None = None) -> int:
         preds, name = oracle_predictions(records), "oracle"
     else:
         preds, name = constant_predictions(records, train), "constant"
+    schema = args.label_schema
+    if schema is None and args.model and (Path(args.model) / "label_schema.json").is_file():
+        schema = Path(args.model) / "label_schema.json"
     scored = _without_failed(records, failures)
-    results = evaluate_predictions(scored, preds, blind, recipe=recipe, name=name, **common)
+    results = evaluate_predictions(scored, preds, blind, recipe=recipe, name=name, label_schema=schema, **common)
     _add_failures(results, failures)
     if not args.model:  # with --model they were written as they were made
         if (out / "run.json").is_file():  # these predictions are not a model run's any more

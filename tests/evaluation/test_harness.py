@@ -360,3 +360,23 @@ def test_evaluate_model_api_runs_the_blind_baseline_on_the_good_records_only(tin
     assert sorted({f["id"] for f in res["failures"]}) == ["corrupt", "missing", "two-images"]
     assert res["meta"]["runs"] == ["blind", "model"] and res["meta"]["missing_predictions"] == {"model": 0,
                                                                                                 "blind": 0}
+
+
+def test_report_finding_f1_speaks_the_label_schema(tmp_path):
+    """A schema's flags join the report finding-F1 vocabulary: reports in a CT-RATE-like vocabulary are scored
+    (and not without the schema); evaluate finds a model's label_schema.json by itself."""
+    schema = {"format": "radfm3d-label-schema", "version": 1, "name": "ct-rate-like", "outputs": ["flags"],
+              "flags": [{"name": "bronchiectasis", "phrase": " bronchiectasis"},
+                        {"name": "mosaic attenuation pattern", "phrase": " mosaic attenuation pattern"}]}
+    records = [{"id": f"r{i}", "task": "report", "images": [], "prompt": "Report.",
+                "answer": "There is bronchiectasis. No mosaic attenuation pattern."} for i in range(4)]
+    preds = {"r0": "There is bronchiectasis.", "r1": "Bronchiectasis.", "r2": "Normal study.", "r3": "Normal."}
+    plain = evaluate_predictions(records, preds, n_resamples=20, embeddings=False)
+    assert "finding_f1" not in plain["families"]["report"]["figures"]
+    scored = evaluate_predictions(records, preds, n_resamples=20, embeddings=False, label_schema=schema)
+    assert scored["families"]["report"]["figures"]["finding_recall"]["value"] == pytest.approx(0.5)
+    assert "ct-rate-like" in scored["meta"]["finding_vocabulary"]
+    path = tmp_path / "label_schema.json"
+    path.write_text(json.dumps(schema))
+    from_file = evaluate_predictions(records, preds, n_resamples=20, embeddings=False, label_schema=path)
+    assert from_file["families"]["report"]["figures"] == scored["families"]["report"]["figures"]
