@@ -12,7 +12,8 @@ Layout read (as published on the dataset card; ``--root`` is the folder holding 
 
 Per volume: a ``report`` record (findings + impression as the answer; the clinical information in the prompt), one
 closed ``vqa_presence`` record per abnormality (choices Yes./No.), and the 18 labels as structured ground truth
-(``ground_truth.labels``, schema ``ct-rate``: :data:`CT_RATE_ABNORMALITIES`). ``patient_id`` / ``study_id`` carry
+(``ground_truth.labels``, schema ``ct-rate``: :data:`CT_RATE_ABNORMALITIES`), written as ``label_schema.json``
+(a radfm3d label schema of per-scan flags) with ``cases.jsonl`` (one line per volume) for stage-0 training. ``patient_id`` / ``study_id`` carry
 the patient and scan keys. Geometry and HU come from the metadata row where the NIfTI header disagrees with it or
 lacks it: the record's ``image_meta`` then carries ``spacing_mm``, ``hu_rescale`` or ``stored_to_hu``
 (:mod:`radfm3d.data.image_meta`), and the import report names each such volume. Only NIfTI headers are read.
@@ -36,7 +37,7 @@ from radfm3d.data.importers.table_index import TableIndex, stream_csv
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.utils import atomic_write, progress_bar
 
-__all__ = ["CT_RATE_ABNORMALITIES", "import_ct_rate", "volume_path", "cli"]
+__all__ = ["CT_RATE_ABNORMALITIES", "import_ct_rate", "label_schema", "volume_path", "cli"]
 
 #: the 18 multi-abnormality label columns of CT-RATE, in the dataset's order
 CT_RATE_ABNORMALITIES: tuple[str, ...] = (
@@ -180,6 +181,40 @@ def _records_for(name: str, image: str, labels_row: Mapping[str, Any] | None, re
     return records, problems
 
 
+def label_schema() -> dict[str, Any]:
+    """CT-RATE's 18 abnormalities as a radfm3d label schema (per-scan flags only: no organs, no boxes), the file
+    :mod:`radfm3d.findings` trains and reads with (``radfm3d.findings.schema.load_schema``)."""
+    return {"format": "radfm3d-label-schema", "version": 1, "name": "ct-rate",
+            "description": "CT-RATE's 18 multi-abnormality labels (predicted from the reports by the dataset's "
+                           "authors) as per-scan flags.",
+            "outputs": ["flags"],
+            "flags": [{"name": label, "phrase": f" {label.lower()}"} for label in CT_RATE_ABNORMALITIES]}
+
+
+def _write_cases(out_dir: Path, splits: Sequence[str]) -> None:
+    """``cases.jsonl`` for stage-0 training on the flags: one line per volume with labels, from the manifests'
+    report records (``id``, ``split``, ``images.image`` relative to ``out_dir``, ``flags``: the positive labels)."""
+    from radfm3d.data.manifest import iter_jsonl
+    from radfm3d.utils import atomic_write as write
+
+    lines: list[str] = []
+    for split in splits:
+        manifest = out_dir / f"{split}.jsonl"
+        if not manifest.is_file():
+            continue
+        for _, record in iter_jsonl(manifest):
+            labels = (record.get("ground_truth") or {}).get("labels")
+            if record.get("task") != "report" or not labels:
+                continue
+            case = {"id": record["source"]["volume"], "split": split, "modality": "CT",
+                    "images": {"image": record["images"][0]},
+                    "flags": [name for name, value in labels.items() if value]}
+            if record.get("image_meta"):
+                case["image_meta"] = record["image_meta"][0]
+            lines.append(json.dumps(case) + "\n")
+    write(out_dir / "cases.jsonl", lambda tmp: Path(tmp).write_text("".join(lines), encoding="utf-8"))
+
+
 def import_ct_rate(root: str | os.PathLike, out: str | os.PathLike, *, splits: Sequence[str] = ("train", "valid"),
                    volumes: str = "auto", vqa: bool = True, progress: bool = True) -> ImportReport:
     """Import CT-RATE; writes ``train.jsonl`` / ``valid.jsonl``, ``label_schema.json`` and the import report.
@@ -268,10 +303,9 @@ def import_ct_rate(root: str | os.PathLike, out: str | os.PathLike, *, splits: S
     finally:
         state.close()
         index.close()
-    schema = {"name": "ct-rate", "scan_flags": list(CT_RATE_ABNORMALITIES),
-              "source": "CT-RATE multi_abnormality_labels (predicted from the reports by the dataset's authors)"}
     atomic_write(out_dir / "label_schema.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(schema, indent=1) + "\n"))
+                 lambda tmp: Path(tmp).write_text(json.dumps(label_schema(), indent=1) + "\n"))
+    _write_cases(out_dir, splits)
     report.extra["volumes"] = volumes_per_split
     report.extra["label_prevalence"] = {
         split: {label: round(n / max(1, volumes_per_split[split]), 4) for label, n in labels.items()}

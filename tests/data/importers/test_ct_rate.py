@@ -101,7 +101,15 @@ def test_ct_rate_records_labels_geometry_and_report(ct_rate, tmp_path):
     notes = [n for n in data["notes"] if n["where"] == "train_1_a_1.nii.gz"]
     assert len(notes) == 2 and data["geometry_fixes"] == 4
     assert data["label_prevalence"]["valid"]["Pleural effusion"] == 1.0
-    assert json.loads((out / "label_schema.json").read_text())["scan_flags"] == list(CT_RATE_ABNORMALITIES)
+    from radfm3d.findings.labels import structured_records
+    from radfm3d.findings.schema import load_schema
+
+    schema = load_schema(out / "label_schema.json")
+    assert schema.flags == CT_RATE_ABNORMALITIES and schema.outputs == ("flags",)
+    (case,) = structured_records(out / "cases.jsonl", schema, split="train")  # the second volume's labels are bad
+    assert case["id"] == "train_1_a_1.nii.gz" and case["image"].endswith("train_1_a_1.nii.gz")
+    assert case["label"]["flags"][CT_RATE_ABNORMALITIES.index("Lung nodule")] == 1.0
+    assert float(case["label"]["flags"].sum()) == 1.0
     assert report.summary_line().startswith("39 records")
 
 
