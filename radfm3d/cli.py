@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("radfm3d.io:cli", "read a scan and print its geometry, modality and the preprocessing summary"),
     "phantoms": ("radfm3d.data.phantoms:cli", "generate the RadPhantom synthetic benchmark (volumes + task manifests)"),
-    "import": ("radfm3d.data.importers:cli", "turn a dataset or a DICOM export into validated manifests (dicom-export, csv)"),
+    "import": ("radfm3d.data.importers:cli", "datasets and DICOM exports -> validated manifests (dicom-export, ct-rate, radgenome-chestct, m3d-cap, m3d-vqa, csv)"),
     "sample-tasks": ("radfm3d.data.manifest:cli", "write a task-balanced random subset of a manifest (training/test mix)"),
     "evaluate": ("radfm3d.evaluation.harness:cli", "score a model or a predictions file on a manifest"),
     "reading-threshold": ("radfm3d.findings.thresholds:cli", "score the findings reading per threshold on val cases"),
