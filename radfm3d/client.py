@@ -245,7 +245,8 @@ class RadFM3DClient:
                 if data == "[DONE]":
                     return
                 event = json.loads(data)
-                if "error" in event:
+                if "error" in event:  # an error after the stream started: its status from its type
                     err = event["error"]
-                    raise RadFM3DClientError(500, err.get("message", "stream error"), err.get("code"))
+                    status = {"invalid_request_error": 400, "timeout_error": 504}.get(str(err.get("type")), 500)
+                    raise RadFM3DClientError(status, err.get("message", "stream error"), err.get("code"))
                 yield event

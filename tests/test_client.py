@@ -92,6 +92,18 @@ def test_cancel_stops_reading_and_keeps_the_prefix(client):
     assert client.ask(info["id"], "Describe.", max_tokens=40).text == full  # the server is fine afterwards
 
 
+def test_a_request_past_the_context_is_a_400_in_both_modes(client):
+    """prompt + max_tokens beyond the LLM's context (tiny: 512): a client error with the numbers, streamed or not."""
+    from radfm3d.client import RadFM3DClientError
+
+    info = client.upload(CT)
+    for on_delta in (None, lambda _: None):
+        with pytest.raises(RadFM3DClientError) as err:
+            client.ask(info["id"], "Describe.", max_tokens=1000, on_delta=on_delta)
+        assert err.value.status == 400 and "context of 512 tokens" in str(err.value)
+    assert client.ask(info["id"], "Describe.", max_tokens=4).text is not None  # still serving
+
+
 def test_closing_a_stream_stops_generation_on_the_server(server, client):
     import time
 
@@ -99,12 +111,12 @@ def test_closing_a_stream_stops_generation_on_the_server(server, client):
     info = client.upload(CT)
     cancelled = engine.stats["cancelled"]
     cancel = threading.Event()
-    answer = client.ask(info["id"], "Describe.", max_tokens=1000, on_delta=lambda _: cancel.set(), cancel=cancel)
+    answer = client.ask(info["id"], "Describe.", max_tokens=480, on_delta=lambda _: cancel.set(), cancel=cancel)
     assert answer.finish_reason == "cancelled"
     deadline = time.time() + 60
     while engine.stats["cancelled"] == cancelled and time.time() < deadline:
         time.sleep(0.05)
-    assert engine.stats["cancelled"] == cancelled + 1  # the generation was stopped, not run to 1000 tokens
+    assert engine.stats["cancelled"] == cancelled + 1  # the generation was stopped, not run to 480 tokens
 
 
 def test_errors_are_clear(server):
