@@ -36,6 +36,7 @@ from radfm3d.errors import RadFM3DInputError
 from radfm3d.text.checks import check_context_length, check_text
 from radfm3d.text.prompts import IMAGE_PLACEHOLDER, format_chat, split_task
 from radfm3d.transforms import PreprocessingRecipe
+from radfm3d.utils import read_json_object
 
 __all__ = [
     "RadFM3DProcessor",
@@ -108,17 +109,6 @@ def _load_base_tokenizer(name_or_path: str | os.PathLike) -> Any:
                 raise RadFM3DInputError(name_or_path, "the base LLM has no tokenizer")
             return tokenizer
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object file, or ``RadFM3DInputError`` naming it (not UTF-8, invalid, nested too deeply, not an object)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise RadFM3DInputError(path, f"unreadable JSON ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict):
-        raise RadFM3DInputError(path, f"expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def _is_single_image(obj: Any) -> bool:
@@ -603,7 +593,7 @@ class RadFM3DProcessor:
         if not config_file.is_file():
             return cls.from_model_config(name_or_path, **overrides)
         try:
-            data = _read_json_object(config_file)
+            data = read_json_object(config_file)
         except RadFM3DInputError as err:
             raise RadFM3DInputError(config_file, f"unreadable processor config ({err.problem})") from None
         if "tokenizer" in data and data["tokenizer"] is None:
@@ -654,7 +644,7 @@ class RadFM3DProcessor:
             preset_file = PRESET_DIR / f"{name_or_path}.json"
             path = Path(name_or_path)
             source = preset_file if preset_file.is_file() else path if path.is_file() else path / "config.json"
-            preset_data = _read_json_object(source) if source.is_file() else {}
+            preset_data = read_json_object(source) if source.is_file() else {}
             if recipe is None and (path / "preprocessing.json").is_file():
                 recipe = PreprocessingRecipe.load(path)
         if recipe is None:

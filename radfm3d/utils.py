@@ -199,3 +199,19 @@ def _cut_torn_tail(path: Path) -> int:
             pos = start
         fh.truncate(0)
         return size
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object file, or ``RadFM3DInputError`` naming it (not UTF-8, invalid, nested too deeply, not an object)."""
+    import json
+
+    from radfm3d.errors import RadFM3DInputError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise RadFM3DInputError(path, f"unreadable JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise RadFM3DInputError(path, f"expected a JSON object, found {type(data).__name__}")
+    return data

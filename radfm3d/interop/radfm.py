@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from radfm3d.utils import progress_bar
+from radfm3d.utils import progress_bar, read_json_object
 from radfm3d.errors import RadFM3DInputError
 
 __all__ = [
@@ -418,15 +418,8 @@ RADFM_SPECIAL_IDS = {"unk_token": 0, "bos_token": 1, "eos_token": 2, "pad_token"
 
 
 def _read_json_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise RadFM3DInputError(path, f"unreadable JSON ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict):
-        raise RadFM3DInputError(path, f"expected a JSON object, found {type(data).__name__}")
-    return data
+    """A JSON object file ({} when absent), checked by :func:`radfm3d.utils.read_json_object`."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def load_radfm_tokenizer(folder: str | os.PathLike, model_max_length: int | None = None) -> Any:

@@ -25,7 +25,7 @@ from radfm3d.data.manifest import ManifestWriter, validate_record
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.utils import atomic_write
 
-__all__ = ["ImportReport", "ItemState", "split_of", "parse_fractions", "write_split_manifests", "check_out_dir",
+__all__ = ["ImportReport", "ItemState", "parse_splits", "split_of", "parse_fractions", "write_split_manifests", "check_out_dir",
            "relative_image_path"]
 
 SPLITS = ("train", "val", "test")
@@ -42,6 +42,16 @@ def parse_fractions(text: str | None) -> tuple[float, float, float] | None:
     if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6:
         raise ValueError(f"--split-fractions {text!r}: expected three non-negative fractions adding up to 1")
     return parts  # type: ignore[return-value]
+
+
+def parse_splits(parser: Any, text: str, known: Iterable[str], dataset: str) -> list[str]:
+    """``--split a,b`` as a list; an unknown name is a usage error (``parser.error``) listing the dataset's splits."""
+    known = list(known)
+    splits = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in splits if s not in known]
+    if bad or not splits:
+        parser.error(f"--split: unknown split(s) {bad or [text]}; {dataset} has {' and '.join(known)}")
+    return splits
 
 
 def split_of(key: str, fractions: Sequence[float], seed: int = 0) -> str:

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from radfm3d.data.importers.common import (ImportReport, ItemState, check_out_dir, relative_image_path,
+from radfm3d.data.importers.common import (ImportReport, ItemState, check_out_dir, parse_splits, relative_image_path,
                                            write_split_manifests)
 from radfm3d.data.importers.table_index import TableIndex, stream_csv
 from radfm3d.errors import RadFM3DInputError
@@ -329,10 +329,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-vqa", action="store_true", help="no per-abnormality questions")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    splits = [s.strip() for s in args.split.split(",") if s.strip()]
-    bad = [s for s in splits if s not in _TABLE_PREFIXES]
-    if bad:
-        parser.error(f"--split: unknown split(s) {bad}; CT-RATE has train and valid")
+    splits = parse_splits(parser, args.split, _TABLE_PREFIXES, "CT-RATE")
     report = import_ct_rate(args.root, args.out, splits=splits, volumes=args.volumes, vqa=not args.no_vqa,
                             progress=not args.no_progress)
     print(f"radfm3d import ct-rate: {report.summary_line()}; report: {Path(args.out) / 'report.md'}",

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from radfm3d.data.importers.common import (ImportReport, ItemState, check_out_dir, relative_image_path,
+from radfm3d.data.importers.common import (ImportReport, ItemState, check_out_dir, parse_splits, relative_image_path,
                                            write_split_manifests)
 from radfm3d.data.importers.table_index import TableIndex
 from radfm3d.errors import RadFM3DInputError
@@ -160,7 +160,7 @@ def import_radgenome(root: str | os.PathLike, out: str | os.PathLike, *, splits:
                              if (dataset / "radgenome_files" / f"{p}_region_report.csv").is_file()), None)
             if csv_path is None:
                 raise RadFM3DInputError(dataset / "radgenome_files", f"no {split} region report CSV")
-            index.load_grouped(f"{split}_region_report", csv_path, "Volumename")
+            index.load(f"{split}_region_report", csv_path, "Volumename", grouped=True)
             volumes = _volume_index(dataset / f"{split}_preprocessed")
             bar = progress_bar(index.count_groups(f"{split}_region_report"), enabled=progress,
                                desc=f"RadGenome {split}", unit="volume")
@@ -210,10 +210,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
                         help="a model folder or preprocessing.json: grounding answers on its grid (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    splits = [s.strip() for s in args.split.split(",") if s.strip()]
-    bad = [s for s in splits if s not in _REPORT_PREFIX]
-    if bad:
-        parser.error(f"--split: unknown split(s) {bad}; RadGenome-ChestCT has train and valid")
+    splits = parse_splits(parser, args.split, _REPORT_PREFIX, "RadGenome-ChestCT")
     report = import_radgenome(args.root, args.out, splits=splits, recipe=args.recipe, progress=not args.no_progress)
     print(f"radfm3d import radgenome-chestct: {report.summary_line()}; report: {Path(args.out) / 'report.md'}",
           file=sys.stderr)

@@ -53,20 +53,23 @@ class TableIndex:
         self._db.execute("CREATE TABLE IF NOT EXISTS sources (name TEXT PRIMARY KEY, signature TEXT)")
         self.duplicates: dict[str, list[tuple[int, str]]] = {}
 
-    def load(self, name: str, csv_path: str | os.PathLike, key_column: str) -> None:
+    def load(self, name: str, csv_path: str | os.PathLike, key_column: str, *, grouped: bool = False) -> None:
         """Index ``csv_path`` under ``name`` by ``key_column`` (skipped when already indexed from the same file).
 
-        Rows without a key are left out; a repeated key keeps its first row (the repeats are in ``duplicates``).
+        Rows without a key are left out. ``grouped=False``: one row per key, a repeated key keeps its first row (the
+        repeats are in ``duplicates``), read with :meth:`get`; ``grouped=True``: every row is kept (several sentences
+        per volume), read with :meth:`groups`.
         """
         csv_path = Path(csv_path)
         st = csv_path.stat()
-        signature = f"{csv_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{key_column}"
+        signature = f"{csv_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{key_column}|{'grouped' if grouped else ''}"
         done = self._db.execute("SELECT signature FROM sources WHERE name = ?", (name,)).fetchone()
         if done and done[0] == signature:
             return
         table = self._table(name)
         self._db.execute(f"DROP TABLE IF EXISTS {table}")
-        self._db.execute(f"CREATE TABLE {table} (key TEXT PRIMARY KEY, row_number INTEGER, row TEXT)")
+        unique = "key TEXT, row_number INTEGER PRIMARY KEY" if grouped else "key TEXT PRIMARY KEY, row_number INTEGER"
+        self._db.execute(f"CREATE TABLE {table} ({unique}, row TEXT)")
         repeats: list[tuple[int, str]] = []
         batch: list[tuple[str, int, str]] = []
         for row_number, row in stream_csv(csv_path, (key_column,)):
@@ -77,36 +80,14 @@ class TableIndex:
                 repeats += self._insert(table, batch)
                 batch = []
         repeats += self._insert(table, batch)
+        if grouped:
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_key ON {table} (key)")
         self.duplicates[name] = repeats
         self._db.execute("INSERT OR REPLACE INTO sources VALUES (?, ?)", (name, signature))
         self._db.commit()
 
-    def load_grouped(self, name: str, csv_path: str | os.PathLike, key_column: str) -> None:
-        """Index ``csv_path`` keeping every row per key (several sentences per volume); see :meth:`groups`."""
-        csv_path = Path(csv_path)
-        st = csv_path.stat()
-        signature = f"{csv_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{key_column}|grouped"
-        done = self._db.execute("SELECT signature FROM sources WHERE name = ?", (name,)).fetchone()
-        if done and done[0] == signature:
-            return
-        table = self._table(name)
-        self._db.execute(f"DROP TABLE IF EXISTS {table}")
-        self._db.execute(f"CREATE TABLE {table} (key TEXT, row_number INTEGER PRIMARY KEY, row TEXT)")
-        batch: list[tuple[str, int, str]] = []
-        for row_number, row in stream_csv(csv_path, (key_column,)):
-            key = (row.get(key_column) or "").strip()
-            if key:
-                batch.append((key, row_number, json.dumps(row)))
-            if len(batch) >= 2000:
-                self._db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?)", batch)
-                batch = []
-        self._db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?)", batch)
-        self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_key ON {table} (key)")
-        self._db.execute("INSERT OR REPLACE INTO sources VALUES (?, ?)", (name, signature))
-        self._db.commit()
-
     def groups(self, name: str) -> Iterator[tuple[str, list[tuple[int, dict[str, Any]]]]]:
-        """``(key, [(row number, row), ...])`` of a grouped table, keys in order of first appearance."""
+        """``(key, [(row number, row), ...])`` of a table loaded with ``grouped=True``, keys in order of first appearance."""
         table = self._table(name)
         keys = self._db.execute(f"SELECT key FROM {table} GROUP BY key ORDER BY MIN(row_number)").fetchall()
         for (key,) in keys:
