@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from radfm3d.modeling.model import causal_lm_loss
 
 __all__ = ["CausalLMLoss", "logits_of"]
 
@@ -29,8 +29,9 @@ def logits_of(pred: Any) -> torch.Tensor:
 class CausalLMLoss:
     """Next-token cross-entropy: logits (B, L, V) at position t predict ``labels`` (B, L) at t + 1.
 
-    Positions labelled ``ignore_index`` (-100: prompt, image and pad tokens) do not count. The loss is the mean over
-    the counted tokens of the batch, computed in float32 (also under bf16 autocast).
+    Positions labelled ``ignore_index`` (-100: prompt, image and pad tokens) and ids outside the vocabulary do not
+    count. The loss is the mean over the counted tokens of the batch in float32 (also under bf16 autocast):
+    :func:`radfm3d.modeling.model.causal_lm_loss`, the model's own loss.
     """
 
     def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
@@ -42,9 +43,4 @@ class CausalLMLoss:
             raise ValueError("CausalLMLoss needs labels (B, L); the batch has none")
         if logits.shape[:2] != labels.shape[:2]:
             raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ in (B, L)")
-        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-        if not bool((shift_labels != self.ignore_index).any()):
-            # no supervised token in the batch: a zero that still has a graph
-            return shift_logits.sum() * 0.0
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=self.ignore_index)
+        return causal_lm_loss(logits, labels, ignore_index=self.ignore_index)

@@ -30,7 +30,7 @@ from radfm3d.modeling.resampler import PerceiverResampler
 from radfm3d.modeling.vision import VisionTransformer3D
 from radfm3d.utils import atomic_write
 
-__all__ = ["RadFM3DPreTrainedModel", "RadFM3DForCausalLM", "WEIGHTS_NAME", "ADAPTER_CONFIG_NAME"]
+__all__ = ["RadFM3DPreTrainedModel", "RadFM3DForCausalLM", "causal_lm_loss", "WEIGHTS_NAME", "ADAPTER_CONFIG_NAME"]
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -44,6 +44,25 @@ def _is_adapter_key(name: str) -> bool:
 
 # options of ``from_pretrained`` handed to the base LLM's loader (accelerate offload, bitsandbytes int8)
 _LLM_LOAD_OPTIONS = ("max_memory", "offload_folder", "offload_state_dict", "quantization_config", "low_cpu_mem_usage")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """Shifted next-token cross-entropy in fp32: logits (B, L, V) at t predict labels (B, L) at t + 1.
+
+    ``ignore_index`` (prompt, image and pad positions) and ids outside the LLM vocabulary (image ids) do not count.
+    The mean over counted tokens, or their sum / ``num_items_in_batch`` (gradient accumulation); a batch without a
+    counted token gives a zero that keeps the graph.
+    """
+    labels = labels.to(logits.device)
+    labels = labels.masked_fill(labels >= logits.shape[-1], ignore_index)
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    if not bool((shift_labels != ignore_index).any()):
+        return shift_logits.sum() * 0.0
+    if num_items_in_batch is None:
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
 
 
 class RadFM3DPreTrainedModel(PreTrainedModel):
@@ -284,14 +303,8 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
     def loss_from_logits(
         self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Shifted next-token cross-entropy in fp32; -100 and ids outside the LLM vocabulary are ignored."""
-        labels = labels.to(logits.device)
-        labels = labels.masked_fill(labels >= logits.shape[-1], -100)
-        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
-        if num_items_in_batch is None:
-            return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items_in_batch
+        """:func:`causal_lm_loss` of ``logits`` (B, L, V) against ``labels`` (B, L)."""
+        return causal_lm_loss(logits, labels, num_items_in_batch)
 
     # ------------------------------------------------------------------ generation
     def _check_generation_request(self, input_ids: torch.Tensor, gen_kwargs: dict[str, Any]) -> None:
