@@ -130,8 +130,7 @@ def structured_records(cases_file: str | os.PathLike, schema: LabelSchema, split
                        include_priors: bool = True) -> list[dict[str, Any]]:
     """``cases.jsonl`` -> ``[{"image": absolute path, "label": labels_for_image(...), "id": ...}]`` for one split
     (None = all). Priors are separate images with their own findings."""
-    import json
-
+    from radfm3d.data.manifest import iter_jsonl
     from radfm3d.errors import RadFM3DInputError
 
     path = Path(cases_file)
@@ -139,27 +138,20 @@ def structured_records(cases_file: str | os.PathLike, schema: LabelSchema, split
         raise RadFM3DInputError(path, "cases file not found (the phantom generator writes cases.jsonl)")
     base = path.resolve().parent
     out: list[dict[str, Any]] = []
-    with path.open() as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                case = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RadFM3DInputError(path, f"line {line_no} is not JSON ({err.msg})") from None
-            if split is not None and case.get("split") != split:
-                continue
-            images = case.get("images") or {}
-            current = images.get("dicom") or images.get("image")
-            try:
-                out.append({"id": case["id"], "image": str(base / current),
-                            "label": labels_for_image(case, schema)})
-                if include_priors and case.get("prior") and images.get("prior"):
-                    out.append({"id": f"{case['id']}-prior", "image": str(base / images["prior"]),
-                                "label": labels_for_image(case, schema, prior=True)})
-            except (KeyError, ValueError, TypeError) as err:
-                raise RadFM3DInputError(path, f"line {line_no} ({case.get('id', '?')}): missing or bad field "
-                                        f"{err}") from None
+    for line_no, case in iter_jsonl(path):  # line-numbered errors: not UTF-8, invalid JSON, too deep, not an object
+        if split is not None and case.get("split") != split:
+            continue
+        images = case.get("images") or {}
+        current = images.get("dicom") or images.get("image")
+        try:
+            out.append({"id": case["id"], "image": str(base / current),
+                        "label": labels_for_image(case, schema)})
+            if include_priors and case.get("prior") and images.get("prior"):
+                out.append({"id": f"{case['id']}-prior", "image": str(base / images["prior"]),
+                            "label": labels_for_image(case, schema, prior=True)})
+        except (KeyError, ValueError, TypeError) as err:
+            raise RadFM3DInputError(path, f"line {line_no} ({case.get('id', '?')}): missing or bad field "
+                                    f"{err}") from None
     if not out:
         raise RadFM3DInputError(path, f"no cases in split {split!r}")
     return out

@@ -81,5 +81,5 @@ def test_bad_cases_file_is_named(tmp_path: Path, phantom_schema):
     with pytest.raises(RadFM3DInputError, match="line 1"):
         structured_records(bad, phantom_schema)
     bad.write_text("{oops\n")
-    with pytest.raises(RadFM3DInputError, match="not JSON"):
+    with pytest.raises(RadFM3DInputError, match="line 1: invalid JSON"):
         structured_records(bad, phantom_schema)
