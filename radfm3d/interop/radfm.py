@@ -356,7 +356,19 @@ def _release_source_pages(tensor: torch.Tensor) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``getrusage`` ``ru_maxrss``; bytes)."""
+    """Peak resident set size of this process's own memory so far (bytes).
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this address space. Not ``getrusage``'s
+    ``ru_maxrss``, which survives ``exec``: a converter started from a large parent (a test runner that has loaded
+    models) would report the parent's peak. Elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

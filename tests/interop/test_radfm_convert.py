@@ -380,3 +380,16 @@ def test_converted_folder_can_be_moved(converted: Path, tmp_path: Path, model) -
     pixels = torch.rand(1, 1, 3, 16, 16, 4)
     with torch.no_grad():
         torch.testing.assert_close(again.get_image_features(pixels), model.get_image_features(pixels))
+
+
+def test_peak_rss_is_this_process_not_the_parent_that_started_it() -> None:
+    """``ru_maxrss`` survives exec, so a converter started by a big test runner would report the runner's peak (the
+    big-conversion test failed that way under the full suite); peak_rss_bytes reads this address space's own mark."""
+    import numpy as np
+
+    ballast = np.ones(100_000_000)  # 800 MB resident in this (parent) process
+    code = "from radfm3d.interop.radfm import peak_rss_bytes; print(peak_rss_bytes())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 600 * 2**20 < ballast.nbytes
