@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
 
 from radfm3d.client import Answer, RadFM3DClient, RadFM3DClientError  # noqa: E402
 from tests.serve.server_utils import CT, DICOM, ThreadedServer, free_port, tiny_engine  # noqa: E402

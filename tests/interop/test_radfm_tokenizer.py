@@ -33,7 +33,7 @@ TEXTS = ["Is there a nodule in the right upper lobe?", "The liver is enlarged (3
 @pytest.fixture(scope="module")
 def language_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Language_files folder: a real sentencepiece model (LLaMA's trainer settings at a vocabulary of 400)."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     folder = tmp_path_factory.mktemp("Language_files")
     corpus = folder.parent / "corpus.txt"
     lines = ["The chest CT shows a 12 mm nodule in the right upper lobe.", "No acute findings!",

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("multipart")
 
 from fastapi.testclient import TestClient  # noqa: E402
 

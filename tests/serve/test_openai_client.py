@@ -10,9 +10,8 @@ import shutil
 
 import pytest
 
-openai = pytest.importorskip("openai")
-psutil = pytest.importorskip("psutil")
-pytest.importorskip("uvicorn")
+import openai  # noqa: E402 - the test extra
+import psutil  # noqa: E402
 
 from tests.serve.server_utils import CT, start_server, stop_server  # noqa: E402
 

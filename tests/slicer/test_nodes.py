@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module here is not Slicer's (install slicer-core)", allow_module_level=True)
-nib = pytest.importorskip("nibabel")
-nrrd = pytest.importorskip("nrrd")
+import slicer  # noqa: E402 - Slicer's classes from slicer-core (the test extra)
+
+assert hasattr(slicer, "vtkMRMLScene"), "the 'slicer' module here is not Slicer's: pip install slicer-core"
+import nibabel as nib  # noqa: E402
+import nrrd  # noqa: E402
 
 from radfm3d.io import load_image  # noqa: E402
 from radfm3d.slicer.nodes import (  # noqa: E402

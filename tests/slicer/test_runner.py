@@ -10,10 +10,9 @@ import threading
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' module here is not Slicer's (install slicer-core)", allow_module_level=True)
-pytest.importorskip("fastapi")
+import slicer  # noqa: E402 - Slicer's classes from slicer-core (the test extra)
+
+assert hasattr(slicer, "vtkMRMLScene"), "the 'slicer' module here is not Slicer's: pip install slicer-core"
 
 from radfm3d.client import RadFM3DClient  # noqa: E402
 from radfm3d.slicer import LocalRunner, write_nrrd  # noqa: E402
