@@ -59,3 +59,19 @@ def structured_phantoms(tmp_path_factory) -> Path:
     generate_phantoms(root, n=6, seed=3, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10), dicom_fraction=0.0,
                       prior_fraction=0.5, progress=False)
     return root / "cases.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny-preset model folder (random weights, seed 0) with its processor; read-only for the tests using it."""
+    import torch
+
+    from radfm3d.modeling.configuration import RadFM3DConfig
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+    from radfm3d.processing import RadFM3DProcessor
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny")).save_pretrained(out)
+    RadFM3DProcessor.from_model_config("tiny").save_pretrained(out)
+    return out

@@ -164,16 +164,21 @@ def _iter_lines(path: Path) -> Iterable[tuple[int, Any, str | None]]:
     The file is read as bytes and each line decoded on its own, so a non-UTF-8 byte is reported with its line
     number (and the other lines are still checked); json's ``RecursionError`` on deeply nested input is a problem
     of that line, not a crash."""
+    for lineno, raw in _raw_lines(path):
+        obj, problem = _decode_line(raw, lineno)
+        yield lineno, obj, problem
+
+
+def _raw_lines(path: Path) -> Iterable[tuple[int, bytes]]:
+    """``(line number, raw bytes)`` of every non-blank line, streamed; an unreadable file is named."""
     try:
         fh = open(path, "rb")
     except OSError as exc:
         raise RadFM3DInputError(path, f"cannot be read ({exc.strerror or exc})") from None
     with fh:
         for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            obj, problem = _decode_line(raw, lineno)
-            yield lineno, obj, problem
+            if raw.strip():
+                yield lineno, raw
 
 
 def iter_jsonl(path: str | os.PathLike, *, objects_only: bool = True,
@@ -187,17 +192,10 @@ def iter_jsonl(path: str | os.PathLike, *, objects_only: bool = True,
     path = Path(path)
     if not path.is_file():
         raise RadFM3DInputError(path, "file not found" if not path.exists() else "not a file")
-    try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise RadFM3DInputError(path, f"cannot be read ({exc.strerror or exc})") from None
-    with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            if allow_partial_last_line and not raw.endswith(b"\n") and _decode_line(raw, lineno)[1] is not None:
-                return  # only the last line of a file can lack its newline
-            yield _checked(path, lineno, raw, objects_only)
+    for lineno, raw in _raw_lines(path):
+        if allow_partial_last_line and not raw.endswith(b"\n") and _decode_line(raw, lineno)[1] is not None:
+            return  # only the last line of a file can lack its newline
+        yield _checked(path, lineno, raw, objects_only)
 
 
 def _checked(path: Path, lineno: int, raw: bytes, objects_only: bool) -> tuple[int, Any]:

@@ -70,22 +70,6 @@ def test_output_names_are_unique_within_a_run():
     assert output_names(["d/a.nii", "d/a.nii"]) == ["d_a.nii_1", "d_a.nii_2"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny-preset model folder (random weights) with its processor."""
-    import torch
-
-    from radfm3d.modeling.configuration import RadFM3DConfig
-    from radfm3d.modeling.model import RadFM3DForCausalLM
-    from radfm3d.processing import RadFM3DProcessor
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny")).save_pretrained(out)
-    RadFM3DProcessor.from_model_config("tiny").save_pretrained(out)
-    return out
-
-
 def _scan_folder(folder: Path) -> Path:
     """A corrupt .nii.gz first, then ct.nii.gz and ct.nrrd (one volume, two formats, one stem)."""
     import nibabel as nib

@@ -211,22 +211,6 @@ def test_finding_f1_is_not_reported_when_references_name_no_findings():
 
 
 # ------------------------------------------------------------------------------------ evaluate --model in batches
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny-preset model folder (random weights) with its processor."""
-    import torch
-
-    from radfm3d.modeling.configuration import RadFM3DConfig
-    from radfm3d.modeling.model import RadFM3DForCausalLM
-    from radfm3d.processing import RadFM3DProcessor
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny")).save_pretrained(out)
-    RadFM3DProcessor.from_model_config("tiny").save_pretrained(out)
-    return out
-
-
 def _batch_manifest(folder: Path) -> Path:
     """5 good records on one scan, plus one whose image is missing, one whose image is corrupt and one whose prompt
     names two images for its one."""

@@ -75,23 +75,14 @@ def test_m3d_vqa_closed_and_open_records(m3d, tmp_path, capsys):
     assert "no M3D-Cap JSON" in capsys.readouterr().err
 
 
-def test_an_imported_manifest_evaluates_unchanged(m3d, tmp_path):
+def test_an_imported_manifest_evaluates_unchanged(m3d, tmp_path, tiny_model_dir):
     """radfm3d evaluate --model runs on an imported manifest: the records' image_meta (M3D's array layout) is applied
     when the images are read, every record gets a prediction, closed questions get choice likelihoods."""
-    import torch
-
     from radfm3d.evaluation.harness import cli as evaluate_cli, read_predictions
-    from radfm3d.modeling.configuration import RadFM3DConfig
-    from radfm3d.modeling.model import RadFM3DForCausalLM
-    from radfm3d.processing import RadFM3DProcessor
 
     out = tmp_path / "vqa"
     import_m3d_vqa(m3d, out, csv_paths={"test": m3d / "M3D_VQA_test.csv"}, progress=False)
-    torch.manual_seed(0)
-    model_dir = tmp_path / "model"
-    RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny")).save_pretrained(model_dir)
-    RadFM3DProcessor.from_model_config("tiny").save_pretrained(model_dir)
-    assert evaluate_cli(["--manifest", str(out / "test.jsonl"), "--model", str(model_dir), "--out",
+    assert evaluate_cli(["--manifest", str(out / "test.jsonl"), "--model", str(tiny_model_dir), "--out",
                          str(tmp_path / "eval"), "--no-blind", "--no-embeddings", "--n-resamples", "20",
                          "--max-new-tokens", "2"]) == 0
     predictions = read_predictions(tmp_path / "eval" / "predictions.jsonl")
