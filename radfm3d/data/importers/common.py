@@ -140,19 +140,15 @@ class ItemState:
     """
 
     def __init__(self, out: Path, name: str) -> None:
+        from radfm3d.data.manifest import iter_jsonl
+        from radfm3d.utils import JsonlAppender
+
         self.path = out / ".import_state" / f"{name}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._done: dict[str, Any] = {}
-        if self.path.is_file():
-            with open(self.path, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    try:
-                        entry = json.loads(line)
-                        self._done[entry["key"]] = entry["value"]
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a line torn by a kill
+        # the appender cuts a line torn by a kill first; lines are flushed, not fsync-ed (a state file is a cache:
+        # losing its tail to a power cut only means reading those items again)
+        self._appender = JsonlAppender(self.path, fsync=False)
+        self._done: dict[str, Any] = {entry["key"]: entry["value"] for _, entry in iter_jsonl(self.path)}
         self.reused = 0
-        self._fh = open(self.path, "a", encoding="utf-8")
 
     def get(self, key: str) -> Any:
         if key in self._done:
@@ -165,11 +161,10 @@ class ItemState:
 
     def put(self, key: str, value: Any) -> None:
         self._done[key] = value
-        self._fh.write(json.dumps({"key": key, "value": value}, default=str) + "\n")
-        self._fh.flush()
+        self._appender.write({"key": key, "value": value})
 
     def close(self) -> None:
-        self._fh.close()
+        self._appender.close()
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:
