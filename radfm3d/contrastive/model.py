@@ -126,6 +126,12 @@ def box_patch_mask(boxes: torch.Tensor, grid: tuple[int, int, int], patch_size: 
     return (inside | centre).reshape(boxes.shape[0], -1)
 
 
+def _require(batch: dict[str, Any], key: str) -> Any:
+    if batch.get(key) is None:
+        raise RadFM3DInputError("batch", f"the contrastive batch has no {key!r} (see docs/dev/CONTRACTS.md)")
+    return batch[key]
+
+
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(T, L, H)`` averaged over the positions where ``mask (T, L)`` is 1 -> ``(T, H)``."""
     weights = mask.to(hidden.dtype).unsqueeze(-1)
@@ -276,7 +282,7 @@ class RadFM3DCLIPModel(PreTrainedModel):
         out. Each present series goes through the ViT and the resampler once for all levels.
         """
         weights = dict(self.config.level_weights if level_weights is None else level_weights)
-        pixel_values = batch["pixel_values"]
+        pixel_values = _require(batch, "pixel_values")
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(1)
         if pixel_values.ndim != 6:
@@ -300,9 +306,12 @@ class RadFM3DCLIPModel(PreTrainedModel):
         row = torch.full(mask.shape, -1, dtype=torch.long, device=device)
         row[mask] = torch.arange(pooled.shape[0], device=device)
         if want["scan"] or want["study"]:
-            reports = F.normalize(self.get_text_features(batch["report_input_ids"],
+            reports = F.normalize(self.get_text_features(_require(batch, "report_input_ids"),
                                                          batch.get("report_attention_mask")).float(), dim=-1)
-            report_group = batch["report_group"].to(device)
+            report_group = _require(batch, "report_group").to(device)
+            if report_group.shape != (mask.shape[0],):
+                raise RadFM3DInputError("report_group", f"expected ({mask.shape[0]},) ids, one per item, got "
+                                        f"{tuple(report_group.shape)}")
         if want["scan"]:
             item = mask.nonzero()[:, 0]
             images = F.normalize(self._project_image(pooled).float(), dim=-1)
@@ -324,14 +333,17 @@ class RadFM3DCLIPModel(PreTrainedModel):
             rows = row[index[:, 0], index[:, 1]]
             if bool((rows < 0).any()):
                 raise RadFM3DInputError("structure_index", "a structure points at an absent series (image_mask)")
-            select = box_patch_mask(batch["structure_boxes"].to(device), grid, self.config.vision.patch_size)
+            boxes = _require(batch, "structure_boxes").to(device)
+            if boxes.shape[0] != index.shape[0]:
+                raise RadFM3DInputError("structure_boxes", f"{boxes.shape[0]} boxes for {index.shape[0]} structures")
+            select = box_patch_mask(boxes, grid, self.config.vision.patch_size)
             weights_rt = select.to(tokens.dtype) / select.sum(dim=1, keepdim=True).to(tokens.dtype)
             regions = torch.bmm(weights_rt.unsqueeze(1), tokens[rows]).squeeze(1)  # (R, hidden)
             head = self.structure_projection
             images = F.normalize(head(regions.to(head[1].weight.dtype)).float(), dim=-1)
-            sentences = F.normalize(self.get_text_features(batch["structure_input_ids"],
+            sentences = F.normalize(self.get_text_features(_require(batch, "structure_input_ids"),
                                                            batch.get("structure_attention_mask")).float(), dim=-1)
-            group = batch["structure_group"].to(device)
+            group = _require(batch, "structure_group").to(device)
             levels["structure"] = (images, sentences, group, group)
         ordered = ContrastiveLevels({k: levels[k] for k in LEVELS if k in levels})
         ordered.logit_scale = levels.logit_scale
@@ -354,9 +366,9 @@ class RadFM3DCLIPModel(PreTrainedModel):
         self.vision_model.set_gradient_checkpointing(enable)
         self.resampler.set_gradient_checkpointing(enable)
         if enable:
-            self.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.text_model.activation_checkpointing_enable({"use_reentrant": False})
         else:
-            self.text_model.gradient_checkpointing_disable()
+            self.text_model.activation_checkpointing_disable()
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> list[Path]:  # type: ignore[override]

@@ -205,6 +205,40 @@ def test_encode_batch_rejects_a_structure_on_an_absent_series(model):
         model.encode_batch(batch)
 
 
+def test_encode_batch_names_a_missing_key(model):
+    batch = make_batch()
+    del batch["report_group"]
+    with pytest.raises(RadFM3DInputError, match="'report_group'"):
+        model.encode_batch(batch)
+    batch = make_batch()
+    batch["structure_boxes"] = batch["structure_boxes"][:1]
+    with pytest.raises(RadFM3DInputError, match="1 boxes for 2 structures"):
+        model.encode_batch(batch)
+
+
+def test_gradient_checkpointing_and_bf16_autocast_keep_the_levels():
+    model = tiny_model()
+    model.train()
+    batch = make_batch()
+    torch.manual_seed(0)
+    reference = model.encode_batch(batch)
+    model.set_gradient_checkpointing(True)
+    torch.manual_seed(0)
+    checkpointed = model.encode_batch(batch)
+    total, _ = MultiLevelContrastiveLoss(model.config.level_weights)(checkpointed)
+    total.backward()
+    assert model.vision_model.patch_embedding.proj.weight.grad is not None
+    assert model.text_model.embeddings.word_embeddings.weight.grad is not None
+    for level in reference:
+        assert torch.allclose(reference[level][0], checkpointed[level][0], atol=1e-5)
+    model.set_gradient_checkpointing(False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.encode_batch(batch)
+    for level in reference:
+        assert low[level][0].dtype == torch.float32
+        assert torch.allclose(reference[level][0].detach(), low[level][0], atol=0.1)
+
+
 def test_attention_and_mean_fusion():
     mean_model = tiny_model(study_fusion="mean")
     assert not list(mean_model.study_fusion.parameters())
