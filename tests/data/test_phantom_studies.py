@@ -139,8 +139,8 @@ def test_studies_are_additive_in_a_generated_set(tmp_path, workers):
         else:
             assert b[name] == data, name
     assert summary["generated"] == 5 and summary["studies"] == 2
-    studies = [r for split in ("train", "val", "test") for r in read_manifest(mixed / f"{split}.jsonl", check_files=True)
-               if r["task"] == "study_report"]
+    studies = [r for split in ("train", "val", "test")
+               for r in read_manifest(mixed / f"{split}.jsonl", check_files=True) if r["task"] == "study_report"]
     assert sorted(r["study_id"] for r in studies) == ["study-000000", "study-000001"]
     from radfm3d.data.manifest import check_patient_splits
 

@@ -259,7 +259,8 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
         summary["failed"] = failed
     write_json_atomic(summary, out / "dataset.json")
     if failed:
-        raise PhantomGenerationError(f"{len(failed)} of {n + studies} cases failed (recorded in {out / 'dataset.json'})",
+        raise PhantomGenerationError(f"{len(failed)} of {n + studies} cases failed (recorded in "
+                                     f"{out / 'dataset.json'})",
                                      summary)
     return summary
 

@@ -38,8 +38,8 @@ import numpy as np
 from radfm3d.data.phantoms.anatomy import SPLITS
 from radfm3d.data.phantoms.render import PhantomScan
 
-__all__ = ["case_paths", "study_paths", "write_volume_nifti", "write_volume_dicom", "write_json_atomic", "cleanup_temporaries",
-           "write_manifests", "dicom_uid"]
+__all__ = ["case_paths", "study_paths", "write_volume_nifti", "write_volume_dicom", "write_json_atomic",
+           "cleanup_temporaries", "write_manifests", "dicom_uid"]
 
 _TMP_TAG = ".tmp-"
 _SHARD_SIZE = 1000
