@@ -218,6 +218,7 @@ def test_clip_records_and_dataset(tmp_path, scans, tokenizer):
     assert got[0]["images"] == [str((tmp_path / "img" / "ct.nii.gz").resolve())]
     assert got[0]["report_structures"][0]["mask"] == str((tmp_path / "img" / "t1.nii.gz").resolve())
     assert [r["id"] for r in clip_records(tmp_path / "m.jsonl", tasks=None)] == ["r", "q", "m"]
+    assert [r["id"] for r in clip_records(tmp_path, split="m")] == ["r", "m"]  # a folder and a split name
     ds = build_clip_dataset(tmp_path / "m.jsonl", RECIPE, tmp_path / "cache", limit=1, warm=True)
     assert len(ds) == 1 and len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1
     batch = ClipCollate(tokenizer, RECIPE, tmp_path / "cache")([ds[0]])
@@ -229,16 +230,32 @@ def test_clip_records_and_dataset(tmp_path, scans, tokenizer):
         clip_records(tmp_path / "bad.jsonl")
 
 
+def test_image_meta_corrections_move_the_boxes(tokenizer, scans):
+    """A record's image_meta spacing correction changes the series' grid geometry, and the boxes follow it."""
+    box = _blob_world_box(scans["oblique"])
+    structures = [{"text": "Block.", "structure": "block", "box_world_mm": box}]
+    plain = _record("a", [scans["ct"]], "x.", structures)
+    fixed = {**plain, "image_meta": [{"spacing_mm": [1.8, 1.8, 3.5]}]}
+    batch = ClipCollate(tokenizer, RECIPE)([plain, fixed])
+    corrected = scans["oblique"].copy()
+    corrected[:3, :3] = corrected[:3, :3] / np.linalg.norm(corrected[:3, :3], axis=0) * [1.8, 1.8, 3.5]
+    for b, affine in enumerate((scans["oblique"], corrected)):
+        geom = compute_grid_geometry(affine, (24, 22, 12), RECIPE)
+        np.testing.assert_allclose(batch["structure_boxes"][b], grid_extent_of_world_box(box, geom), atol=1e-4)
+    assert not np.allclose(batch["structure_boxes"][0], batch["structure_boxes"][1], atol=0.1)
+
+
 def test_phantom_studies_make_multi_series_items(tmp_path, tokenizer):
     """A generated set with studies: study_report items have 3 series, each sentence gets a row on every series that
     sees its structure (the same group on each), and single-scan report items 1 series."""
     from radfm3d.data.phantoms import generate_phantoms
 
     generate_phantoms(tmp_path, 2, seed=0, studies=2, grid=(16, 16, 8), matrix=(32, 48), slices=(8, 12),
-                      dicom_fraction=0.5, prior_fraction=0.0, progress=False)
+                      dicom_fraction=1.0, prior_fraction=0.0, progress=False)  # cases read as DICOM series
     records = [r for split in ("train", "val", "test") if (tmp_path / f"{split}.jsonl").stat().st_size
                for r in clip_records(tmp_path / f"{split}.jsonl")]
     assert sorted(r["task"] for r in records) == ["report", "report", "study_report", "study_report"]
+    assert sum(Path(r["images"][0]).is_dir() for r in records) == 2  # the cases' DICOM folders
     batch = ClipCollate(tokenizer, RECIPE, tmp_path / "cache")(records)
     for b, record in enumerate(records):
         n = len(record["images"])
