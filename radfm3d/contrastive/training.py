@@ -43,6 +43,8 @@ from radfm3d.engine.training import autocast_dtype, seed_everything, unwrap_mode
 __all__ = [
     "build_clip_model",
     "set_clip_trainable",
+    "load_clip_processor",
+    "load_clip_model",
     "ContrastiveTrainingModule",
     "build_training_module",
     "PrepareBatchCLIP",
@@ -152,19 +154,51 @@ def _level_weights(weights: Mapping[str, Any] | None) -> dict[str, float] | None
 
 
 def set_clip_trainable(model: nn.Module, vision: bool | None = None, resampler: bool | None = None,
-                       text: bool | None = None) -> nn.Module:
+                       text: bool | None = None, gradient_checkpointing: bool = False) -> nn.Module:
     """Train (True) or freeze (False) the vision tower, the resampler or the text tower, in place (None: as is);
     returns ``model``. The projections, the logit scale and the study fusion always train. A frozen text tower is
-    the cheap choice on a CPU (no BERT gradients) and keeps the pretrained sentence encoder as it is (LiT)."""
+    the cheap choice on a CPU (no BERT gradients) and keeps the pretrained sentence encoder as it is (LiT).
+    ``gradient_checkpointing``: activation checkpointing in the ViT, resampler and BERT layers (memory for time)."""
     inner = unwrap_model(model)
     inner = getattr(inner, "model", inner)  # a ContrastiveTrainingModule
     counts = inner.freeze(vision=None if vision is None else not vision,
                           resampler=None if resampler is None else not resampler,
                           text=None if text is None else not text)
+    if gradient_checkpointing:
+        inner.set_gradient_checkpointing(True)
     total = sum(p.numel() for p in inner.parameters())
     trained = sum(p.numel() for p in inner.parameters() if p.requires_grad)
     logger.info(f"contrastive stage: {trained:,} of {total:,} parameters train (per tower: {counts})")
     return model
+
+
+def load_clip_processor(name_or_path: str | os.PathLike, recipe: Any = None,
+                        text_model_name_or_path: str | None = None) -> Any:
+    """The ``RadFM3DCLIPProcessor`` (tokenizer + preprocessing recipe) of a saved CLIP folder (its own tokenizer) or
+    of a preset name (the tokenizer of ``text_model_name_or_path``, default MiniLM's).
+
+    ``recipe`` (a ``PreprocessingRecipe``, its dict, or a ``preprocessing.json`` file/folder, e.g. the one a phantom
+    set is written with) replaces the folder's or preset's; a path that does not exist is ignored (None).
+    """
+    from radfm3d.contrastive.processing import RadFM3DCLIPProcessor
+    from radfm3d.transforms import PreprocessingRecipe
+
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = PreprocessingRecipe.load(recipe) if Path(recipe).exists() else None
+    elif isinstance(recipe, Mapping):
+        recipe = PreprocessingRecipe.from_dict(dict(recipe))
+    kwargs: dict[str, Any] = {} if recipe is None else {"recipe": recipe}
+    if _is_clip_folder(Path(str(name_or_path))):
+        return RadFM3DCLIPProcessor.from_pretrained(str(name_or_path), **kwargs)
+    return RadFM3DCLIPProcessor.from_model_config(str(name_or_path), text_model_name_or_path=text_model_name_or_path,
+                                                  **kwargs)
+
+
+def load_clip_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """``RadFM3DCLIPModel.from_pretrained(model_dir)`` on ``device``, in eval mode."""
+    from radfm3d.contrastive.model import RadFM3DCLIPModel
+
+    return RadFM3DCLIPModel.from_pretrained(str(model_dir)).eval().to(device)
 
 
 class ContrastiveTrainingModule(nn.Module):
