@@ -415,7 +415,7 @@ class ContrastiveValidation:
     ``data_loader`` on rank 0 (the other ranks wait), without the feature queue and without gathering. Metrics go to
     ``engine.state.metrics``: ``val_loss`` (mean over batches of the weighted sum), ``val_loss_<level>``,
     ``val_<level>_{i2t,t2i}_r{k}`` and their ``..._chance`` (:func:`retrieval_metrics` over the whole held-out set),
-    and ``val_i2t_r{k}`` / ``val_t2i_r{k}`` for the scan level. The training RNG states are restored afterwards, so
+    and ``val_i2t_r{k}`` / ``val_t2i_r{k}`` (+ ``_chance``) for the scan level. The training RNG states are restored afterwards, so
     validating never changes the training run (a resumed run validates at other moments).
     """
 
@@ -496,9 +496,9 @@ class ContrastiveValidation:
             for key, value in retrieval_metrics(img, txt, img_g, txt_g, self.ks).items():
                 metrics[f"val_{level}_{key}"] = value
         for k in self.ks:
-            for way in ("i2t", "t2i"):
-                if f"val_scan_{way}_r{k}" in metrics:
-                    metrics[f"val_{way}_r{k}"] = metrics[f"val_scan_{way}_r{k}"]
+            for key in (f"i2t_r{k}", f"t2i_r{k}", f"i2t_r{k}_chance", f"t2i_r{k}_chance"):
+                if f"val_scan_{key}" in metrics:
+                    metrics[f"val_{key}"] = metrics[f"val_scan_{key}"]
         return metrics
 
 
