@@ -352,9 +352,9 @@ def retrieval_figures(
     rank_r2i = (np.where(onehot > 0, -np.inf, sim_r2i) >= best_true[:, None]).sum(axis=1)
     sizes = onehot.sum(axis=1).astype(int)
     prior = Counter(normalize_report(t) for t in (prior_texts if prior_texts is not None else report_texts))
-    # most frequent first; unseen reports after every seen one (ties broken by first appearance)
-    blind_rank_of = {t: i for i, (t, _) in enumerate(sorted(prior.items(), key=lambda kv: -kv[1]))}
-    blind_rank = np.array([blind_rank_of.get(t, len(blind_rank_of)) for t in norm])
+    # the G candidate reports, most frequent (in the prior texts) first, ties by first appearance
+    blind_rank_of = {t: i for i, t in enumerate(sorted(uniq, key=lambda t: -prior.get(t, 0)))}
+    blind_rank = np.array([blind_rank_of[t] for t in norm])
     boot = {"n_resamples": n_resamples, "seed": seed}
     i2r: dict[str, Any] = {}
     r2i: dict[str, Any] = {}
@@ -522,6 +522,11 @@ def markdown_report(results: Mapping[str, Any]) -> str:
              "whitespace). PR = participation ratio of the covariance spectrum of the L2-normalised embeddings.",
              "", "## Comparison (one row per model; a level ablation is one model per row)", ""]
     lines += comparison_table(models)
+    failures = results.get("failures") or []
+    if failures:
+        lines += ["", f"## Records not embedded ({len(failures)}, not scored)", "", "| model | id | problem |",
+                  "|---|---|---|"]
+        lines += [f"| {f.get('model', '')} | {f['id']} | {str(f['problem']).replace('|', '/')} |" for f in failures]
     for name, m in models.items():
         lines += ["", f"## {name}", "", f"Embeddings: `{m.get('source')}`; {m['n_records']} records.", ""]
         for part, title in (("zero_shot", "Zero-shot AUROC"), ("probe", "Linear probe AUROC")):
@@ -532,7 +537,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
             lines += [f"### {title}{extra}", "", "| class | AUROC | 95% CI | n | positives |", "|---|---|---|---|---|"]
             for cls, f in block["per_class"].items():
                 if "undefined" in f:
-                    lines.append(f"| {cls} | undefined | {f['undefined']} | {f['n']} | {f['positives']} |")
+                    pos = "—" if f["positives"] is None else f["positives"]
+                    lines.append(f"| {cls} | undefined | {f['undefined']} | {f['n']} | {pos} |")
                 else:
                     lines.append(f"| {cls} | {f['value']:.3f} | [{f['low']:.3f}, {f['high']:.3f}] | {f['n']} | "
                                  f"{f['positives']} |")

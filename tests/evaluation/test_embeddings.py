@@ -72,6 +72,12 @@ def test_retrieval_groups_identical_reports_exact_recalls():
     assert r2i["chance@2"] == pytest.approx((5 / 6 + 0.5 + 0.5) / 3)
     # blind: always the most frequent reports first (A, then B, then C)
     assert i2r["blind@1"]["value"] == pytest.approx(0.5) and i2r["blind@2"]["value"] == pytest.approx(0.75)
+    # with training reports C, C, C, A: the gallery in the order C, A, B (B unseen, last)
+    trained = E.retrieval_figures(image_embeds, text_embeds, texts, ks=(1, 2), n_resamples=20,
+                                  prior_texts=["Report C."] * 3 + ["REPORT A."])
+    assert trained["image_to_report"]["blind@1"]["value"] == pytest.approx(0.25)
+    assert trained["image_to_report"]["blind@2"]["value"] == pytest.approx(0.75)
+    assert trained["image_to_report"]["R@1"] == i2r["R@1"]
 
 
 def test_retrieval_of_matching_embeddings_is_perfect():
