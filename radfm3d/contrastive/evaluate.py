@@ -139,72 +139,47 @@ def _capitalise(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- model running
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device
-
-
 def _encode_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """(T, P) projected text embeddings (not normalised) of ``texts``."""
     import torch
 
-    tokenizer = getattr(processor, "tokenizer", processor)
-    max_length = int(getattr(getattr(model, "config", None), "max_text_length", 128))
     out = []
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start: start + batch_size]), padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = processor.tokenize(list(texts[start: start + batch_size]))
         with torch.inference_mode():
-            feats = model.get_text_features(input_ids=enc["input_ids"].to(_device(model)),
-                                            attention_mask=enc["attention_mask"].to(_device(model)))
+            feats = model.get_text_features(enc["input_ids"], enc["attention_mask"])
         out.append(feats.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def _series_pixels(record: Mapping[str, Any], recipe: Any) -> Any:
-    """The record's series on the model grid: ``(S, C, H, W, D)`` float32 (grids padded to the largest)."""
+def _series_modalities(record: Mapping[str, Any], n: int) -> list[str | None]:
+    """Per image, the modality that picks its intensity scaling ("CT", "MR"): the first word of the record's
+    ``image_modalities`` entry, else None (read from the file)."""
+    mods = record.get("image_modalities")
+    if isinstance(mods, list) and len(mods) == n:
+        return [str(m).split()[0].upper() if m else None for m in mods]
+    return [None] * n
+
+
+def _image_embedding(model: Any, processor: Any, record: Mapping[str, Any]) -> np.ndarray:
+    """One record's image embedding (P,): its series' (one image), or the model's fused study embedding of its
+    series (several images; :meth:`RadFM3DCLIPModel.get_image_features` with ``(1, S, C, H, W, D)``)."""
     import torch
 
     from radfm3d.data.image_meta import record_images
-    from radfm3d.io import load_image
-    from radfm3d.transforms import preprocess
 
-    series = []
-    for image in record_images(record):
-        img = load_image(image) if isinstance(image, (str, os.PathLike)) else image
-        series.append(preprocess(img, recipe).as_tensor().float())
-    if not series:
+    images = record_images(record)
+    if not images:
         raise RadFM3DInputError(f"record {record.get('id')}", "has no images")
-    shape = [max(s.shape[d] for s in series) for d in range(4)]
-    out = torch.zeros((len(series), *shape))
-    for i, s in enumerate(series):
-        out[i, : s.shape[0], : s.shape[1], : s.shape[2], : s.shape[3]] = s
-    return out
-
-
-def _image_embedding(model: Any, pixels: Any) -> np.ndarray:
-    """One record's image embedding (P,): its only series', or for several series the model's study embedding
-    (``get_study_features``) or else the mean of the unit series embeddings."""
-    import torch
-
+    series = [processor.preprocess_image(img, mod)[0]
+              for img, mod in zip(images, _series_modalities(record, len(images)))]
     with torch.inference_mode():
-        x = pixels.to(_device(model))
-        if x.shape[0] > 1 and hasattr(model, "get_study_features"):
-            mask = torch.ones((1, x.shape[0]), dtype=torch.bool, device=x.device)
-            return model.get_study_features(x[None], mask)[0].float().cpu().numpy()
-        feats = model.get_image_features(x).float()
-        if feats.shape[0] == 1:
-            return feats[0].cpu().numpy()
-        feats = torch.nn.functional.normalize(feats, dim=-1)
-        return feats.mean(0).cpu().numpy()
-
-
-def _recipe(model: Any, processor: Any) -> Any:
-    recipe = getattr(processor, "recipe", None)
-    if recipe is None:
-        from radfm3d.transforms import PreprocessingRecipe
-
-        recipe = PreprocessingRecipe()
-    return recipe
+        if len(series) == 1:
+            feats = model.get_image_features(series[0][None])
+        else:
+            pixel_values, image_mask = processor.stack_images([series])
+            feats = model.get_image_features(pixel_values, image_mask)
+    return feats[0].float().cpu().numpy()
 
 
 def _unit_mean(x: np.ndarray) -> np.ndarray:
@@ -214,9 +189,8 @@ def _unit_mean(x: np.ndarray) -> np.ndarray:
 
 
 def zero_shot_scores(model: Any, processor: Any, image_embeds: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
-    """(N, K) log-odds of "present" vs "absent" per class: ``model.zero_shot_logits`` of the unit image embeddings
-    and the prompt-ensembled class embeddings (where the model has it), else ``logit_scale * (cos_present -
-    cos_absent)``."""
+    """(N, K) log-odds of "present" vs "absent" per class: ``model.zero_shot_logits`` of the image embeddings and
+    the prompt-ensembled class embeddings."""
     import torch
 
     present, absent = class_prompts(phrases)
@@ -227,15 +201,12 @@ def zero_shot_scores(model: Any, processor: Any, image_embeds: np.ndarray, phras
     pe = _unit_mean(emb[: k * n_p].reshape(k, n_p, -1))
     ae = _unit_mean(emb[k * n_p:].reshape(k, len(ABSENT_TEMPLATES), -1))
     img = image_embeds / np.clip(np.linalg.norm(image_embeds, axis=1, keepdims=True), 1e-12, None)
-    if hasattr(model, "zero_shot_logits"):
-        dev = _device(model)
-        with torch.inference_mode():
-            out = model.zero_shot_logits(torch.as_tensor(img, dtype=torch.float32, device=dev),
-                                         torch.as_tensor(pe, dtype=torch.float32, device=dev),
-                                         torch.as_tensor(ae, dtype=torch.float32, device=dev))
-        return out.float().cpu().numpy()
-    scale = float(getattr(model, "logit_scale", torch.tensor(0.0)).exp()) if hasattr(model, "logit_scale") else 1.0
-    return scale * (img @ pe.T - img @ ae.T)
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.zero_shot_logits(torch.as_tensor(img, dtype=torch.float32, device=dev),
+                                     torch.as_tensor(pe, dtype=torch.float32, device=dev),
+                                     torch.as_tensor(ae, dtype=torch.float32, device=dev))
+    return out.float().cpu().numpy()
 
 
 def embed_manifest(
@@ -257,7 +228,6 @@ def embed_manifest(
     records = report_records(manifest, tasks, limit) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
     out = Path(out)
     cache = out.with_suffix(".jsonl")
-    recipe = _recipe(model, processor)
     model.eval()
     done: dict[str, dict[str, Any]] = {}
     if cache.is_file():
@@ -271,7 +241,7 @@ def embed_manifest(
                    disable=not progress)
         for r in todo:
             try:
-                image = _image_embedding(model, _series_pixels(r, recipe))
+                image = _image_embedding(model, processor, r)
                 text = _encode_texts(model, processor, [str(r.get("answer", ""))])[0]
             except Exception as err:
                 if failures is None:

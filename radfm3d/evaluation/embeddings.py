@@ -629,6 +629,7 @@ def write_plots(results: Mapping[str, Any], curves: Mapping[str, Mapping[str, tu
         if not per_class:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 5))
+        ax.set_prop_cycle(color=list(plt.get_cmap("tab20").colors))
         auc = (models[name].get("zero_shot") or {}).get("per_class", {})
         for cls, (fpr, tpr) in per_class.items():
             ax.plot(fpr, tpr, lw=1, label=f"{cls} ({auc.get(cls, {}).get('value', float('nan')):.2f})")
