@@ -161,25 +161,39 @@ def _series_modalities(record: Mapping[str, Any], n: int) -> list[str | None]:
     return [None] * n
 
 
-def _image_embedding(model: Any, processor: Any, record: Mapping[str, Any]) -> np.ndarray:
-    """One record's image embedding (P,): its series' (one image), or the model's fused study embedding of its
-    series (several images; :meth:`RadFM3DCLIPModel.get_image_features` with ``(1, S, C, H, W, D)``)."""
-    import torch
-
+def _record_series(processor: Any, record: Mapping[str, Any]) -> list[Any]:
+    """A record's series preprocessed on the model grid: ``[(C, H, W, D) float32, ...]``."""
     from radfm3d.data.image_meta import record_images
 
     images = record_images(record)
     if not images:
         raise RadFM3DInputError(f"record {record.get('id')}", "has no images")
-    series = [processor.preprocess_image(img, mod)[0]
-              for img, mod in zip(images, _series_modalities(record, len(images)))]
+    return [processor.preprocess_image(img, mod)[0]
+            for img, mod in zip(images, _series_modalities(record, len(images)))]
+
+
+def _image_embeddings(model: Any, processor: Any, series: Sequence[Sequence[Any]]) -> np.ndarray:
+    """(B, P) image embeddings of B records' preprocessed series: a single series' embedding, or the model's fused
+    study embedding of several (:meth:`RadFM3DCLIPModel.get_image_features` with ``(1, S, C, H, W, D)``).
+    Single series of one grid shape run as one batch; nothing is padded into a single series' grid (padding would
+    change its embedding)."""
+    import torch
+
+    out: list[Any] = [None] * len(series)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(series):
+        if len(item) == 1:
+            by_shape.setdefault(tuple(item[0].shape), []).append(i)
     with torch.inference_mode():
-        if len(series) == 1:
-            feats = model.get_image_features(series[0][None])
-        else:
-            pixel_values, image_mask = processor.stack_images([series])
-            feats = model.get_image_features(pixel_values, image_mask)
-    return feats[0].float().cpu().numpy()
+        for rows in by_shape.values():
+            feats = model.get_image_features(torch.stack([series[i][0] for i in rows])).float().cpu().numpy()
+            for i, f in zip(rows, feats):
+                out[i] = f
+        for i, item in enumerate(series):
+            if len(item) > 1:
+                pixel_values, image_mask = processor.stack_images([list(item)])
+                out[i] = model.get_image_features(pixel_values, image_mask)[0].float().cpu().numpy()
+    return np.stack(out)
 
 
 def _unit_mean(x: np.ndarray) -> np.ndarray:
@@ -212,13 +226,14 @@ def zero_shot_scores(model: Any, processor: Any, image_embeds: np.ndarray, phras
 def embed_manifest(
     model: Any, processor: Any, manifest: str | os.PathLike | Sequence[Mapping[str, Any]],
     out: str | os.PathLike, *, label_schema: Any = None, tasks: Sequence[str] | None = CLIP_TASKS,
-    limit: int | None = None, progress: bool = True, failures: list[dict[str, Any]] | None = None,
+    limit: int | None = None, batch_size: int = 8, progress: bool = True,
+    failures: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Embed every report record of ``manifest`` (a path or its records) and write the embeddings file ``out``.
 
     Each record's image embedding (its series', or the fused study embedding), its report's text embedding and
-    report text are appended to ``out`` with suffix ``.jsonl`` as they are made, and a rerun skips the records that
-    file holds. Classes and labels (:func:`zero_shot_classes`, :func:`record_labels`) and the zero-shot scores
+    report text are appended to ``out`` with suffix ``.jsonl`` as each batch of ``batch_size`` records is made, and
+    a rerun skips the records that file holds. Classes and labels (:func:`zero_shot_classes`, :func:`record_labels`) and the zero-shot scores
     (:func:`zero_shot_scores`) are added when the schema or the records name classes.
     failures: a list that gets ``{"id", "images", "problem"}`` for each record that could not be embedded (then
     left out); without it the first failure raises. -> the path of the embeddings file.
@@ -239,23 +254,33 @@ def embed_manifest(
     with JsonlAppender(cache) as appender:
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"embed {out.stem}",
                    disable=not progress)
-        for r in todo:
+        def run(batch: Sequence[Mapping[str, Any]]) -> None:
             try:
-                image = _image_embedding(model, processor, r)
-                text = _encode_texts(model, processor, [str(r.get("answer", ""))])[0]
+                series = [_record_series(processor, r) for r in batch]
+                images = _image_embeddings(model, processor, series)
+                texts = _encode_texts(model, processor, [str(r.get("answer", "")) for r in batch])
             except Exception as err:
                 if failures is None:
                     raise
+                if len(batch) > 1:  # find the bad record(s); the others still get their embeddings
+                    for r in batch:
+                        run([r])
+                    return
+                r = batch[0]
                 failures.append({"id": str(r["id"]), "images": list(r.get("images") or []),
                                  "problem": str(err) if isinstance(err, RadFM3DInputError)
                                  else f"{type(err).__name__}: {err}"})
                 bar.update(1)
-                continue
-            row = {"id": str(r["id"]), "report_text": str(r.get("answer", "")),
-                   "image_embeds": image.tolist(), "text_embeds": text.tolist()}
-            appender.write(row)
-            done[row["id"]] = row
-            bar.update(1)
+                return
+            for r, image, text in zip(batch, images, texts):
+                row = {"id": str(r["id"]), "report_text": str(r.get("answer", "")),
+                       "image_embeds": image.tolist(), "text_embeds": text.tolist()}
+                appender.write(row)
+                done[row["id"]] = row
+            bar.update(len(batch))
+
+        for start in range(0, len(todo), batch_size):
+            run(todo[start: start + batch_size])
         bar.close()
     kept = [r for r in records if str(r["id"]) in done]
     if not kept:
@@ -365,7 +390,8 @@ def cli(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N report records of each manifest")
     p.add_argument("--n-resamples", type=int, default=N_RESAMPLES)
     p.add_argument("--seed", type=int, default=BOOTSTRAP_SEED)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="records embedded per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device of --model runs (cpu, cuda, cuda:1, ...)")
     args = p.parse_args(list(argv) if argv is not None else None)
     if not args.model and not args.predictions:
         p.error("give at least one --model or --predictions")
@@ -408,9 +434,10 @@ def cli(argv: Iterable[str] | None = None) -> int:
             model, processor = _load_model(path, args.device)
             own: list[dict[str, Any]] = []
             test_file = embed_manifest(model, processor, records, folder / "test_embeddings.npz",
-                                       label_schema=schema, failures=own)
+                                       label_schema=schema, batch_size=args.batch_size, failures=own)
             train_file = embed_manifest(model, processor, train_records, folder / "train_embeddings.npz",
-                                        label_schema=schema, failures=own) if train_records else None
+                                        label_schema=schema, batch_size=args.batch_size, failures=own) \
+                if train_records else None
             failures += [{**f, "model": name} for f in own]
             test_emb, train_emb = E.load_embeddings(test_file), (E.load_embeddings(train_file) if train_file else None)
         else:

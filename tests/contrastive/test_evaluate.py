@@ -116,6 +116,28 @@ def test_tiny_model_end_to_end_resume_and_settings(structured_phantoms, tiny_cli
         CE.cli(argv + ["--label-schema", str(schema_path("phantom"))])
 
 
+def test_study_record_gets_the_fused_study_embedding(structured_phantoms, tiny_clip_dir, tmp_path):
+    import torch
+
+    from radfm3d.contrastive.model import RadFM3DCLIPModel
+    from radfm3d.contrastive.processing import RadFM3DCLIPProcessor
+
+    singles = CE.report_records(structured_phantoms.parent / "train.jsonl")
+    study = {"id": "study-0", "task": "study_report", "images": singles[0]["images"] + singles[1]["images"],
+             "image_modalities": ["CT", "CT"], "prompt": "<image><image> Write the study report.",
+             "answer": "A study report."}
+    model = RadFM3DCLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = RadFM3DCLIPProcessor.from_pretrained(tiny_clip_dir)
+    path = CE.embed_manifest(model, processor, [study, singles[2]], tmp_path / "emb.npz", progress=False)
+    emb = load_embeddings(path)
+    enc = processor(images=[study["images"]], modalities=[["CT", "CT"]])
+    with torch.inference_mode():
+        fused = model.get_image_features(enc["pixel_values"], enc["image_mask"])[0].numpy()
+        first = model.get_image_features(enc["pixel_values"][:, 0])[0].numpy()
+    assert np.allclose(emb.image_embeds[0], fused, atol=1e-5) and not np.allclose(fused, first, atol=1e-3)
+    assert emb.record_ids.tolist() == ["study-0", singles[2]["id"]]
+
+
 def test_unreadable_scan_is_listed_and_the_rest_scored(structured_phantoms, tiny_clip_dir, tmp_path):
     src = structured_phantoms.parent
     records = [json.loads(line) for line in (src / "train.jsonl").read_text().splitlines()]
