@@ -8,11 +8,11 @@ embeddings file of any other model) and score them with :mod:`radfm3d.evaluation
 Zero-shot classes and labels:
 
 - classes come from a label schema (``--label-schema``; default the model folder's ``label_schema.json``; else,
-  when no evaluated record carries ``labels``, the phantom benchmark's ``phantom_flags`` schema): its ``flags``, or
+  when no evaluated record carries labels, the phantom benchmark's ``phantom_flags`` schema): its ``flags``, or
   when it has none its ``finding_types`` (a class per type: "the scan holds a finding of this type"); without a
   schema, the keys of the records' ``labels`` dicts;
-- a record's label is its ``labels[class]`` (0 / 1) when it has a ``labels`` dict, else derived from its
-  ``ground_truth`` findings (flags with :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
+- a record's label is its ``labels[class]`` (0 / 1) when it has a ``labels`` dict (or ``ground_truth.labels``, as
+  the CT-RATE importer writes), else derived from its ``ground_truth`` findings (flags with :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
 - a class's score is the model's log-odds of "present" vs "absent" prompts (:data:`PRESENT_TEMPLATES`,
   :data:`ABSENT_TEMPLATES` around the class's schema phrase; each side's text embeddings are L2-normalised and
   averaged over the phrasings, then normalised again).
@@ -84,7 +84,7 @@ def zero_shot_classes(schema: Any = None, records: Sequence[Mapping[str, Any]] =
         return names, [s.phrases[f"{kind}:{n}"].strip() for n in names]
     names: list[str] = []
     for r in records:
-        for key in (r.get("labels") or {}):
+        for key in _given_labels(r):
             if key not in names:
                 names.append(str(key))
     return names, [n.replace("_", " ") for n in names]
@@ -92,9 +92,9 @@ def zero_shot_classes(schema: Any = None, records: Sequence[Mapping[str, Any]] =
 
 def record_labels(records: Sequence[Mapping[str, Any]], class_names: Sequence[str],
                   schema: Any = None) -> np.ndarray:
-    """(N, K) int8 labels: a record's ``labels[class]`` where given, else from its ``ground_truth`` with the
-    schema (flags via :func:`radfm3d.findings.labels.labels_for_image`; finding types: any finding of the type);
-    -1 where neither says."""
+    """(N, K) int8 labels: a record's ``labels[class]`` (or ``ground_truth.labels[class]``) where given, else from
+    its ``ground_truth`` findings with the schema (flags via :func:`radfm3d.findings.labels.labels_for_image`;
+    finding types: any finding of the type); -1 where neither says."""
     from radfm3d.findings.labels import labels_for_image
     from radfm3d.findings.schema import LabelSchema, load_schema
 
@@ -102,8 +102,8 @@ def record_labels(records: Sequence[Mapping[str, Any]], class_names: Sequence[st
     flags_only = LabelSchema({**s.to_dict(), "outputs": ["flags"]}) if s is not None and s.flags else None
     out = np.full((len(records), len(class_names)), -1, dtype=np.int8)
     for i, r in enumerate(records):
-        given = r.get("labels")
-        if isinstance(given, Mapping):
+        given = _given_labels(r)
+        if given:
             for k, name in enumerate(class_names):
                 if name in given and given[name] in (0, 1, True, False):
                     out[i, k] = int(given[name])
@@ -126,6 +126,15 @@ def record_labels(records: Sequence[Mapping[str, Any]], class_names: Sequence[st
             if out[i, k] < 0 and name in derived:
                 out[i, k] = derived[name]
     return out
+
+
+def _given_labels(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A record's own labels: its ``labels`` dict, else its ``ground_truth.labels`` (CT-RATE's importer), else {}."""
+    for source in (record, record.get("ground_truth")):
+        labels = source.get("labels") if isinstance(source, Mapping) else None
+        if isinstance(labels, Mapping) and labels:
+            return labels
+    return {}
 
 
 def class_prompts(phrases: Sequence[str]) -> tuple[list[list[str]], list[list[str]]]:
@@ -491,10 +500,11 @@ def cli(argv: Iterable[str] | None = None) -> int:
 
 
 def _default_schema(schema: Any, records: Sequence[Mapping[str, Any]]) -> Any:
-    """The schema to use: the given one; else None when records carry ``labels``; else the phantom flags schema."""
+    """The schema to use: the given one; else None when records carry labels (``labels`` or ``ground_truth.labels``);
+    else the phantom flags schema."""
     if schema is not None:
         return schema
-    if any(isinstance(r.get("labels"), Mapping) for r in records):
+    if any(_given_labels(r) for r in records):
         return None
     from radfm3d.data.phantom_schemas import schema_path
 
