@@ -243,7 +243,8 @@ def embed_manifest(
     Each record's image embedding (its series', or the fused study embedding), its report's text embedding and
     report text are appended to ``out`` with suffix ``.jsonl`` as each batch of ``batch_size`` records is made, and
     a rerun skips the records that file holds. Classes and labels (:func:`zero_shot_classes`, :func:`record_labels`) and the zero-shot scores
-    (:func:`zero_shot_scores`) are added when the schema or the records name classes.
+    (:func:`zero_shot_scores`, of the image embeddings and, as the prompts' text-side ceiling, of the report
+    embeddings) are added when the schema or the records name classes.
     failures: a list that gets ``{"id", "images", "problem"}`` for each record that could not be embedded (then
     left out); without it the first failure raises. -> the path of the embeddings file.
     """
@@ -306,6 +307,7 @@ def embed_manifest(
         arrays["class_names"] = np.array(names)
         arrays["labels"] = record_labels(kept, names, label_schema)
         arrays["zero_shot_scores"] = zero_shot_scores(model, processor, arrays["image_embeds"], phrases)
+        arrays["report_zero_shot_scores"] = zero_shot_scores(model, processor, arrays["text_embeds"], phrases)
     return E.save_embeddings(out, **arrays)
 
 

@@ -14,6 +14,8 @@ report_texts        (N,) str    the record's report (its ``answer``)
 text_embeds         (N, P)      the report's text embedding (optional: without it there is no retrieval)
 class_names         (K,) str    zero-shot / probe classes (optional)
 zero_shot_scores    (N, K)      a score per class, higher = more likely present (optional; needs class_names)
+report_zero_shot_   (N, K)      the same class scores computed from the report's text embedding instead of the
+scores                          image's: the text-side ceiling of the prompts (optional; needs class_names)
 labels              (N, K) int8 1 present, 0 absent, -1 unknown (optional; needs class_names)
 =================== =========== =================================================================================
 
@@ -56,7 +58,7 @@ __all__ = [
 
 KS = (1, 5, 10)
 REQUIRED = ("record_ids", "image_embeds", "report_texts")
-OPTIONAL = ("text_embeds", "class_names", "zero_shot_scores", "labels")
+OPTIONAL = ("text_embeds", "class_names", "zero_shot_scores", "labels", "report_zero_shot_scores")
 
 
 # ------------------------------------------------------------------------------------------ embeddings file
@@ -71,6 +73,7 @@ class Embeddings:
     class_names: np.ndarray | None = None
     zero_shot_scores: np.ndarray | None = None
     labels: np.ndarray | None = None
+    report_zero_shot_scores: np.ndarray | None = None
     source: str = "<embeddings>"
 
     def __post_init__(self) -> None:
@@ -133,7 +136,7 @@ def _validate(e: Embeddings) -> None:
     if e.text_embeds is not None:
         e.text_embeds = _as_float_matrix(e.text_embeds, "text_embeds", src, n, e.image_embeds.shape[1])
     if e.class_names is None:
-        extra = [k for k in ("zero_shot_scores", "labels") if getattr(e, k) is not None]
+        extra = [k for k in ("zero_shot_scores", "labels", "report_zero_shot_scores") if getattr(e, k) is not None]
         if extra:
             raise RadFM3DInputError(src, f"arrays {extra} need the array 'class_names' (K,)")
         return
@@ -141,8 +144,9 @@ def _validate(e: Embeddings) -> None:
     k = e.class_names.shape[0]
     if len(set(e.class_names.tolist())) != k:
         raise RadFM3DInputError(src, "array 'class_names' repeats names")
-    if e.zero_shot_scores is not None:
-        e.zero_shot_scores = _as_float_matrix(e.zero_shot_scores, "zero_shot_scores", src, n, k)
+    for name in ("zero_shot_scores", "report_zero_shot_scores"):
+        if getattr(e, name) is not None:
+            setattr(e, name, _as_float_matrix(getattr(e, name), name, src, n, k))
     if e.labels is not None:
         lab = np.asarray(e.labels)
         if lab.dtype.kind not in "iub" or lab.shape != (n, k):
@@ -444,6 +448,10 @@ def score_embeddings(
     if test.zero_shot_scores is not None and test.labels is not None:
         res["zero_shot"] = auroc_figures(test.labels, test.zero_shot_scores, classes, **boot)
         res["zero_shot"]["blind"] = 0.5
+        if test.report_zero_shot_scores is not None:
+            # the same prompts scored against each record's own report text: what the prompts reach at best
+            res["zero_shot"]["report_text"] = auroc_figures(test.labels, test.report_zero_shot_scores, classes,
+                                                            **boot)
     else:
         res["zero_shot"] = None
         notes.append("zero-shot: the embeddings hold no zero_shot_scores" if test.zero_shot_scores is None
@@ -485,11 +493,12 @@ def _fig(f: Mapping[str, Any] | None, digits: int = 3) -> str:
 def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Markdown table, one row per model: zero-shot and probe mean AUROC, R@1/5/10 both ways, participation
     ratios (image / text) -- the level ablation is one model per row."""
-    head = ("| model | n | zero-shot mean AUROC | probe mean AUROC | image→report R@1 / R@5 / R@10 | "
-            "report→image R@1 / R@5 / R@10 | PR image / text |")
-    lines = [head, "|" + "---|" * 7]
+    head = ("| model | n | zero-shot mean AUROC | prompts on report text | probe mean AUROC | "
+            "image→report R@1 / R@5 / R@10 | report→image R@1 / R@5 / R@10 | PR image / text |")
+    lines = [head, "|" + "---|" * 8]
     for name, m in models.items():
         zs = _fig((m.get("zero_shot") or {}).get("mean"))
+        ceiling = _fig(((m.get("zero_shot") or {}).get("report_text") or {}).get("mean"))
         pr = _fig((m.get("probe") or {}).get("mean"))
         ret = m.get("retrieval")
         cells = []
@@ -498,11 +507,11 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         dims = m["dimensionality"]
         pr_txt = f"{dims['image']['participation_ratio']:.1f} / " + (
             f"{dims['text']['participation_ratio']:.1f}" if "text" in dims else "—")
-        lines.append(f"| {name} | {m['n_records']} | {zs} | {pr} | {cells[0]} | {cells[1]} | {pr_txt} |")
+        lines.append(f"| {name} | {m['n_records']} | {zs} | {ceiling} | {pr} | {cells[0]} | {cells[1]} | {pr_txt} |")
     first = next(iter(models.values()), None)
     if first and first.get("retrieval"):
         ret = first["retrieval"]
-        lines.append("| chance / blind | | 0.5 | 0.5 | " + " / ".join(
+        lines.append("| chance / blind | | 0.5 | 0.5 | 0.5 | " + " / ".join(
             f"{ret['image_to_report'][f'chance@{k}']:.3f}" for k in KS) + " (blind " + " / ".join(
             f"{ret['image_to_report'][f'blind@{k}']['value']:.3f}" for k in KS) + ") | " + " / ".join(
             f"{ret['report_to_image'][f'chance@{k}']:.3f}" for k in KS) + " | |")
@@ -534,17 +543,24 @@ def markdown_report(results: Mapping[str, Any]) -> str:
             if not block:
                 continue
             extra = f" (trained on {block['n_train']} records)" if part == "probe" else ""
-            lines += [f"### {title}{extra}", "", "| class | AUROC | 95% CI | n | positives |", "|---|---|---|---|---|"]
+            ceiling = (block.get("report_text") or {}).get("per_class", {})
+            head = "| class | AUROC | 95% CI | n | positives |" + (" prompts on report text |" if ceiling else "")
+            lines += [f"### {title}{extra}", "", head, "|---|---|---|---|---|" + ("---|" if ceiling else "")]
             for cls, f in block["per_class"].items():
+                tail = f" {_fig(ceiling.get(cls), 3) if ceiling.get(cls, {}).get('value') is not None else '—'} |" \
+                    if ceiling else ""
                 if "undefined" in f:
                     pos = "—" if f["positives"] is None else f["positives"]
-                    lines.append(f"| {cls} | undefined | {f['undefined']} | {f['n']} | {pos} |")
+                    lines.append(f"| {cls} | undefined | {f['undefined']} | {f['n']} | {pos} |{tail}")
                 else:
                     lines.append(f"| {cls} | {f['value']:.3f} | [{f['low']:.3f}, {f['high']:.3f}] | {f['n']} | "
-                                 f"{f['positives']} |")
+                                 f"{f['positives']} |{tail}")
+            mean_tail = f" {_fig(block['report_text']['mean'])} |" if ceiling else ""
             lines.append(f"| **mean** ({len(block['defined'])} defined) | {_fig(block['mean'])} | | "
-                         f"{block['mean']['n']} | |")
-            lines += ["", "Blind baseline: a constant score, AUROC 0.5.", ""]
+                         f"{block['mean']['n']} | |{mean_tail}")
+            lines += ["", "Blind baseline: a constant score, AUROC 0.5."
+                      + (" Prompts on report text: the same prompts scored against each record's own report "
+                         "embedding instead of its image's (the text side's ceiling)." if ceiling else ""), ""]
         ret = m.get("retrieval")
         if ret:
             lines += [f"### Retrieval ({ret['n_images']} images, {ret['n_unique_reports']} unique reports)", "",

@@ -88,6 +88,7 @@ def test_tiny_model_end_to_end_resume_and_settings(structured_phantoms, tiny_cli
     assert m["n_records"] == len(records) >= 3
     assert m["retrieval"]["n_images"] == len(records)
     assert len(m["classes"]) == 15 and m["zero_shot"] is not None and m["probe"] is not None
+    assert m["zero_shot"]["report_text"]["mean"]["n"] == len(records)
     assert "| tiny |" in (out / "report.md").read_text()
     for png in ("recall_at_k.png", "spectrum.png"):
         assert (out / png).stat().st_size > 1000

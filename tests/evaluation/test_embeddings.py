@@ -124,7 +124,7 @@ def _arrays(n=5, p=4, k=2, seed=0):
     return dict(record_ids=np.array([f"r{i}" for i in range(n)]), image_embeds=rng.normal(size=(n, p)),
                 report_texts=np.array([f"text {i % 3}" for i in range(n)]), text_embeds=rng.normal(size=(n, p)),
                 class_names=np.array([f"c{j}" for j in range(k)]), zero_shot_scores=rng.normal(size=(n, k)),
-                labels=rng.integers(-1, 2, size=(n, k)).astype(np.int8))
+                labels=rng.integers(-1, 2, size=(n, k)).astype(np.int8), report_zero_shot_scores=rng.normal(size=(n, k)))
 
 
 def test_embeddings_file_round_trip(tmp_path):
@@ -133,6 +133,7 @@ def test_embeddings_file_round_trip(tmp_path):
     ref = _arrays()
     assert e.record_ids.tolist() == ref["record_ids"].tolist()
     assert np.allclose(e.image_embeds, ref["image_embeds"]) and e.labels.dtype == np.int8
+    assert np.allclose(e.report_zero_shot_scores, ref["report_zero_shot_scores"])
     with np.load(path, allow_pickle=False) as npz:  # plain arrays, readable without pickle
         assert npz["report_texts"].dtype.kind == "U"
     sub = e.subset(["r3", "r1"])
@@ -155,6 +156,7 @@ def _write_raw(path, **arrays):
     (lambda a: a.update(labels=np.full((5, 2), 2, np.int8)), "'labels' may hold only 1"),
     (lambda a: a.update(labels=np.zeros((5, 2), np.float32)), "'labels' must be integers"),
     (lambda a: a.pop("class_names"), "need the array 'class_names'"),
+    (lambda a: a.update(report_zero_shot_scores=np.zeros((5, 3))), "'report_zero_shot_scores' must have shape (5, 2)"),
     (lambda a: a.update(report_texts=np.arange(5)), "'report_texts' must hold strings"),
     (lambda a: a.update(report_texts=np.array(["x"] * 4)), "'report_texts' has 4 rows"),
 ])
@@ -187,13 +189,15 @@ def test_two_models_one_table_and_written_report(tmp_path):
     texts = np.array([f"report {int(l0)} {int(l1)}" for l0, l1 in labels])
     text_embeds = rng.normal(size=(4, p))[labels[:, 0] * 2 + labels[:, 1]]
     good = E.Embeddings(np.array([f"r{i}" for i in range(n)]), text_embeds + 0.1 * rng.normal(size=(n, p)), texts,
-                        text_embeds, np.array(["x", "y"]), labels + 0.1 * rng.normal(size=(n, 2)), labels)
+                        text_embeds, np.array(["x", "y"]), labels + 0.1 * rng.normal(size=(n, 2)), labels,
+                        report_zero_shot_scores=labels.astype(float))
     noise = E.Embeddings(good.record_ids, rng.normal(size=(n, p)), texts, text_embeds, good.class_names,
                          rng.normal(size=(n, 2)), labels)
     results, curves = E.evaluate_models({"good": (good, good), "noise": (noise, None)}, n_resamples=50)
     g, z = results["models"]["good"], results["models"]["noise"]
     assert g["zero_shot"]["mean"]["value"] > 0.95 and g["retrieval"]["image_to_report"]["R@1"]["value"] == 1.0
     assert g["probe"]["mean"]["value"] > 0.9 and z["probe"] is None
+    assert g["zero_shot"]["report_text"]["mean"]["value"] == 1.0 and "report_text" not in z["zero_shot"]
     assert any("linear probe" in note for note in z["notes"])
     paths = E.write_results(results, curves, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
