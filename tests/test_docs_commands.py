@@ -30,8 +30,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundles" / "radfm3d_demo"
-DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), BUNDLE / "docs" / "README.md"]
+BUNDLE = ROOT / "bundles" / "radfm3d_demo"  # the bundle a run line outside a bundle's own docs refers to
+BUNDLE_DOCS = sorted((ROOT / "bundles").glob("*/docs/README.md"))
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *BUNDLE_DOCS]
 #: ``monai.bundle run`` arguments that are not config ids
 BUNDLE_RUN_ARGS = {"config_file", "meta_file", "logging_file", "args_file", "run_id", "init_id", "final_id",
                    "tracking"}
@@ -187,6 +188,11 @@ def _parse_only(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[bool,
 
 def test_docs_have_commands_to_check() -> None:
     assert len(RADFM3D) >= 10 and len(BUNDLE_RUNS) >= 5
+    # every bundle's README is read, and each one has run lines to check
+    assert {p.parts[-3] for p in BUNDLE_DOCS} >= {"radfm3d_demo", "radfm3d_clip"}
+    for readme in BUNDLE_DOCS:
+        rel = str(readme.relative_to(ROOT))
+        assert any(c.source.startswith(rel + ":") for c in BUNDLE_RUNS), f"{rel}: no monai.bundle run line"
     assert any("convert-radfm" in c.text for c in RADFM3D)
 
 
@@ -222,14 +228,21 @@ def test_radfm3d_command_lines_match_the_real_commands(doc: DocCommand, monkeypa
 
 
 # ----------------------------------------------------------------------------------------------- bundle runs
-def _bundle_config(files: list[str]):
+def _bundle_of(doc: DocCommand) -> Path:
+    """The bundle folder a run line's config files are relative to: the bundle whose docs hold the line, else the
+    demo bundle."""
+    parts = Path(doc.source.rsplit(":", 1)[0]).parts
+    return ROOT / "bundles" / parts[1] if len(parts) > 2 and parts[0] == "bundles" else BUNDLE
+
+
+def _bundle_config(files: list[str], bundle: Path = BUNDLE):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     paths = []
     for name in files:
-        path = (BUNDLE / name) if not Path(name).is_absolute() else Path(name)
-        assert path.is_file(), f"config file {name} not found in {BUNDLE}"
+        path = (bundle / name) if not Path(name).is_absolute() else Path(name)
+        assert path.is_file(), f"config file {name} not found in {bundle}"
         paths.append(str(path))
     parser.read_config(paths)
     return parser
@@ -254,7 +267,7 @@ def test_bundle_run_lines_name_real_configs_and_keys(doc: DocCommand) -> None:
     assert "config_file" in args and len(args["config_file"]) == 1, f"{doc}: needs one --config_file"
     spec = args["config_file"][0]
     files = ast.literal_eval(spec) if spec.startswith("[") else [spec]
-    config = _bundle_config(list(files))
+    config = _bundle_config(list(files), _bundle_of(doc))
     for name, values in args.items():
         if name in BUNDLE_RUN_ARGS:
             continue
