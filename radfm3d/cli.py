@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("radfm3d.data.importers:cli", "datasets and DICOM exports -> validated manifests (dicom-export, ct-rate, radgenome-chestct, m3d-cap, m3d-vqa, csv)"),
     "sample-tasks": ("radfm3d.data.manifest:cli", "write a task-balanced random subset of a manifest (training/test mix)"),
     "evaluate": ("radfm3d.evaluation.harness:cli", "score a model or a predictions file on a manifest"),
+    "evaluate-clip": ("radfm3d.contrastive.evaluate:cli", "score image-report embedding models (zero-shot AUROC, retrieval, probe)"),
     "reading-threshold": ("radfm3d.findings.thresholds:cli", "score the findings reading per threshold on val cases"),
     "findings-prompt": ("radfm3d.findings.attach:cli", "attach the findings reader (encoder reading as text) to a model"),
     "findings-migrate": ("radfm3d.findings.attach:migrate_cli", "rewrite an older findings model's config (weights untouched)"),

@@ -1,0 +1,513 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""`radfm3d evaluate-clip`: embed a manifest's report records with a contrastive image-report model (or read the
+embeddings file of any other model) and score them with :mod:`radfm3d.evaluation.embeddings`.
+
+    radfm3d evaluate-clip --model clip_model --manifest data/phantoms/test.jsonl --out eval/clip \\
+        --train-manifest data/phantoms/train.jsonl
+
+Zero-shot classes and labels:
+
+- classes come from a label schema (``--label-schema``; default the model folder's ``label_schema.json``; else,
+  when no evaluated record carries labels, the phantom benchmark's ``phantom_flags`` schema): its ``flags``, or
+  when it has none its ``finding_types`` (a class per type: "the scan holds a finding of this type"); without a
+  schema, the keys of the records' ``labels`` dicts;
+- a record's label is its ``labels[class]`` (0 / 1) when it has a ``labels`` dict (or ``ground_truth.labels``, as
+  the CT-RATE importer writes), else derived from its ``ground_truth`` findings (flags with :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
+- a class's score is the model's log-odds of "present" vs "absent" prompts (:data:`PRESENT_TEMPLATES`,
+  :data:`ABSENT_TEMPLATES` around the class's schema phrase; each side's text embeddings are L2-normalised and
+  averaged over the phrasings, then normalised again).
+
+Running a model appends each record's embeddings to ``OUT/<name>/<split>_embeddings.jsonl`` as it is made; a rerun
+skips what that file holds. The embeddings file ``OUT/<name>/<split>_embeddings.npz`` (the format of
+:mod:`radfm3d.evaluation.embeddings`) is written at the end; the same format from any other model is scored by
+``--predictions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from radfm3d.errors import RadFM3DInputError
+from radfm3d.evaluation import embeddings as E
+from radfm3d.evaluation.metrics import BOOTSTRAP_SEED, N_RESAMPLES
+from radfm3d.utils import JsonlAppender, atomic_write_json
+
+__all__ = ["CLIP_TASKS", "PRESENT_TEMPLATES", "ABSENT_TEMPLATES", "report_records", "zero_shot_classes",
+           "record_labels", "class_prompts", "embed_manifest", "cli"]
+
+#: manifest tasks whose records pair images with a report
+CLIP_TASKS = ("report", "study_report")
+#: "finding present" phrasings; {} is the class phrase
+PRESENT_TEMPLATES = ("There is a {}.", "{} is present.", "Findings consistent with {}.")
+#: "finding absent" phrasings
+ABSENT_TEMPLATES = ("No {}.", "There is no {}.", "No evidence of {}.")
+DEFAULT_SCHEMA = "phantom_flags"
+
+
+# -------------------------------------------------------------------------------------------- records
+def report_records(manifest: str | os.PathLike, tasks: Sequence[str] | None = CLIP_TASKS,
+                   limit: int | None = None) -> list[dict[str, Any]]:
+    """The manifest's records whose ``task`` is in ``tasks`` (None: every record with an ``answer``), image paths
+    absolute. Raises RadFM3DInputError naming the manifest when none is left."""
+    from radfm3d.evaluation.harness import read_records
+
+    path = Path(manifest)
+    if not path.is_file():
+        raise RadFM3DInputError(path, "manifest not found")
+    out = [r for r in read_records(path)
+           if (r.get("task") in tasks if tasks is not None else r.get("answer") is not None)]
+    if limit:
+        out = out[:limit]
+    if not out:
+        raise RadFM3DInputError(path, f"no records of task(s) {list(tasks or [])}; nothing to embed")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- classes
+def zero_shot_classes(schema: Any = None, records: Sequence[Mapping[str, Any]] = ()) -> tuple[list[str], list[str]]:
+    """-> (class names, their phrases) from a label schema (flags, else finding types), or without one from the
+    keys of the records' ``labels`` dicts (phrase: the name with spaces for underscores)."""
+    if schema is not None:
+        from radfm3d.findings.schema import load_schema
+
+        s = load_schema(schema)
+        kind = "flag" if s.flags else "type"
+        names = list(s.flags or s.finding_types)
+        if not names:
+            raise RadFM3DInputError(f"label schema {s.name!r}", "has neither flags nor finding types to score")
+        return names, [s.phrases[f"{kind}:{n}"].strip() for n in names]
+    names: list[str] = []
+    for r in records:
+        for key in _given_labels(r):
+            if key not in names:
+                names.append(str(key))
+    return names, [n.replace("_", " ") for n in names]
+
+
+def record_labels(records: Sequence[Mapping[str, Any]], class_names: Sequence[str],
+                  schema: Any = None) -> np.ndarray:
+    """(N, K) int8 labels: a record's ``labels[class]`` (or ``ground_truth.labels[class]``) where given, else from
+    its ``ground_truth`` findings with the schema (flags via :func:`radfm3d.findings.labels.labels_for_image`;
+    finding types: any finding of the type); -1 where neither says."""
+    from radfm3d.findings.labels import labels_for_image
+    from radfm3d.findings.schema import LabelSchema, load_schema
+
+    s = load_schema(schema) if schema is not None else None
+    flags_only = LabelSchema({**s.to_dict(), "outputs": ["flags"]}) if s is not None and s.flags else None
+    out = np.full((len(records), len(class_names)), -1, dtype=np.int8)
+    for i, r in enumerate(records):
+        given = _given_labels(r)
+        if given:
+            for k, name in enumerate(class_names):
+                if name in given and given[name] in (0, 1, True, False):
+                    out[i, k] = int(given[name])
+            if (out[i] >= 0).all():
+                continue
+        gt = r.get("ground_truth")
+        if s is None or not isinstance(gt, Mapping) or "findings" not in gt:
+            continue
+        if flags_only is not None:
+            try:
+                flags = labels_for_image({"findings": gt.get("findings") or [], "flags": gt.get("flags") or []},
+                                         flags_only)["flags"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise RadFM3DInputError(f"record {r.get('id')}", f"ground_truth findings unreadable: {err}") from None
+            derived = {n: int(v) for n, v in zip(s.flags, flags.tolist())}
+        else:
+            types = {str(f.get("type")) for f in gt.get("findings") or []}
+            derived = {t: int(t in types) for t in s.finding_types}
+        for k, name in enumerate(class_names):
+            if out[i, k] < 0 and name in derived:
+                out[i, k] = derived[name]
+    return out
+
+
+def _given_labels(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A record's own labels: its ``labels`` dict, else its ``ground_truth.labels`` (CT-RATE's importer), else {}."""
+    for source in (record, record.get("ground_truth")):
+        labels = source.get("labels") if isinstance(source, Mapping) else None
+        if isinstance(labels, Mapping) and labels:
+            return labels
+    return {}
+
+
+def class_prompts(phrases: Sequence[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Per class, its "present" and "absent" prompt texts."""
+    return ([[t.format(p) for t in PRESENT_TEMPLATES] for p in phrases],
+            [[t.format(p) for t in ABSENT_TEMPLATES] for p in phrases])
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+# ----------------------------------------------------------------------------------------- model running
+def _encode_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """(T, P) projected text embeddings (not normalised) of ``texts``."""
+    import torch
+
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = processor.tokenize(list(texts[start: start + batch_size]))
+        with torch.inference_mode():
+            feats = model.get_text_features(enc["input_ids"], enc["attention_mask"])
+        out.append(feats.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def _series_modalities(record: Mapping[str, Any], n: int) -> list[str | None]:
+    """Per image, the modality that picks its intensity scaling ("CT", "MR"): the first word of the record's
+    ``image_modalities`` entry, else None (read from the file)."""
+    mods = record.get("image_modalities")
+    if isinstance(mods, list) and len(mods) == n:
+        return [str(m).split()[0].upper() if m else None for m in mods]
+    return [None] * n
+
+
+def _record_series(processor: Any, record: Mapping[str, Any]) -> list[Any]:
+    """A record's series preprocessed on the model grid: ``[(C, H, W, D) float32, ...]``."""
+    from radfm3d.data.image_meta import record_images
+
+    images = record_images(record)
+    if not images:
+        raise RadFM3DInputError(f"record {record.get('id')}", "has no images")
+    return [processor.preprocess_image(img, mod)[0]
+            for img, mod in zip(images, _series_modalities(record, len(images)))]
+
+
+def _image_embeddings(model: Any, processor: Any, series: Sequence[Sequence[Any]]) -> np.ndarray:
+    """(B, P) image embeddings of B records' preprocessed series: a single series' embedding, or the model's fused
+    study embedding of several (:meth:`RadFM3DCLIPModel.get_image_features` with ``(1, S, C, H, W, D)``).
+    Single series of one grid shape run as one batch; nothing is padded into a single series' grid (padding would
+    change its embedding)."""
+    import torch
+
+    out: list[Any] = [None] * len(series)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(series):
+        if len(item) == 1:
+            by_shape.setdefault(tuple(item[0].shape), []).append(i)
+    with torch.inference_mode():
+        for rows in by_shape.values():
+            feats = model.get_image_features(torch.stack([series[i][0] for i in rows])).float().cpu().numpy()
+            for i, f in zip(rows, feats):
+                out[i] = f
+        for i, item in enumerate(series):
+            if len(item) > 1:
+                pixel_values, image_mask = processor.stack_images([list(item)])
+                out[i] = model.get_image_features(pixel_values, image_mask)[0].float().cpu().numpy()
+    return np.stack(out)
+
+
+def _unit_mean(x: np.ndarray) -> np.ndarray:
+    x = x / np.clip(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12, None)
+    m = x.mean(axis=-2)
+    return m / np.clip(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12, None)
+
+
+def zero_shot_scores(model: Any, processor: Any, image_embeds: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
+    """(N, K) log-odds of "present" vs "absent" per class: ``model.zero_shot_logits`` of the image embeddings and
+    the prompt-ensembled class embeddings."""
+    import torch
+
+    present, absent = class_prompts(phrases)
+    k = len(phrases)
+    flat = [_capitalise(t) for group in present + absent for t in group]
+    emb = _encode_texts(model, processor, flat)
+    n_p = len(PRESENT_TEMPLATES)
+    pe = _unit_mean(emb[: k * n_p].reshape(k, n_p, -1))
+    ae = _unit_mean(emb[k * n_p:].reshape(k, len(ABSENT_TEMPLATES), -1))
+    img = image_embeds / np.clip(np.linalg.norm(image_embeds, axis=1, keepdims=True), 1e-12, None)
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.zero_shot_logits(torch.as_tensor(img, dtype=torch.float32, device=dev),
+                                     torch.as_tensor(pe, dtype=torch.float32, device=dev),
+                                     torch.as_tensor(ae, dtype=torch.float32, device=dev))
+    return out.float().cpu().numpy()
+
+
+def embed_manifest(
+    model: Any, processor: Any, manifest: str | os.PathLike | Sequence[Mapping[str, Any]],
+    out: str | os.PathLike, *, label_schema: Any = None, tasks: Sequence[str] | None = CLIP_TASKS,
+    limit: int | None = None, batch_size: int = 8, progress: bool = True,
+    failures: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Embed every report record of ``manifest`` (a path or its records) and write the embeddings file ``out``.
+
+    Each record's image embedding (its series', or the fused study embedding), its report's text embedding and
+    report text are appended to ``out`` with suffix ``.jsonl`` as each batch of ``batch_size`` records is made, and
+    a rerun skips the records that file holds. Classes and labels (:func:`zero_shot_classes`, :func:`record_labels`) and the zero-shot scores
+    (:func:`zero_shot_scores`, of the image embeddings and, as the prompts' text-side ceiling, of the report
+    embeddings) are added when the schema or the records name classes.
+    failures: a list that gets ``{"id", "images", "problem"}`` for each record that could not be embedded (then
+    left out); without it the first failure raises. -> the path of the embeddings file.
+    """
+    from tqdm.auto import tqdm
+
+    records = report_records(manifest, tasks, limit) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
+    out = Path(out)
+    cache = out.with_suffix(".jsonl")
+    model.eval()
+    done: dict[str, dict[str, Any]] = {}
+    if cache.is_file():
+        from radfm3d.data.manifest import read_jsonl
+
+        for row in read_jsonl(cache, allow_partial_last_line=True):
+            done[str(row["id"])] = row
+    todo = [r for r in records if str(r["id"]) not in done]
+    with JsonlAppender(cache) as appender:
+        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"embed {out.stem}",
+                   disable=not progress)
+        def run(batch: Sequence[Mapping[str, Any]]) -> None:
+            try:
+                series = [_record_series(processor, r) for r in batch]
+                images = _image_embeddings(model, processor, series)
+                texts = _encode_texts(model, processor, [str(r.get("answer", "")) for r in batch])
+            except Exception as err:
+                if failures is None:
+                    raise
+                if len(batch) > 1:  # find the bad record(s); the others still get their embeddings
+                    for r in batch:
+                        run([r])
+                    return
+                r = batch[0]
+                failures.append({"id": str(r["id"]), "images": list(r.get("images") or []),
+                                 "problem": str(err) if isinstance(err, RadFM3DInputError)
+                                 else f"{type(err).__name__}: {err}"})
+                bar.update(1)
+                return
+            for r, image, text in zip(batch, images, texts):
+                row = {"id": str(r["id"]), "report_text": str(r.get("answer", "")),
+                       "image_embeds": image.tolist(), "text_embeds": text.tolist()}
+                appender.write(row)
+                done[row["id"]] = row
+            bar.update(len(batch))
+
+        for start in range(0, len(todo), batch_size):
+            run(todo[start: start + batch_size])
+        bar.close()
+    kept = [r for r in records if str(r["id"]) in done]
+    if not kept:
+        raise RadFM3DInputError(out, "no record could be embedded")
+    rows = [done[str(r["id"])] for r in kept]
+    arrays: dict[str, Any] = {
+        "record_ids": np.array([row["id"] for row in rows]),
+        "image_embeds": np.array([row["image_embeds"] for row in rows], dtype=np.float32),
+        "report_texts": np.array([str(r.get("answer", "")) for r in kept]),
+        "text_embeds": np.array([row["text_embeds"] for row in rows], dtype=np.float32),
+    }
+    names, phrases = zero_shot_classes(label_schema, kept)
+    if names:
+        arrays["class_names"] = np.array(names)
+        arrays["labels"] = record_labels(kept, names, label_schema)
+        arrays["zero_shot_scores"] = zero_shot_scores(model, processor, arrays["image_embeds"], phrases)
+        arrays["report_zero_shot_scores"] = zero_shot_scores(model, processor, arrays["text_embeds"], phrases)
+    return E.save_embeddings(out, **arrays)
+
+
+# ----------------------------------------------------------------------------------------- predictions
+def resolve_labels(emb: E.Embeddings, records: Sequence[Mapping[str, Any]], schema: Any) -> tuple[E.Embeddings,
+                                                                                                    dict[str, Any]]:
+    """The embeddings of ``records`` (manifest order; records missing from the file left out) with the manifest's
+    report texts, and labels from the manifest (records' ``labels`` / ground truth with ``schema``) where it knows
+    them, else the file's. -> (embeddings, {"missing", "text_mismatch", "label_conflicts"})."""
+    have = set(emb.record_ids.tolist())
+    kept = [r for r in records if str(r["id"]) in have]
+    info: dict[str, Any] = {"missing": [str(r["id"]) for r in records if str(r["id"]) not in have]}
+    if not kept:
+        raise RadFM3DInputError(emb.source, "holds none of the manifest's report records (record_ids do not match)")
+    sub = emb.subset([str(r["id"]) for r in kept])
+    texts = np.array([str(r.get("answer", "")) for r in kept])
+    info["text_mismatch"] = int(sum(E.normalize_report(a) != E.normalize_report(b)
+                                    for a, b in zip(texts.tolist(), sub.report_texts.tolist())))
+    sub.report_texts = texts
+    if sub.class_names is not None:
+        names = sub.class_names.tolist()
+    else:
+        names = zero_shot_classes(schema, kept)[0]
+    info["label_conflicts"] = 0
+    if names:
+        manifest_labels = record_labels(kept, names, schema)
+        file_labels = sub.labels if sub.labels is not None else np.full_like(manifest_labels, -1)
+        both = (manifest_labels >= 0) & (file_labels >= 0)
+        info["label_conflicts"] = int((both & (manifest_labels != file_labels)).sum())
+        sub.class_names = np.array(names)
+        sub.labels = np.where(manifest_labels >= 0, manifest_labels, file_labels).astype(np.int8)
+    return sub, info
+
+
+def _named(spec: str, what: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` or ``PATH`` -> (name or None, path)."""
+    if "=" in spec and not Path(spec).exists():
+        name, path = spec.split("=", 1)
+        if not name:
+            raise RadFM3DInputError(spec, f"{what}: an empty NAME in NAME=PATH")
+        return name, path
+    return None, spec
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def _check_resume(folder: Path, settings: Mapping[str, Any]) -> None:
+    """Refuse to resume embeddings made otherwise (``run.json`` in the model's folder); record the settings."""
+    path = folder / "run.json"
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict) and before != dict(settings):
+            diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+            raise RadFM3DInputError(folder, "holds embeddings made with other settings (" + ", ".join(
+                f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()) + "); give another --out")
+    atomic_write_json(path, dict(settings))
+
+
+def _load_model(folder: str, device: str) -> tuple[Any, Any]:
+    from radfm3d.contrastive.model import RadFM3DCLIPModel
+    from radfm3d.contrastive.processing import RadFM3DCLIPProcessor
+
+    if not Path(folder).is_dir():
+        raise RadFM3DInputError(folder, "--model: not a folder")
+    model = RadFM3DCLIPModel.from_pretrained(folder).to(device)
+    return model, RadFM3DCLIPProcessor.from_pretrained(folder)
+
+
+def cli(argv: Iterable[str] | None = None) -> int:
+    """`radfm3d evaluate-clip (--model DIR | --predictions [NAME=]embeddings.npz) ... --manifest test.jsonl --out DIR`.
+
+    Exit status 0, or 1 when some records could not be embedded (listed in ``failures.json`` and the report)."""
+    p = argparse.ArgumentParser(prog="radfm3d evaluate-clip", description=(
+        "Score image-report embedding models: zero-shot AUROC, retrieval R@k, effective dimensionality, linear "
+        "probe; one table row per model (a level ablation is one model per level)."))
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
+                   help="RadFM3DCLIPModel folder to run (repeatable); embeddings go to OUT/NAME/ and a rerun resumes")
+    p.add_argument("--predictions", action="append", default=[], metavar="[NAME=]FILE",
+                   help="embeddings .npz of any model (repeatable; format in docs/contrastive.md); it may also hold "
+                        "the --train-manifest records")
+    p.add_argument("--train-predictions", action="append", default=[], metavar="[NAME=]FILE",
+                   help="embeddings .npz of the training records for the --predictions model of that NAME")
+    p.add_argument("--manifest", required=True, help="evaluated manifest (its report / study_report records)")
+    p.add_argument("--train-manifest", help="training manifest: linear probe and the blind retrieval baseline")
+    p.add_argument("--out", required=True, help="output folder (results.json, report.md, PNG plots)")
+    p.add_argument("--label-schema", help="label_schema.json whose flags (else finding types) are the classes "
+                                          "(default: the model's, else records' labels, else phantom_flags)")
+    p.add_argument("--tasks", nargs="+", default=list(CLIP_TASKS), help="manifest tasks that are report records")
+    p.add_argument("--limit", type=int, default=None, help="only the first N report records of each manifest")
+    p.add_argument("--n-resamples", type=int, default=N_RESAMPLES)
+    p.add_argument("--seed", type=int, default=BOOTSTRAP_SEED)
+    p.add_argument("--batch-size", type=int, default=8, help="records embedded per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device of --model runs (cpu, cuda, cuda:1, ...)")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    if not args.model and not args.predictions:
+        p.error("give at least one --model or --predictions")
+
+    from radfm3d.evaluation.harness import prepare_output_dir
+
+    out = prepare_output_dir(args.out)
+    records = report_records(args.manifest, args.tasks, args.limit)
+    train_records = report_records(args.train_manifest, args.tasks, args.limit) if args.train_manifest else None
+    sources: dict[str, tuple[str, str]] = {}
+    for kind, specs in (("model", args.model), ("predictions", args.predictions)):
+        for spec in specs:
+            name, path = _named(spec, f"--{kind}")
+            name = name or (Path(path).name if kind == "model" else Path(path).stem)
+            if name in sources:
+                raise RadFM3DInputError(path, f"two models are named {name!r}; name them with NAME={path}")
+            sources[name] = (kind, path)
+    train_files: dict[str, str] = {}
+    for spec in args.train_predictions:
+        name, path = _named(spec, "--train-predictions")
+        train_files[name or Path(path).stem] = path
+    unknown = sorted(set(train_files) - {n for n, (k, _) in sources.items() if k == "predictions"})
+    if unknown:
+        raise RadFM3DInputError(args.train_predictions[0], f"--train-predictions names {unknown} match no "
+                                                           "--predictions NAME")
+
+    models: dict[str, tuple[E.Embeddings, E.Embeddings | None]] = {}
+    failures: list[dict[str, Any]] = []
+    meta_models: dict[str, Any] = {}
+    for name, (kind, path) in sources.items():
+        schema = args.label_schema
+        if kind == "model":
+            folder = out / E._safe(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            if schema is None and (Path(path) / "label_schema.json").is_file():
+                schema = Path(path) / "label_schema.json"
+            schema = _default_schema(schema, records)
+            _check_resume(folder, {"model": str(Path(path).resolve()), "tasks": list(args.tasks),
+                                   "label_schema": str(schema) if schema is not None else None})
+            model, processor = _load_model(path, args.device)
+            own: list[dict[str, Any]] = []
+            test_file = embed_manifest(model, processor, records, folder / "test_embeddings.npz",
+                                       label_schema=schema, batch_size=args.batch_size, failures=own)
+            train_file = embed_manifest(model, processor, train_records, folder / "train_embeddings.npz",
+                                        label_schema=schema, batch_size=args.batch_size, failures=own) \
+                if train_records else None
+            failures += [{**f, "model": name} for f in own]
+            test_emb, train_emb = E.load_embeddings(test_file), (E.load_embeddings(train_file) if train_file else None)
+        else:
+            schema = _default_schema(schema, records)
+            test_emb = E.load_embeddings(path)
+            train_emb = E.load_embeddings(train_files[name]) if name in train_files else None
+        test, info = resolve_labels(test_emb, records, schema)
+        train = None
+        if train_records is not None:
+            source = train_emb if train_emb is not None else test_emb
+            if set(str(r["id"]) for r in train_records) & set(source.record_ids.tolist()):
+                train, tinfo = resolve_labels(source, train_records, schema)
+                info["train_missing"] = len(tinfo["missing"])
+            else:
+                info["train_missing"] = len(train_records)
+        meta_models[name] = {"kind": kind, "path": str(path), "label_schema": str(schema) if schema else None,
+                             "missing_records": len(info["missing"]), "report_text_mismatch": info["text_mismatch"],
+                             "label_conflicts": info["label_conflicts"], **({"train_missing": info["train_missing"]}
+                                                                           if "train_missing" in info else {})}
+        models[name] = (test, train)
+    label_sources = sorted({str(m["label_schema"]) if m["label_schema"] else "the records' labels"
+                            for m in meta_models.values()})
+    results, curves = E.evaluate_models(models, n_resamples=args.n_resamples, seed=args.seed, meta={
+        "manifest": str(args.manifest), "train_manifest": args.train_manifest, "label_source": ", ".join(label_sources),
+        "sources": meta_models, "n_manifest_records": len(records)})
+    for name, m in results["models"].items():
+        src = meta_models[name]
+        if src["missing_records"]:
+            m["notes"].append(f"{src['missing_records']} of {len(records)} manifest records have no embeddings")
+        if src["report_text_mismatch"]:
+            m["notes"].append(f"{src['report_text_mismatch']} report texts differ from the manifest's answers "
+                              "(the manifest's are used)")
+        if src["label_conflicts"]:
+            m["notes"].append(f"{src['label_conflicts']} labels in the file disagree with the manifest's "
+                              "(the manifest's are used)")
+    results["failures"] = failures
+    if failures:
+        atomic_write_json(out / "failures.json", failures)
+    elif (out / "failures.json").is_file():
+        (out / "failures.json").unlink()
+    paths = E.write_results(results, curves, out)
+    print("\n".join(results["summary"]))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if failures:
+        print(f"{len(failures)} record(s) could not be embedded and were not scored (listed in "
+              f"{out / 'failures.json'}):")
+        for f in failures:
+            print(f"  {f['model']} {f['id']}: {f['problem']}")
+        return 1
+    return 0
+
+
+def _default_schema(schema: Any, records: Sequence[Mapping[str, Any]]) -> Any:
+    """The schema to use: the given one; else None when records carry labels (``labels`` or ``ground_truth.labels``);
+    else the phantom flags schema."""
+    if schema is not None:
+        return schema
+    if any(_given_labels(r) for r in records):
+        return None
+    from radfm3d.data.phantom_schemas import schema_path
+
+    return schema_path(DEFAULT_SCHEMA)

@@ -1,0 +1,718 @@
+# Copyright (c) radfm3d contributors. Apache-2.0.
+"""Scoring of image-report embedding models (CLIP-style) from an embeddings file, with numpy and scikit-learn only.
+
+Any embedding model is scored by the same code: it writes an embeddings file (:func:`save_embeddings`), and
+:func:`evaluate_embeddings` scores it against a manifest. The file is ``np.savez`` (``allow_pickle=False``; strings as
+``'<U'`` arrays) holding
+
+=================== =========== =================================================================================
+array               shape       meaning
+=================== =========== =================================================================================
+record_ids          (N,) str    manifest record ids (unique)
+image_embeds        (N, P)      one image (or fused study) embedding per record
+report_texts        (N,) str    the record's report (its ``answer``)
+text_embeds         (N, P)      the report's text embedding (optional: without it there is no retrieval)
+class_names         (K,) str    zero-shot / probe classes (optional)
+zero_shot_scores    (N, K)      a score per class, higher = more likely present (optional; needs class_names)
+report_zero_shot_   (N, K)      the same class scores computed from the report's text embedding instead of the
+scores                          image's: the text-side ceiling of the prompts (optional; needs class_names)
+labels              (N, K) int8 1 present, 0 absent, -1 unknown (optional; needs class_names)
+=================== =========== =================================================================================
+
+Figures (each a :class:`~radfm3d.evaluation.metrics.Figure` with a seeded percentile bootstrap 95% interval):
+
+- zero-shot AUROC per class and their mean (one joint bootstrap over records); a class whose evaluated labels take
+  one value has no AUROC and is reported as undefined (never 0.5);
+- retrieval R@1/5/10 with identical reports grouped (texts equal after lower-casing and collapsing whitespace):
+  image->report ranks the unique reports (a hit when the true report is in the top k), report->image ranks every
+  image for each unique report (a hit when any image with that report is in the top k); each beside its chance
+  level (a random ranking) and, for image->report, the blind baseline that always ranks the most frequent reports
+  first;
+- effective dimensionality of the L2-normalised embeddings: participation ratio ``(sum l)^2 / sum l^2`` of the
+  covariance eigenvalues ``l`` and the number of components holding 90% of the variance;
+- a linear probe: per class a scikit-learn ``LogisticRegression`` fitted on training-record embeddings, AUROC on
+  the evaluated records (the blind baseline of every AUROC is a constant score, 0.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from radfm3d.errors import RadFM3DInputError
+from radfm3d.evaluation.metrics import BOOTSTRAP_SEED, N_RESAMPLES, Figure, _percentiles, bootstrap_figure
+from radfm3d.utils import atomic_savefig, atomic_write
+
+__all__ = [
+    "Embeddings", "save_embeddings", "load_embeddings", "normalize_report", "auroc_figures", "retrieval_figures",
+    "effective_dimensionality", "linear_probe", "score_embeddings", "comparison_table", "markdown_report",
+    "write_plots", "evaluate_models", "write_results", "KS",
+]
+
+KS = (1, 5, 10)
+REQUIRED = ("record_ids", "image_embeds", "report_texts")
+OPTIONAL = ("text_embeds", "class_names", "zero_shot_scores", "labels", "report_zero_shot_scores")
+
+
+# ------------------------------------------------------------------------------------------ embeddings file
+@dataclasses.dataclass
+class Embeddings:
+    """The arrays of an embeddings file (see the module docstring); ``source`` names where they came from."""
+
+    record_ids: np.ndarray
+    image_embeds: np.ndarray
+    report_texts: np.ndarray
+    text_embeds: np.ndarray | None = None
+    class_names: np.ndarray | None = None
+    zero_shot_scores: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    report_zero_shot_scores: np.ndarray | None = None
+    source: str = "<embeddings>"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def __len__(self) -> int:
+        return int(self.record_ids.shape[0])
+
+    def subset(self, ids: Sequence[str]) -> "Embeddings":
+        """The rows of ``ids`` (in that order; every id must be present)."""
+        index = {r: i for i, r in enumerate(self.record_ids.tolist())}
+        rows = np.array([index[str(r)] for r in ids], dtype=np.int64)
+        return Embeddings(**{f.name: (getattr(self, f.name)[rows] if isinstance(getattr(self, f.name), np.ndarray)
+                                      and f.name != "class_names" else getattr(self, f.name))
+                             for f in dataclasses.fields(self)})
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in REQUIRED + OPTIONAL if getattr(self, name) is not None}
+
+
+def _as_str_array(value: Any, name: str, source: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind == "S":
+        arr = arr.astype(str)
+    if arr.dtype.kind != "U" and not (arr.dtype.kind == "O" and all(isinstance(v, str) for v in arr.ravel())):
+        raise RadFM3DInputError(source, f"array {name!r} must hold strings ('<U'), got dtype {arr.dtype}")
+    arr = arr.astype(str)
+    if arr.ndim != 1:
+        raise RadFM3DInputError(source, f"array {name!r} must be 1-D, got shape {arr.shape}")
+    return arr
+
+
+def _as_float_matrix(value: Any, name: str, source: str, n: int, width: int | None = None) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu":
+        raise RadFM3DInputError(source, f"array {name!r} must be numeric, got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[0] != n or (width is not None and arr.shape[1] != width):
+        want = f"({n}, {width if width is not None else 'P'})"
+        raise RadFM3DInputError(source, f"array {name!r} must have shape {want}, got {arr.shape}")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise RadFM3DInputError(source, f"array {name!r} has NaN/inf values in {int(bad.sum())} row(s) "
+                                        f"(first: row {int(np.argmax(bad))})")
+    return arr.astype(np.float32) if arr.dtype != np.float64 else arr
+
+
+def _validate(e: Embeddings) -> None:
+    src = e.source
+    e.record_ids = _as_str_array(e.record_ids, "record_ids", src)
+    n = e.record_ids.shape[0]
+    if n == 0:
+        raise RadFM3DInputError(src, "array 'record_ids' is empty")
+    dup = [r for r, c in Counter(e.record_ids.tolist()).items() if c > 1]
+    if dup:
+        raise RadFM3DInputError(src, f"array 'record_ids' repeats ids {dup[:5]}")
+    e.image_embeds = _as_float_matrix(e.image_embeds, "image_embeds", src, n)
+    e.report_texts = _as_str_array(e.report_texts, "report_texts", src)
+    if e.report_texts.shape[0] != n:
+        raise RadFM3DInputError(src, f"array 'report_texts' has {e.report_texts.shape[0]} rows, record_ids {n}")
+    if e.text_embeds is not None:
+        e.text_embeds = _as_float_matrix(e.text_embeds, "text_embeds", src, n, e.image_embeds.shape[1])
+    if e.class_names is None:
+        extra = [k for k in ("zero_shot_scores", "labels", "report_zero_shot_scores") if getattr(e, k) is not None]
+        if extra:
+            raise RadFM3DInputError(src, f"arrays {extra} need the array 'class_names' (K,)")
+        return
+    e.class_names = _as_str_array(e.class_names, "class_names", src)
+    k = e.class_names.shape[0]
+    if len(set(e.class_names.tolist())) != k:
+        raise RadFM3DInputError(src, "array 'class_names' repeats names")
+    for name in ("zero_shot_scores", "report_zero_shot_scores"):
+        if getattr(e, name) is not None:
+            setattr(e, name, _as_float_matrix(getattr(e, name), name, src, n, k))
+    if e.labels is not None:
+        lab = np.asarray(e.labels)
+        if lab.dtype.kind not in "iub" or lab.shape != (n, k):
+            raise RadFM3DInputError(src, f"array 'labels' must be integers of shape ({n}, {k}), got {lab.dtype} "
+                                         f"{lab.shape}")
+        if not np.isin(lab, (-1, 0, 1)).all():
+            raise RadFM3DInputError(src, "array 'labels' may hold only 1 (present), 0 (absent), -1 (unknown)")
+        e.labels = lab.astype(np.int8)
+
+
+def save_embeddings(path: str | os.PathLike, embeddings: Embeddings | None = None, **arrays: Any) -> Path:
+    """Write an embeddings file (``np.savez``, atomically) from an :class:`Embeddings` or its arrays by name;
+    the arrays are validated first. -> the path."""
+    e = embeddings if embeddings is not None else Embeddings(**arrays, source=str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would add '.npz' to the temporary name
+            np.savez(fh, **e.arrays())
+
+    atomic_write(path, write)
+    return path
+
+
+def load_embeddings(path: str | os.PathLike) -> Embeddings:
+    """Read and validate an embeddings file; RadFM3DInputError names the file and the bad array."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise RadFM3DInputError(path, "embeddings file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise RadFM3DInputError(path, "is a single .npy array, not an embeddings .npz (np.savez) file")
+            names = list(npz.files)
+            missing = [k for k in REQUIRED if k not in names]
+            if missing:
+                raise RadFM3DInputError(path, f"missing array(s) {missing}; it holds {names}")
+            arrays = {}
+            for k in REQUIRED + OPTIONAL:
+                if k in names:
+                    try:
+                        arrays[k] = npz[k]
+                    except ValueError as err:  # object arrays need pickle, which is refused
+                        raise RadFM3DInputError(path, f"array {k!r} cannot be read without pickle ({err}); store "
+                                                      "strings as '<U' arrays and numbers as numeric arrays") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise RadFM3DInputError(path, f"not a readable .npz file ({type(err).__name__}: {err})") from None
+    except ValueError as err:  # e.g. a pickled .npy
+        raise RadFM3DInputError(path, f"not an embeddings .npz file ({err})") from None
+    return Embeddings(**arrays, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------- AUROC
+def _tie_groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort order of ``scores`` and the start index of each run of equal scores in that order."""
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    return order, starts
+
+
+def _weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUROC (ties count one half, as scikit-learn's trapezoids) with case weights.
+
+    scores, labels: (n,); weights: (B, n) non-negative case counts (a bootstrap resample per row) -> (B,),
+    NaN where a row has no positive or no negative weight. Vectorised over resamples: cases are sorted once and
+    the weights summed per group of tied scores, which scikit-learn's per-call API cannot do.
+    """
+    order, starts = _tie_groups(scores)
+    pos = labels[order] == 1
+    w = weights[:, order]
+    pw = np.add.reduceat(np.where(pos, w, 0.0), starts, axis=1)  # (B, U)
+    nw = np.add.reduceat(np.where(pos, 0.0, w), starts, axis=1)
+    below = np.cumsum(nw, axis=1) - nw
+    num = (pw * (below + 0.5 * nw)).sum(axis=1)
+    den = pw.sum(axis=1) * nw.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _resample_counts(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n) multinomial case counts, seeded as :func:`radfm3d.evaluation.metrics.bootstrap_sums`."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(np.float64)
+
+
+def auroc_figures(
+    labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str], *, n_resamples: int = N_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:
+    """AUROC per class and their mean, with one joint bootstrap over records (rows).
+
+    labels: (N, K) in {1, 0, -1 unknown}; scores: (N, K). -> {"per_class": {name: Figure dict | {"undefined":
+    reason, "n", "positives"}}, "mean": Figure dict (over the defined classes), "defined": [names],
+    "undefined": [names]}. A resample in which a class has one label value leaves that class out of that
+    resample's mean.
+    """
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    n = labels.shape[0]
+    counts = _resample_counts(n, n_resamples, seed) if n else np.zeros((0, 0))
+    per_class: dict[str, Any] = {}
+    points, boots, defined, undefined = [], [], [], []
+    for k, name in enumerate(class_names):
+        known = labels[:, k] >= 0
+        y, s = labels[known, k], scores[known, k]
+        n_pos = int((y == 1).sum())
+        if n_pos == 0 or n_pos == y.size:
+            per_class[name] = {"undefined": f"labels take one value ({n_pos} of {y.size} present)",
+                               "n": int(y.size), "positives": n_pos}
+            undefined.append(name)
+            continue
+        point = float(_weighted_auroc(s, y, np.ones((1, y.size)))[0])
+        boot = _weighted_auroc(s, y, counts[:, known])
+        per_class[name] = {**Figure(point, *_percentiles(boot), int(y.size)).to_dict(), "positives": n_pos}
+        points.append(point)
+        boots.append(boot)
+        defined.append(name)
+    if defined:
+        with np.errstate(invalid="ignore"), _quiet():
+            mean_boot = np.nanmean(np.stack(boots, axis=1), axis=1)
+        mean = Figure(float(np.mean(points)), *_percentiles(mean_boot), n).to_dict()
+    else:
+        mean = Figure(float("nan"), float("nan"), float("nan"), n).to_dict()
+    return {"per_class": per_class, "mean": mean, "defined": defined, "undefined": undefined}
+
+
+class _quiet:
+    """Silence numpy's "mean of empty slice" RuntimeWarning inside a block."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def roc_curve_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of one class's known labels (scikit-learn's ``roc_curve``)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return fpr, tpr
+
+
+# -------------------------------------------------------------------------------------------- retrieval
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_report(text: str) -> str:
+    """Report text for grouping: lower case, whitespace collapsed, stripped (the contrastive loss's grouping)."""
+    return _SPACE.sub(" ", str(text).lower()).strip()
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def _chance_any_of_group(n: int, m: int, k: int) -> float:
+    """P(a random ranking of n items puts at least one of m marked items in the top k) = 1 - C(n-m,k)/C(n,k)."""
+    k = min(k, n)
+    if m <= 0:
+        return 0.0
+    return 1.0 - math.comb(n - m, k) / math.comb(n, k) if n - m >= k else 1.0
+
+
+def retrieval_figures(
+    image_embeds: np.ndarray, text_embeds: np.ndarray, report_texts: Sequence[str], *, ks: Sequence[int] = KS,
+    n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, prior_texts: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Image->report and report->image recall@k by cosine similarity, identical reports grouped.
+
+    image_embeds, text_embeds: (N, P); report_texts: (N,). Image->report: each of the N images ranks the G unique
+    reports (a group's text embedding is the mean of its members' unit embeddings), hit when its own report is in
+    the top k; chance k/G. Report->image: each of the G unique reports ranks the N images, hit when any image of
+    that report is in the top k; chance 1 - C(N-m, k)/C(N, k) for a report with m images, averaged. The blind
+    image->report baseline ranks the reports by their frequency in ``prior_texts`` (training reports; default the
+    evaluated ones) and ignores the image.
+    -> {"image_to_report": {"R@k": Figure dict, "chance@k": float, "blind@k": Figure dict}, "report_to_image":
+    {...}, "n_images", "n_unique_reports"}.
+    """
+    norm = [normalize_report(t) for t in report_texts]
+    uniq = list(dict.fromkeys(norm))
+    gid = _group_index(norm, uniq)
+    n, g = len(norm), len(uniq)
+    img = _unit(image_embeds)
+    txt = _unit(text_embeds)
+    onehot = np.zeros((g, n))
+    onehot[gid, np.arange(n)] = 1.0
+    group_txt = _unit(onehot @ txt)  # (G, P)
+    sim = img @ group_txt.T  # (N, G)
+    # rank of the true group: the number of groups scoring strictly higher (ties resolved in the query's favour
+    # would flatter constant embeddings, so ties count against it: rank = #(>=) - 1)
+    true = sim[np.arange(n), gid]
+    rank_i2r = (sim >= true[:, None]).sum(axis=1) - 1
+    sim_r2i = sim.T  # (G, N)
+    best_true = np.where(onehot > 0, sim_r2i, -np.inf).max(axis=1)  # best-scoring image of the report's group
+    rank_r2i = (np.where(onehot > 0, -np.inf, sim_r2i) >= best_true[:, None]).sum(axis=1)
+    sizes = onehot.sum(axis=1).astype(int)
+    prior = Counter(normalize_report(t) for t in (prior_texts if prior_texts is not None else report_texts))
+    # the G candidate reports, most frequent (in the prior texts) first, ties by first appearance
+    blind_rank_of = {t: i for i, t in enumerate(sorted(uniq, key=lambda t: -prior.get(t, 0)))}
+    blind_rank = np.array([blind_rank_of[t] for t in norm])
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    i2r: dict[str, Any] = {}
+    r2i: dict[str, Any] = {}
+    for k in ks:
+        i2r[f"R@{k}"] = bootstrap_figure((rank_i2r < k).astype(np.float64), **boot).to_dict()
+        i2r[f"chance@{k}"] = min(k, g) / g
+        i2r[f"blind@{k}"] = bootstrap_figure((blind_rank < k).astype(np.float64), **boot).to_dict()
+        r2i[f"R@{k}"] = bootstrap_figure((rank_r2i < k).astype(np.float64), **boot).to_dict()
+        r2i[f"chance@{k}"] = float(np.mean([_chance_any_of_group(n, int(m), k) for m in sizes]))
+    return {"image_to_report": i2r, "report_to_image": r2i, "n_images": n, "n_unique_reports": g}
+
+
+def _group_index(norm: Sequence[str], uniq: Sequence[str]) -> np.ndarray:
+    where = {t: i for i, t in enumerate(uniq)}
+    return np.array([where[t] for t in norm])
+
+
+# ----------------------------------------------------------------------------------------- dimensionality
+def effective_dimensionality(embeds: np.ndarray, variance: float = 0.9) -> dict[str, Any]:
+    """Participation ratio ``(sum l)^2 / sum l^2`` of the covariance eigenvalues ``l`` of the L2-normalised
+    embeddings (N, P), the number of components holding ``variance`` of the variance, and the spectrum
+    (descending). Isotropic embeddings give P, embeddings on one line give 1."""
+    x = _unit(embeds)
+    x = x - x.mean(axis=0, keepdims=True)
+    n, p = x.shape
+    cov = x.T @ x / max(n - 1, 1)
+    eig = np.clip(np.linalg.eigvalsh(cov)[::-1], 0.0, None)
+    total = float(eig.sum())
+    if total <= 0:
+        return {"participation_ratio": 0.0, f"components_{int(variance * 100)}": 0, "dim": p, "n": n,
+                "eigenvalues": eig.tolist()}
+    pr = total ** 2 / float((eig ** 2).sum())
+    n_var = int(np.searchsorted(np.cumsum(eig) / total, variance - 1e-12) + 1)
+    return {"participation_ratio": float(pr), f"components_{int(variance * 100)}": n_var, "dim": p, "n": n,
+            "eigenvalues": eig.tolist()}
+
+
+# ------------------------------------------------------------------------------------------- linear probe
+def linear_probe(
+    train_embeds: np.ndarray, train_labels: np.ndarray, test_embeds: np.ndarray, test_labels: np.ndarray,
+    class_names: Sequence[str], *, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, C: float = 1.0,
+) -> dict[str, Any]:
+    """Per class, scikit-learn ``LogisticRegression`` (L2, ``C``, balanced class weights) on the L2-normalised
+    training embeddings (records with a known label), probability of "present" on the test embeddings, and
+    :func:`auroc_figures` of those scores. A class whose training labels take one value is not fitted (undefined)."""
+    from sklearn.linear_model import LogisticRegression
+
+    xtr, xte = _unit(train_embeds), _unit(test_embeds)
+    scores = np.zeros((xte.shape[0], len(class_names)))
+    labels = np.asarray(test_labels).copy()
+    not_fitted = {}
+    for k, name in enumerate(class_names):
+        known = train_labels[:, k] >= 0
+        y = train_labels[known, k]
+        if y.size == 0 or y.min() == y.max():
+            not_fitted[name] = f"training labels take one value ({int((y == 1).sum())} of {y.size} present)"
+            labels[:, k] = -1
+            continue
+        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
+        clf.fit(xtr[known], y)
+        scores[:, k] = clf.predict_proba(xte)[:, 1]
+    out = auroc_figures(labels, scores, class_names, n_resamples=n_resamples, seed=seed)
+    for name, why in not_fitted.items():
+        out["per_class"][name] = {"undefined": why, "n": int((np.asarray(test_labels)[:, list(class_names).index(
+            name)] >= 0).sum()), "positives": None}
+    out["n_train"] = int(xtr.shape[0])
+    out["scores"] = scores
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def score_embeddings(
+    test: Embeddings, *, train: Embeddings | None = None, n_resamples: int = N_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED, name: str = "model",
+) -> dict[str, Any]:
+    """Every figure of one model on the evaluated records ``test`` (labels already resolved into ``test.labels``);
+    ``train`` (with labels) for the linear probe and the blind retrieval baseline.
+
+    -> {"name", "n_records", "zero_shot", "retrieval", "dimensionality": {"image", "text"}, "probe", "notes"}; a
+    part that cannot be computed is None with a note saying why.
+    """
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    notes: list[str] = []
+    res: dict[str, Any] = {"name": name, "n_records": len(test), "source": test.source}
+    classes = test.class_names.tolist() if test.class_names is not None else []
+    res["classes"] = classes
+    if test.zero_shot_scores is not None and test.labels is not None:
+        res["zero_shot"] = auroc_figures(test.labels, test.zero_shot_scores, classes, **boot)
+        res["zero_shot"]["blind"] = 0.5
+        if test.report_zero_shot_scores is not None:
+            # the same prompts scored against each record's own report text: what the prompts reach at best
+            res["zero_shot"]["report_text"] = auroc_figures(test.labels, test.report_zero_shot_scores, classes,
+                                                            **boot)
+    else:
+        res["zero_shot"] = None
+        notes.append("zero-shot: the embeddings hold no zero_shot_scores" if test.zero_shot_scores is None
+                     else "zero-shot: no labels for the classes (give --label-schema or records with 'labels')")
+    if test.text_embeds is not None:
+        prior = train.report_texts.tolist() if train is not None else None
+        res["retrieval"] = retrieval_figures(test.image_embeds, test.text_embeds, test.report_texts.tolist(),
+                                             prior_texts=prior, **boot)
+        res["retrieval"]["image_to_report"]["blind_source"] = "train" if prior is not None else "evaluated"
+    else:
+        res["retrieval"] = None
+        notes.append("retrieval: the embeddings hold no text_embeds")
+    res["dimensionality"] = {"image": effective_dimensionality(test.image_embeds)}
+    if test.text_embeds is not None:
+        res["dimensionality"]["text"] = effective_dimensionality(test.text_embeds)
+    if train is None:
+        res["probe"] = None
+        notes.append("linear probe: no training records (give --train-manifest)")
+    elif test.labels is None or train.labels is None:
+        res["probe"] = None
+        notes.append("linear probe: no labels")
+    else:
+        probe = linear_probe(train.image_embeds, train.labels, test.image_embeds, test.labels, classes, **boot)
+        probe.pop("scores")
+        probe["blind"] = 0.5
+        res["probe"] = probe
+    res["notes"] = notes
+    return res
+
+
+def _fig(f: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if not f or f.get("value") is None:
+        return "—"
+    if f.get("low") is None:
+        return f"{f['value']:.{digits}f}"
+    return f"{f['value']:.{digits}f} [{f['low']:.{digits}f}, {f['high']:.{digits}f}]"
+
+
+def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown table, one row per model: zero-shot and probe mean AUROC, R@1/5/10 both ways, participation
+    ratios (image / text) -- the level ablation is one model per row."""
+    head = ("| model | n | zero-shot mean AUROC | prompts on report text | probe mean AUROC | "
+            "image→report R@1 / R@5 / R@10 | report→image R@1 / R@5 / R@10 | PR image / text |")
+    lines = [head, "|" + "---|" * 8]
+    for name, m in models.items():
+        zs = _fig((m.get("zero_shot") or {}).get("mean"))
+        ceiling = _fig(((m.get("zero_shot") or {}).get("report_text") or {}).get("mean"))
+        pr = _fig((m.get("probe") or {}).get("mean"))
+        ret = m.get("retrieval")
+        cells = []
+        for d in ("image_to_report", "report_to_image"):
+            cells.append(" / ".join(f"{ret[d][f'R@{k}']['value']:.3f}" for k in KS) if ret else "—")
+        dims = m["dimensionality"]
+        pr_txt = f"{dims['image']['participation_ratio']:.1f} / " + (
+            f"{dims['text']['participation_ratio']:.1f}" if "text" in dims else "—")
+        lines.append(f"| {name} | {m['n_records']} | {zs} | {ceiling} | {pr} | {cells[0]} | {cells[1]} | {pr_txt} |")
+    first = next(iter(models.values()), None)
+    if first and first.get("retrieval"):
+        ret = first["retrieval"]
+        lines.append("| chance / blind | | 0.5 | 0.5 | 0.5 | " + " / ".join(
+            f"{ret['image_to_report'][f'chance@{k}']:.3f}" for k in KS) + " (blind " + " / ".join(
+            f"{ret['image_to_report'][f'blind@{k}']['value']:.3f}" for k in KS) + ") | " + " / ".join(
+            f"{ret['report_to_image'][f'chance@{k}']:.3f}" for k in KS) + " | |")
+    return lines
+
+
+def markdown_report(results: Mapping[str, Any]) -> str:
+    """report.md: the comparison table, then per model the zero-shot and probe AUROC per class, retrieval against
+    chance and the blind baseline, and the effective dimensionality."""
+    meta = results["meta"]
+    models = results["models"]
+    lines = ["# Embedding evaluation", "",
+             f"Manifest `{meta.get('manifest')}`: {meta.get('n_records')} report records "
+             f"({meta.get('n_unique_reports', '?')} unique reports); intervals: percentile bootstrap 95% over "
+             f"records ({meta['bootstrap']['n_resamples']} resamples, seed {meta['bootstrap']['seed']}). "
+             f"Classes from {meta.get('label_source')}. Retrieval groups identical reports (lower case, collapsed "
+             "whitespace). PR = participation ratio of the covariance spectrum of the L2-normalised embeddings.",
+             "", "## Comparison (one row per model; a level ablation is one model per row)", ""]
+    lines += comparison_table(models)
+    failures = results.get("failures") or []
+    if failures:
+        lines += ["", f"## Records not embedded ({len(failures)}, not scored)", "", "| model | id | problem |",
+                  "|---|---|---|"]
+        lines += [f"| {f.get('model', '')} | {f['id']} | {str(f['problem']).replace('|', '/')} |" for f in failures]
+    for name, m in models.items():
+        lines += ["", f"## {name}", "", f"Embeddings: `{m.get('source')}`; {m['n_records']} records.", ""]
+        for part, title in (("zero_shot", "Zero-shot AUROC"), ("probe", "Linear probe AUROC")):
+            block = m.get(part)
+            if not block:
+                continue
+            extra = f" (trained on {block['n_train']} records)" if part == "probe" else ""
+            ceiling = (block.get("report_text") or {}).get("per_class", {})
+            head = "| class | AUROC | 95% CI | n | positives |" + (" prompts on report text |" if ceiling else "")
+            lines += [f"### {title}{extra}", "", head, "|---|---|---|---|---|" + ("---|" if ceiling else "")]
+            for cls, f in block["per_class"].items():
+                tail = f" {_fig(ceiling.get(cls), 3) if ceiling.get(cls, {}).get('value') is not None else '—'} |" \
+                    if ceiling else ""
+                if "undefined" in f:
+                    pos = "—" if f["positives"] is None else f["positives"]
+                    lines.append(f"| {cls} | undefined | {f['undefined']} | {f['n']} | {pos} |{tail}")
+                else:
+                    lines.append(f"| {cls} | {f['value']:.3f} | [{f['low']:.3f}, {f['high']:.3f}] | {f['n']} | "
+                                 f"{f['positives']} |{tail}")
+            mean_tail = f" {_fig(block['report_text']['mean'])} |" if ceiling else ""
+            lines.append(f"| **mean** ({len(block['defined'])} defined) | {_fig(block['mean'])} | | "
+                         f"{block['mean']['n']} | |{mean_tail}")
+            lines += ["", "Blind baseline: a constant score, AUROC 0.5."
+                      + (" Prompts on report text: the same prompts scored against each record's own report "
+                         "embedding instead of its image's (the text side's ceiling)." if ceiling else ""), ""]
+        ret = m.get("retrieval")
+        if ret:
+            lines += [f"### Retrieval ({ret['n_images']} images, {ret['n_unique_reports']} unique reports)", "",
+                      "| direction | k | recall | 95% CI | chance | blind (most frequent reports) |",
+                      "|---|---|---|---|---|---|"]
+            for d, label in (("image_to_report", "image→report"), ("report_to_image", "report→image")):
+                for k in KS:
+                    f = ret[d][f"R@{k}"]
+                    blind = _fig(ret[d].get(f"blind@{k}")) if d == "image_to_report" else "= chance"
+                    lines.append(f"| {label} | {k} | {f['value']:.3f} | [{f['low']:.3f}, {f['high']:.3f}] | "
+                                 f"{ret[d][f'chance@{k}']:.3f} | {blind} |")
+            lines.append("")
+        lines += ["### Effective dimensionality", "", "| embeddings | dim | participation ratio | components for 90% "
+                  "variance |", "|---|---|---|---|"]
+        for which, d in m["dimensionality"].items():
+            lines.append(f"| {which} | {d['dim']} | {d['participation_ratio']:.2f} | {d['components_90']} |")
+        for note in m.get("notes", []):
+            lines.append(f"- note: {note}")
+    plots = results.get("plots") or {}
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{k}]({Path(v).name})" for k, v in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def write_plots(results: Mapping[str, Any], curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+                out_dir: str | os.PathLike) -> dict[str, Path]:
+    """recall_at_k.png (R@k per model and direction, 95% whiskers, chance ticks), spectrum.png (image-embedding
+    eigenvalue spectra, log scale) and roc_<model>.png (zero-shot ROC per class) -> name -> path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+    models = results["models"]
+    with_ret = {n: m for n, m in models.items() if m.get("retrieval")}
+    if with_ret:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+        width = 0.8 / max(len(with_ret), 1)
+        x = np.arange(len(KS))
+        for ax, (d, label) in zip(axes[0], (("image_to_report", "image → report"),
+                                            ("report_to_image", "report → image (unique reports)"))):
+            for i, (name, m) in enumerate(with_ret.items()):
+                figs = [m["retrieval"][d][f"R@{k}"] for k in KS]
+                vals = np.array([f["value"] for f in figs])
+                err = np.array([[v - (f["low"] if f["low"] is not None else v) for v, f in zip(vals, figs)],
+                                [(f["high"] if f["high"] is not None else v) - v for v, f in zip(vals, figs)]])
+                ax.bar(x + (i - (len(with_ret) - 1) / 2) * width, vals, width, yerr=np.clip(err, 0, None),
+                       capsize=2, label=name)
+            chance = next(iter(with_ret.values()))["retrieval"][d]
+            for j, k in enumerate(KS):
+                ax.hlines(chance[f"chance@{k}"], j - 0.45, j + 0.45, colors="tab:red", linestyles="--",
+                          label="chance" if j == 0 else None)
+            ax.set_xticks(x, [f"R@{k}" for k in KS])
+            ax.set_ylim(0, 1.05)
+            ax.set_title(label, fontsize=10)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        try:
+            paths["recall_at_k"] = atomic_savefig(fig, out / "recall_at_k.png", dpi=100)
+        finally:
+            plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in models.items():
+        eig = np.asarray(m["dimensionality"]["image"]["eigenvalues"])
+        eig = eig[eig > 0]
+        if eig.size:
+            ax.semilogy(np.arange(1, eig.size + 1), eig / eig.sum(), marker=".", label=
+                        f"{name} (PR {m['dimensionality']['image']['participation_ratio']:.1f})")
+    ax.set_xlabel("component")
+    ax.set_ylabel("fraction of variance")
+    ax.set_title("image embedding eigenvalue spectrum", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        paths["spectrum"] = atomic_savefig(fig, out / "spectrum.png", dpi=100)
+    finally:
+        plt.close(fig)
+    for name, per_class in curves.items():
+        if not per_class:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ax.set_prop_cycle(color=list(plt.get_cmap("tab20").colors))
+        auc = (models[name].get("zero_shot") or {}).get("per_class", {})
+        for cls, (fpr, tpr) in per_class.items():
+            ax.plot(fpr, tpr, lw=1, label=f"{cls} ({auc.get(cls, {}).get('value', float('nan')):.2f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(f"{name}: zero-shot ROC per class (AUROC)", fontsize=10)
+        ax.legend(fontsize=6, loc="lower right")
+        fig.tight_layout()
+        try:
+            paths[f"roc_{name}"] = atomic_savefig(fig, out / f"roc_{_safe(name)}.png", dpi=100)
+        finally:
+            plt.close(fig)
+    return paths
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
+
+
+def zero_shot_curves(e: Embeddings) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """ROC points per class with defined AUROC (both label values among the known labels)."""
+    if e.zero_shot_scores is None or e.labels is None or e.class_names is None:
+        return {}
+    out = {}
+    for k, cls in enumerate(e.class_names.tolist()):
+        known = e.labels[:, k] >= 0
+        y = e.labels[known, k]
+        if y.size and 0 < y.sum() < y.size:
+            out[cls] = roc_curve_points(y, e.zero_shot_scores[known, k])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def evaluate_models(
+    models: Mapping[str, tuple[Embeddings, Embeddings | None]], *, n_resamples: int = N_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED, meta: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+    """Score several models (name -> (evaluated records, training records or None), labels resolved) with the same
+    code. -> (results {"meta", "models": {name: score_embeddings(...)}, "summary": [table lines]}, ROC curves)."""
+    out: dict[str, Any] = {}
+    curves: dict[str, Any] = {}
+    for name, (test, train) in models.items():
+        out[name] = score_embeddings(test, train=train, n_resamples=n_resamples, seed=seed, name=name)
+        curves[name] = zero_shot_curves(test)
+    first = next(iter(models.values()))[0] if models else None
+    info = {"bootstrap": {"n_resamples": n_resamples, "seed": seed, "interval": "percentile 95%"},
+            "n_records": len(first) if first is not None else 0,
+            "n_unique_reports": len({normalize_report(t) for t in first.report_texts.tolist()}) if first else 0,
+            **dict(meta or {})}
+    results = {"meta": info, "models": out}
+    results["summary"] = comparison_table(out)
+    return results, curves
+
+
+def write_results(results: dict[str, Any], curves: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """results.json, report.md and the plots (:func:`write_plots`) in ``out_dir`` (atomically) -> name -> path."""
+    from radfm3d.utils import atomic_write_json, atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        plots = write_plots(results, curves, out)
+    except Exception as err:  # drawing is a courtesy; the figures are written whatever happens to matplotlib
+        plots = {}
+        results.setdefault("meta", {})["plot_error"] = f"{type(err).__name__}: {err}"
+    results["plots"] = {k: p.name for k, p in plots.items()}
+    paths = {"json": atomic_write_json(out / "results.json", results),
+             "markdown": atomic_write_text(out / "report.md", markdown_report(results))}
+    return {**paths, **plots}
