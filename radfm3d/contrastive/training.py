@@ -15,6 +15,7 @@ handlers as the other stages (:mod:`radfm3d.engine`):
   :class:`OutputLoss` (the engine's ``loss_function``), :func:`loss_terms_of` (per-level terms for the loggers).
 - :class:`ContrastiveValidation`: held-out loss and retrieval R@K per level (:func:`retrieval_metrics`).
 - :class:`CLIPExport` / :func:`export_clip_model`: ``save_pretrained`` + processor, moved into place atomically.
+- :func:`run_evaluate_clip`: the evaluate-clip harness on one or more trained models (``evaluate.json``).
 - :func:`embedding_records`, :class:`EmbeddingCollate`, :class:`EmbeddingInferer`, :class:`EmbeddingWriter`: the
   inference config (a folder of scans or a manifest, and optional texts -> ``embeddings.npz``).
 """
@@ -55,6 +56,7 @@ __all__ = [
     "ContrastiveValidation",
     "export_clip_model",
     "CLIPExport",
+    "run_evaluate_clip",
     "embedding_records",
     "EmbeddingCollate",
     "EmbeddingInferer",
@@ -546,6 +548,36 @@ class CLIPExport:
         path = export_clip_model(self.network, self.export_dir, self.processor)
         logger.info(f"trained CLIP model exported to {path}")
         return path
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def run_evaluate_clip(models: Mapping[str, str | os.PathLike], manifest: str | os.PathLike,
+                      out_dir: str | os.PathLike, train_manifest: str | os.PathLike | None = None,
+                      label_schema: str | os.PathLike | None = None, limit: int | None = None, batch_size: int = 8,
+                      n_resamples: int | None = None, device: str = "cpu") -> int:
+    """``radfm3d evaluate-clip`` (:func:`radfm3d.contrastive.evaluate.cli`) on ``models`` (name -> CLIP model
+    folder; several give one table, e.g. a level ablation) against ``manifest``; writes ``results.json``,
+    ``report.md`` and plots to ``out_dir``. Returns the harness's exit status (1: some records could not be
+    embedded; they are listed in ``failures.json`` and the others are scored)."""
+    from radfm3d.contrastive.evaluate import cli
+
+    argv: list[str] = []
+    for name, folder in dict(models).items():
+        argv += ["--model", f"{name}={folder}"]
+    argv += ["--manifest", str(manifest), "--out", str(out_dir), "--batch-size", str(int(batch_size)),
+             "--device", str(device)]
+    if train_manifest and Path(train_manifest).is_file():
+        argv += ["--train-manifest", str(train_manifest)]
+    if label_schema:
+        argv += ["--label-schema", str(label_schema)]
+    if limit is not None:
+        argv += ["--limit", str(int(limit))]
+    if n_resamples is not None:
+        argv += ["--n-resamples", str(int(n_resamples))]
+    status = cli(argv)
+    if status:
+        logger.warning(f"evaluate-clip: some records could not be embedded (see {Path(out_dir) / 'failures.json'})")
+    return status
 
 
 # ------------------------------------------------------------------------------------------------ inference
