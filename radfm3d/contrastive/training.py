@@ -581,15 +581,15 @@ def run_evaluate_clip(models: Mapping[str, str | os.PathLike], manifest: str | o
 
 
 # ------------------------------------------------------------------------------------------------ inference
-def embedding_records(dataset_dir: str | os.PathLike | None = None, scans: Sequence[str] | str | None = None,
-                      manifest: str | os.PathLike | None = None, tasks: Sequence[str] | None = None,
+def embedding_records(manifest: str | os.PathLike | None = None, scans: Sequence[str | os.PathLike] = (),
+                      names: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
                       limit: int | None = None) -> list[dict[str, Any]]:
     """What the inference config embeds, as records ``{"id", "images", "answer"}``.
 
     ``manifest``: its records with images and a report (``radfm3d.contrastive.data.clip_records``; ``tasks``
     default report + study_report): one image embedding per record (a study's series fused) and one text
-    embedding of its report. Otherwise the scans of ``dataset_dir`` / ``scans`` (files or DICOM folders, as
-    ``radfm3d.inference.find_scans`` finds them), one record per scan, without a report (ids: unique file stems).
+    embedding of its report. Otherwise ``scans`` (files or DICOM folders; the bundle finds them with
+    ``radfm3d.inference.find_scans``), one record per scan without a report, ids from ``names`` (default the paths).
     """
     if manifest:
         from radfm3d.contrastive.data import CLIP_TASKS, clip_records
@@ -598,10 +598,13 @@ def embedding_records(dataset_dir: str | os.PathLike | None = None, scans: Seque
         return [{"id": str(r.get("id", i)), "images": list(r["images"]), "answer": str(r.get("answer", "")),
                  **{k: r[k] for k in ("image_series", "image_meta", "image_modalities") if k in r}}
                 for i, r in enumerate(records)]
-    from radfm3d.inference import find_scans, output_names
+    scans = [str(s) for s in scans]
+    if not scans:
+        from radfm3d.errors import RadFM3DInputError
 
-    found = find_scans(dataset_dir, scans)
-    records = [{"id": name, "images": [str(scan)], "answer": ""} for scan, name in zip(found, output_names(found))]
+        raise RadFM3DInputError("inference", "nothing to embed: give a manifest or scans")
+    ids = list(names) if names is not None else scans
+    records = [{"id": str(name), "images": [scan], "answer": ""} for scan, name in zip(scans, ids)]
     return records[: int(limit)] if limit is not None else records
 
 
