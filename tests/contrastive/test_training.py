@@ -196,3 +196,25 @@ def test_export_replaces_the_folder_atomically(tmp_path: Path):
     assert not (out / "stale.txt").exists()
     reloaded = RadFM3DCLIPModel.from_pretrained(out)
     assert torch.equal(reloaded.logit_scale, model.logit_scale)
+
+
+def test_bf16_autocast_step_keeps_a_float32_loss(phantoms: Path):
+    """``precision="bf16"`` (forced; "auto" uses it on CUDA with bf16 only): the towers run in bfloat16, the loss in
+    float32, and the step updates the weights."""
+    from radfm3d.contrastive.data import build_clip_dataset
+    from radfm3d.contrastive.training import (ContrastiveInferer, PrepareBatchCLIP, build_clip_model,
+                                              build_training_module)
+
+    model = build_clip_model("tiny", seed=0, load_text_weights=False, text_config=TINY_BERT, projection_dim=32)
+    module = build_training_module(model)
+    records = build_clip_dataset(phantoms / "train.jsonl", limit=4)
+    batch, _, _, _ = PrepareBatchCLIP()(_collate(phantoms)([records[i] for i in range(4)]), "cpu")
+    seen: list[torch.dtype] = []
+    hook = module.model.visual_projection.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    out = ContrastiveInferer(precision="bf16")(batch, module)
+    hook.remove()
+    assert torch.bfloat16 in seen and out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    before = module.model.visual_projection.weight.detach().clone()
+    out["loss"].backward()
+    torch.optim.SGD(module.parameters(), lr=0.1).step()
+    assert not torch.equal(before, module.model.visual_projection.weight)
