@@ -128,7 +128,7 @@ def box_patch_mask(boxes: torch.Tensor, grid: tuple[int, int, int], patch_size: 
 
 def _require(batch: dict[str, Any], key: str) -> Any:
     if batch.get(key) is None:
-        raise RadFM3DInputError("batch", f"the contrastive batch has no {key!r} (see docs/dev/CONTRACTS.md)")
+        raise RadFM3DInputError("batch", f"the contrastive batch has no {key!r} (see RadFM3DCLIPModel.encode_batch)")
     return batch[key]
 
 
@@ -236,12 +236,16 @@ class RadFM3DCLIPModel(PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 image_mask: torch.Tensor | None = None, return_loss: bool = False,
                 image_group: torch.Tensor | None = None, text_group: torch.Tensor | None = None,
-                **_: Any) -> RadFM3DCLIPOutput:
+                **kwargs: Any) -> RadFM3DCLIPOutput:
         """Scaled cosine logits of B images (or studies, see :meth:`get_image_features`) against T texts.
 
         ``return_loss``: :func:`~radfm3d.contrastive.loss.contrastive_loss` with positives where ``image_group ==
-        text_group`` (default: image i <-> text i, which needs B == T).
+        text_group`` (default: image i <-> text i, which needs B == T). The processor's ``grid_geometry`` is
+        accepted and ignored, so ``model(**processor(text=..., images=...))`` works.
         """
+        kwargs.pop("grid_geometry", None)
+        if kwargs:
+            raise TypeError(f"RadFM3DCLIPModel.forward got unexpected arguments {sorted(kwargs)}")
         image_embeds = F.normalize(self.get_image_features(pixel_values, image_mask).float(), dim=-1)
         text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask).float(), dim=-1)
         scale = self.get_logit_scale().float()
@@ -271,8 +275,13 @@ class RadFM3DCLIPModel(PreTrainedModel):
     # ------------------------------------------------------------------ training levels
     def encode_batch(self, batch: dict[str, Any], level_weights: dict[str, float] | None = None
                      ) -> ContrastiveLevels:
-        """The training batch (``pixel_values (B, S, C, H, W, D)``, ``image_mask (B, S)``, ``report_*``,
-        ``structure_*``; see docs/dev/CONTRACTS.md) -> :class:`ContrastiveLevels` of normalised embeddings.
+        """The training batch -> :class:`ContrastiveLevels` of normalised embeddings.
+
+        Batch: ``pixel_values (B, S, C, H, W, D)``, ``image_mask (B, S)`` bool; ``report_input_ids (B, L)``,
+        ``report_attention_mask (B, L)``, ``report_group (B,)``; ``structure_index (R, 2)`` [item, series],
+        ``structure_boxes (R, 6)`` [i1, j1, k1, i2, j2, k2] in that series' model-grid voxel indices (half-open),
+        ``structure_input_ids (R, L2)``, ``structure_attention_mask (R, L2)``, ``structure_group (R,)`` (the structure
+        keys may be absent when R = 0); groups from :func:`~radfm3d.contrastive.loss.group_ids`.
 
         - ``scan``: every present series <-> the reports ``(B,)``; a series takes its item's report group.
         - ``study``: items with >= 2 present series, fused <-> their reports.

@@ -70,6 +70,19 @@ def test_feature_and_forward_shapes(model, b, t):
     assert out.loss is None
 
 
+def test_forward_takes_the_processors_output(model):
+    from radfm3d.contrastive import RadFM3DCLIPProcessor
+
+    processor = RadFM3DCLIPProcessor.from_pretrained("tiny")
+    enc = processor(text=["No abnormality.", "Nodule."], images=[torch.rand(3, *GRID)] * 3,
+                    images_are_preprocessed=True)
+    with torch.no_grad():
+        out = model(**enc)
+    assert out.logits_per_image.shape == (3, 2)
+    with pytest.raises(TypeError, match="pixel_mask"):
+        model(**enc, pixel_mask=None)
+
+
 def test_text_features_ignore_padding(model):
     ids = torch.randint(1000, 3000, (1, 5))
     padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
