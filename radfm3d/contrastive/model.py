@@ -52,7 +52,8 @@ MAX_LOGIT_SCALE = 100.0
 @dataclass
 class RadFM3DCLIPOutput(ModelOutput):
     """As transformers' ``CLIPOutput``: ``loss`` (with ``return_loss``), ``logits_per_image (B, T)``,
-    ``logits_per_text (T, B)`` (scaled cosine similarities), normalised ``image_embeds (B, P)``, ``text_embeds (T, P)``."""
+    ``logits_per_text (T, B)`` (scaled cosine similarities), normalised ``image_embeds (B, P)`` and
+    ``text_embeds (T, P)``."""
 
     loss: torch.Tensor | None = None
     logits_per_image: torch.Tensor | None = None
