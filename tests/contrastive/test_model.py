@@ -361,14 +361,14 @@ def test_a_few_steps_lower_the_loss_on_a_toy_batch():
     criterion = MultiLevelContrastiveLoss(model.config.level_weights)
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(5):
         total, terms = criterion(model.encode_batch(batch))
         optimiser.zero_grad()
         total.backward()
         optimiser.step()
         losses.append(float(total))
     assert set(terms) == {"scan", "structure", "study"}
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 # --------------------------------------------------------------------------------------------- real MiniLM
