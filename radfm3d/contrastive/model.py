@@ -185,9 +185,12 @@ class RadFM3DCLIPModel(PreTrainedModel):
         """``(M, C, H, W, D)`` -> pooled latents ``(M, hidden)``, ViT patch tokens ``(M, nh*nw*nd, hidden)``, grid."""
         if pixel_values.ndim != 5:
             raise RadFM3DInputError("pixel_values", f"expected (M, C, H, W, D), got {tuple(pixel_values.shape)}")
+        try:
+            grid = self.config.vision.grid(tuple(int(s) for s in pixel_values.shape[-3:]))
+        except ValueError as err:
+            raise RadFM3DInputError("pixel_values", str(err)) from None
         param = self.vision_model.patch_embedding.proj.weight
         tokens = self.vision_model(pixel_values.to(device=param.device, dtype=param.dtype))
-        grid = tuple(int(s) // int(p) for s, p in zip(pixel_values.shape[-3:], self.config.vision.patch_size))
         latents = self.resampler(tokens, grid=grid)
         return latents.mean(dim=1), tokens, grid  # type: ignore[return-value]
 

@@ -83,6 +83,11 @@ def test_forward_takes_the_processors_output(model):
         model(**enc, pixel_mask=None)
 
 
+def test_a_volume_off_the_patch_grid_is_named(model):
+    with pytest.raises(RadFM3DInputError, match="not divisible by patch size"):
+        model.get_image_features(torch.rand(1, 3, 30, 32, 8))
+
+
 def test_text_features_ignore_padding(model):
     ids = torch.randint(1000, 3000, (1, 5))
     padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
