@@ -503,14 +503,17 @@ def load_text_tower(name_or_path: str | os.PathLike) -> BertModel:
     folder = resolve_text_model(name_or_path)
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are reported otherwise
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a 100-tensor file
     try:
         model = BertModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
     except (OSError, ValueError) as err:
         raise RadFM3DInputError(folder, f"cannot load the text tower as a BERT model ({err})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model
 
 

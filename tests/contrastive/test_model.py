@@ -376,6 +376,31 @@ def test_a_few_steps_lower_the_loss_on_a_toy_batch():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_text_tower_from_a_local_sentence_transformers_or_bert_folder(tmp_path):
+    """A sentence-transformers folder whose Transformer module sits in a subfolder, and that subfolder itself."""
+    from transformers import BertConfig, BertModel
+
+    from radfm3d.contrastive.configuration import resolve_text_model
+
+    torch.manual_seed(3)
+    bert = BertModel(BertConfig(**{k: v for k, v in TINY_TEXT_CONFIG.items() if k != "model_type"}),
+                     add_pooling_layer=False)
+    inner = tmp_path / "st" / "0_Transformer"
+    bert.save_pretrained(inner)
+    (tmp_path / "st" / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    assert resolve_text_model(tmp_path / "st") == inner and resolve_text_model(inner) == inner
+    for source in (tmp_path / "st", inner):
+        model = RadFM3DCLIPModel.from_pretrained("tiny", text_model_name_or_path=str(source), projection_dim=8)
+        for name, tensor in bert.state_dict().items():
+            assert torch.equal(model.text_model.state_dict()[name], tensor), name
+    with pytest.raises(RadFM3DInputError, match="no config.json"):
+        resolve_text_model(tmp_path)
+    with pytest.raises(RadFM3DInputError, match="not a folder"):
+        resolve_text_model(tmp_path / "missing")
+
+
 # --------------------------------------------------------------------------------------------- real MiniLM
 def test_minilm_text_tower_matches_sentence_transformers():
     """The alias loads the installed MiniLM's BERT: our mean pooling reproduces its sentence embeddings."""
