@@ -288,7 +288,8 @@ class RadFM3DCLIPModel(PreTrainedModel):
         keys may be absent when R = 0); groups from :func:`~radfm3d.contrastive.loss.group_ids`.
 
         - ``scan``: every present series <-> the reports ``(B,)``; a series takes its item's report group.
-        - ``study``: items with >= 2 present series, fused <-> their reports.
+        - ``study``: items with >= 2 present series, fused <-> the reports ``(B,)`` (the other items' reports are
+          negatives too; those without a study have no positive and only count as negatives).
         - ``structure``: patch tokens pooled inside ``structure_boxes`` of series ``structure_index`` <-> sentences.
 
         A level whose weight (``level_weights``, default ``config.level_weights``) is 0 or that has no items is left
@@ -335,7 +336,7 @@ class RadFM3DCLIPModel(PreTrainedModel):
             series[mask] = pooled
             fused = self.study_fusion(series[multi], mask[multi])
             images = F.normalize(self._project_image(fused).float(), dim=-1)
-            levels["study"] = (images, reports[multi], report_group[multi], report_group[multi])
+            levels["study"] = (images, reports, report_group[multi], report_group)
         if want["structure"]:
             index = structure_index.to(device=device, dtype=torch.long)
             if index.ndim != 2 or index.shape[1] != 2:

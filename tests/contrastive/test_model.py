@@ -151,8 +151,9 @@ def test_encode_batch_levels_shapes_and_groups(model):
     report = batch["report_group"]
     assert scan_image_group.tolist() == [report[0]] * 2 + [report[1]] + [report[2]] * 3
     assert report[1] == report[2] and torch.equal(scan_text_group, report)
-    study_images, study_texts, study_group, _ = levels["study"]
+    study_images, study_texts, study_group, study_text_group = levels["study"]
     assert study_images.shape == (2, 16) and study_group.tolist() == [report[0], report[2]]
+    assert torch.equal(study_texts, scan_texts) and torch.equal(study_text_group, report)  # all reports as candidates
     structure_images, structure_texts, structure_group, _ = levels["structure"]
     assert structure_images.shape == (2, 16) and structure_texts.shape == (2, 16)
     assert torch.equal(structure_group, batch["structure_group"])
