@@ -45,6 +45,8 @@ __all__ = ["RadFM3DCLIPModel", "RadFM3DCLIPOutput", "ContrastiveLevels", "StudyF
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+_AUTO_LOADER_KWARGS = ("config", "adapter_kwargs", "revision", "trust_remote_code", "local_files_only", "cache_dir",
+                       "token", "subfolder", "_from_auto", "_commit_hash")
 #: ``exp(logit_scale)`` is clamped to this (CLIP's 100 = temperature 0.01)
 MAX_LOGIT_SCALE = 100.0
 
@@ -444,8 +446,13 @@ class RadFM3DCLIPModel(PreTrainedModel):
         Preset: vision and resampler from the preset (random), the text tower loaded from
         ``text_model_name_or_path`` (offline), or, with ``load_text_weights=False``, built from ``text_config``
         with random weights (tests, tiny models). ``config_overrides`` set config keys (presets only).
+        ``AutoModel.from_pretrained(folder)`` works too (model type ``radfm3d_clip`` is registered).
         """
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # what transformers' AutoModel.from_pretrained hands on (its config is read from the same config.json,
+        # which is read here again, strictly)
+        for key in _AUTO_LOADER_KWARGS:
+            config_overrides.pop(key, None)
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         source = Path(pretrained_model_name_or_path)

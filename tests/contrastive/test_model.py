@@ -290,6 +290,10 @@ def test_save_load_identity(model, tmp_path):
             assert torch.equal(x, y)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
+    from transformers import AutoModel
+
+    auto = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(auto, RadFM3DCLIPModel) and torch.equal(auto.logit_scale, model.logit_scale)
 
 
 def _saved(model, tmp_path):
