@@ -45,15 +45,17 @@ CLIP_TASKS = ("report", "study_report")
 
 
 def clip_records(manifest: str | os.PathLike, tasks: Sequence[str] | None = CLIP_TASKS,
-                 limit: int | None = None) -> list[dict[str, Any]]:
+                 limit: int | None = None, split: str = "train") -> list[dict[str, Any]]:
     """Records of a manifest that pair images with a report text (``answer``), paths made absolute.
 
-    ``tasks``: keep records whose ``task`` is one of these (None: any task). Image and ``report_structures`` mask
-    paths are resolved against the manifest's folder. Raises ``RadFM3DInputError`` (the manifest's problems, or
-    no record left)."""
+    ``manifest``: a JSONL file, or a dataset folder whose ``<split>.jsonl`` is read. ``tasks``: keep records whose
+    ``task`` is one of these (None: any task). Image and ``report_structures`` mask paths are resolved against the
+    manifest's folder. Raises ``RadFM3DInputError`` (the manifest's problems, or no record left)."""
     from radfm3d.data.manifest import read_manifest
 
     path = Path(manifest)
+    if path.is_dir():
+        path = path / f"{split}.jsonl"
     base = path.resolve().parent
     out: list[dict[str, Any]] = []
     for rec in read_manifest(path):
@@ -76,8 +78,8 @@ def clip_records(manifest: str | os.PathLike, tasks: Sequence[str] | None = CLIP
 
 
 def build_clip_dataset(manifest: str | os.PathLike, recipe: Any = None, cache_dir: str | os.PathLike | None = None,
-                       tasks: Sequence[str] | None = CLIP_TASKS, limit: int | None = None, *, warm: bool = False,
-                       num_workers: int = 0) -> Any:
+                       tasks: Sequence[str] | None = CLIP_TASKS, limit: int | None = None, *, split: str = "train",
+                       warm: bool = False, num_workers: int = 0) -> Any:
     """A MONAI ``Dataset`` of :func:`clip_records` (the images are read by :class:`ClipCollate`).
 
     With ``cache_dir`` and ``warm=True`` every scan is preprocessed into the
@@ -85,7 +87,7 @@ def build_clip_dataset(manifest: str | os.PathLike, recipe: Any = None, cache_di
     first epoch does not pay for it; records with ``image_series`` / ``image_meta`` are read at collate time."""
     from monai.data import Dataset
 
-    records = clip_records(manifest, tasks=tasks, limit=limit)
+    records = clip_records(manifest, tasks=tasks, limit=limit, split=split)
     if cache_dir and warm:
         from radfm3d.data.cache import PreprocessedImageCache
         from radfm3d.data.image_meta import needs_record_loader

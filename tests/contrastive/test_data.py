@@ -18,21 +18,6 @@ from radfm3d.errors import RadFM3DInputError
 from radfm3d.io import save_nifti
 from radfm3d.transforms import GridGeometry, PreprocessingRecipe, compute_grid_geometry
 
-try:
-    from radfm3d.contrastive.loss import group_ids  # noqa: F401 - the collate imports it
-except ImportError:  # clipmodel's loss module not merged yet: the contract's function, for these tests only
-    import hashlib
-    import re
-    import sys
-    import types
-
-    def group_ids(texts):
-        norm = [re.sub(r"\s+", " ", t.strip().lower()) for t in texts]
-        return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little",
-                                            signed=True) for t in norm], dtype=torch.long)
-
-    sys.modules["radfm3d.contrastive.loss"] = types.SimpleNamespace(group_ids=group_ids)
-
 RECIPE = PreprocessingRecipe(spatial_size=(16, 16, 8))
 
 
@@ -233,6 +218,7 @@ def test_clip_records_and_dataset(tmp_path, scans, tokenizer):
     assert got[0]["images"] == [str((tmp_path / "img" / "ct.nii.gz").resolve())]
     assert got[0]["report_structures"][0]["mask"] == str((tmp_path / "img" / "t1.nii.gz").resolve())
     assert [r["id"] for r in clip_records(tmp_path / "m.jsonl", tasks=None)] == ["r", "q", "m"]
+    assert [r["id"] for r in clip_records(tmp_path, split="m")] == ["r", "m"]  # a folder and a split name
     ds = build_clip_dataset(tmp_path / "m.jsonl", RECIPE, tmp_path / "cache", limit=1, warm=True)
     assert len(ds) == 1 and len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1
     batch = ClipCollate(tokenizer, RECIPE, tmp_path / "cache")([ds[0]])
@@ -242,3 +228,43 @@ def test_clip_records_and_dataset(tmp_path, scans, tokenizer):
     (tmp_path / "bad.jsonl").write_text(json.dumps({**records[0], "study_id": 3}) + "\n")
     with pytest.raises(RadFM3DInputError, match="line 1: 'study_id' must be a non-empty string"):
         clip_records(tmp_path / "bad.jsonl")
+
+
+def test_image_meta_corrections_move_the_boxes(tokenizer, scans):
+    """A record's image_meta spacing correction changes the series' grid geometry, and the boxes follow it."""
+    box = _blob_world_box(scans["oblique"])
+    structures = [{"text": "Block.", "structure": "block", "box_world_mm": box}]
+    plain = _record("a", [scans["ct"]], "x.", structures)
+    fixed = {**plain, "image_meta": [{"spacing_mm": [1.8, 1.8, 3.5]}]}
+    batch = ClipCollate(tokenizer, RECIPE)([plain, fixed])
+    corrected = scans["oblique"].copy()
+    corrected[:3, :3] = corrected[:3, :3] / np.linalg.norm(corrected[:3, :3], axis=0) * [1.8, 1.8, 3.5]
+    for b, affine in enumerate((scans["oblique"], corrected)):
+        geom = compute_grid_geometry(affine, (24, 22, 12), RECIPE)
+        np.testing.assert_allclose(batch["structure_boxes"][b], grid_extent_of_world_box(box, geom), atol=1e-4)
+    assert not np.allclose(batch["structure_boxes"][0], batch["structure_boxes"][1], atol=0.1)
+
+
+def test_phantom_studies_make_multi_series_items(tmp_path, tokenizer):
+    """A generated set with studies: study_report items have 3 series, each sentence gets a row on every series that
+    sees its structure (the same group on each), and single-scan report items 1 series."""
+    from radfm3d.data.phantoms import generate_phantoms
+
+    generate_phantoms(tmp_path, 2, seed=0, studies=2, grid=(16, 16, 8), matrix=(32, 48), slices=(8, 12),
+                      dicom_fraction=1.0, prior_fraction=0.0, progress=False)  # cases read as DICOM series
+    records = [r for split in ("train", "val", "test") if (tmp_path / f"{split}.jsonl").stat().st_size
+               for r in clip_records(tmp_path / f"{split}.jsonl")]
+    assert sorted(r["task"] for r in records) == ["report", "report", "study_report", "study_report"]
+    assert sum(Path(r["images"][0]).is_dir() for r in records) == 2  # the cases' DICOM folders
+    batch = ClipCollate(tokenizer, RECIPE, tmp_path / "cache")(records)
+    for b, record in enumerate(records):
+        n = len(record["images"])
+        assert batch["image_mask"][b].sum() == n == (3 if record["task"] == "study_report" else 1)
+        rows = batch["structure_index"][:, 0] == b
+        located = [s for s in record["report_structures"] if "box_world_mm" in s]
+        assert int(rows.sum()) <= n * len(located) and int(rows.sum()) >= len(located)
+        if n == 3:
+            groups = batch["structure_group"][rows]
+            series = batch["structure_index"][rows, 1]
+            for g in groups.unique():  # a sentence seen on several series keeps its group there
+                assert len(set(series[groups == g].tolist())) == int((groups == g).sum())
