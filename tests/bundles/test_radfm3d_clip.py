@@ -20,15 +20,12 @@ import pytest
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from radfm3d.contrastive.configuration import TINY_TEXT_CONFIG
+
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_clip"
 CONFIGS = BUNDLE / "configs"
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
-#: a random BERT small enough for CPU tests; the vocabulary of the MiniLM tokenizer the processor brings; no dropout
-#: (the 2-process test compares losses across runs that draw different dropout masks otherwise)
-TINY_BERT = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 128, "hidden_dropout_prob": 0.0,
-             "attention_probs_dropout_prob": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,7 @@ def workdir(tmp_path_factory) -> Path:
 def _train_overrides(work: Path, **more) -> dict:
     return {
         "bundle_root": str(BUNDLE), "dataset_dir": str(work / "phantoms"), "model_name_or_path": "tiny",
-        "load_text_weights": "false", "text_config": TINY_BERT, "projection_dim": 32,
+        "load_text_weights": "false", "text_config": TINY_TEXT_CONFIG, "projection_dim": 32,
         "output_dir": str(work / "run"), "model_dir": str(work / "model"), "image_cache_dir": str(work / "cache"),
         "max_epochs": 2, "batch_size": 4, "num_workers": 0, "show_progress": False, "save_interval": 1,
         "warmup_steps": 1, "log_every": 1, "learning_rate": 0.001, **more,
