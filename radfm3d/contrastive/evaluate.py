@@ -354,7 +354,8 @@ def _named(spec: str, what: str) -> tuple[str | None, str]:
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _check_resume(folder: Path, settings: Mapping[str, Any]) -> None:
-    """Refuse to resume embeddings made otherwise (``run.json`` in the model's folder); record the settings."""
+    """Refuse to resume embeddings made otherwise (``run.json`` in the model's folder: model folder, its weights
+    file's size and modification time, tasks, label schema); record the settings."""
     path = folder / "run.json"
     if path.is_file():
         try:
@@ -429,6 +430,9 @@ def cli(argv: Iterable[str] | None = None) -> int:
         raise RadFM3DInputError(args.train_predictions[0], f"--train-predictions names {unknown} match no "
                                                            "--predictions NAME")
 
+    # every given file is read (and validated) before any model runs
+    loaded = {name: E.load_embeddings(path) for name, (kind, path) in sources.items() if kind == "predictions"}
+    loaded_train = {name: E.load_embeddings(path) for name, path in train_files.items()}
     models: dict[str, tuple[E.Embeddings, E.Embeddings | None]] = {}
     failures: list[dict[str, Any]] = []
     meta_models: dict[str, Any] = {}
@@ -440,7 +444,9 @@ def cli(argv: Iterable[str] | None = None) -> int:
             if schema is None and (Path(path) / "label_schema.json").is_file():
                 schema = Path(path) / "label_schema.json"
             schema = _default_schema(schema, records)
-            _check_resume(folder, {"model": str(Path(path).resolve()), "tasks": list(args.tasks),
+            weights = Path(path) / "model.safetensors"
+            stamp = f"{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights.is_file() else None
+            _check_resume(folder, {"model": str(Path(path).resolve()), "weights": stamp, "tasks": list(args.tasks),
                                    "label_schema": str(schema) if schema is not None else None})
             model, processor = _load_model(path, args.device)
             own: list[dict[str, Any]] = []
@@ -453,8 +459,7 @@ def cli(argv: Iterable[str] | None = None) -> int:
             test_emb, train_emb = E.load_embeddings(test_file), (E.load_embeddings(train_file) if train_file else None)
         else:
             schema = _default_schema(schema, records)
-            test_emb = E.load_embeddings(path)
-            train_emb = E.load_embeddings(train_files[name]) if name in train_files else None
+            test_emb, train_emb = loaded[name], loaded_train.get(name)
         test, info = resolve_labels(test_emb, records, schema)
         train = None
         if train_records is not None:
