@@ -12,13 +12,15 @@ Zero-shot classes and labels:
   when it has none its ``finding_types`` (a class per type: "the scan holds a finding of this type"); without a
   schema, the keys of the records' ``labels`` dicts;
 - a record's label is its ``labels[class]`` (0 / 1) when it has a ``labels`` dict (or ``ground_truth.labels``, as
-  the CT-RATE importer writes), else derived from its ``ground_truth`` findings (flags with :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
+  the CT-RATE importer writes), else derived from its ``ground_truth`` findings (flags with
+  :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
 - a class's score is the model's log-odds of "present" vs "absent" prompts (:data:`PRESENT_TEMPLATES`,
   :data:`ABSENT_TEMPLATES` around the class's schema phrase; each side's text embeddings are L2-normalised and
   averaged over the phrasings, then normalised again).
 
-Running a model appends each record's embeddings to ``OUT/<name>/<split>_embeddings.jsonl`` as it is made; a rerun
-skips what that file holds. The embeddings file ``OUT/<name>/<split>_embeddings.npz`` (the format of
+Running a model appends each record's embeddings to ``OUT/<name>/test_embeddings.jsonl`` (``train_...`` for the
+training manifest) as they are made; a rerun skips what that file holds. The embeddings file
+``OUT/<name>/test_embeddings.npz`` (the format of
 :mod:`radfm3d.evaluation.embeddings`) is written at the end; the same format from any other model is scored by
 ``--predictions``.
 """
@@ -242,9 +244,9 @@ def embed_manifest(
 
     Each record's image embedding (its series', or the fused study embedding), its report's text embedding and
     report text are appended to ``out`` with suffix ``.jsonl`` as each batch of ``batch_size`` records is made, and
-    a rerun skips the records that file holds. Classes and labels (:func:`zero_shot_classes`, :func:`record_labels`) and the zero-shot scores
-    (:func:`zero_shot_scores`, of the image embeddings and, as the prompts' text-side ceiling, of the report
-    embeddings) are added when the schema or the records name classes.
+    a rerun skips the records that file holds. Classes and labels (:func:`zero_shot_classes`,
+    :func:`record_labels`) and the zero-shot scores (:func:`zero_shot_scores`, of the image embeddings and, as the
+    prompts' text-side ceiling, of the report embeddings) are added when the schema or the records name classes.
     failures: a list that gets ``{"id", "images", "problem"}`` for each record that could not be embedded (then
     left out); without it the first failure raises. -> the path of the embeddings file.
     """

@@ -124,7 +124,8 @@ def _arrays(n=5, p=4, k=2, seed=0):
     return dict(record_ids=np.array([f"r{i}" for i in range(n)]), image_embeds=rng.normal(size=(n, p)),
                 report_texts=np.array([f"text {i % 3}" for i in range(n)]), text_embeds=rng.normal(size=(n, p)),
                 class_names=np.array([f"c{j}" for j in range(k)]), zero_shot_scores=rng.normal(size=(n, k)),
-                labels=rng.integers(-1, 2, size=(n, k)).astype(np.int8), report_zero_shot_scores=rng.normal(size=(n, k)))
+                labels=rng.integers(-1, 2, size=(n, k)).astype(np.int8),
+                report_zero_shot_scores=rng.normal(size=(n, k)))
 
 
 def test_embeddings_file_round_trip(tmp_path):
