@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -237,14 +238,15 @@ def zero_shot_scores(model: Any, processor: Any, image_embeds: np.ndarray, phras
 def embed_manifest(
     model: Any, processor: Any, manifest: str | os.PathLike | Sequence[Mapping[str, Any]],
     out: str | os.PathLike, *, label_schema: Any = None, tasks: Sequence[str] | None = CLIP_TASKS,
-    limit: int | None = None, batch_size: int = 8, progress: bool = True,
+    limit: int | None = None, batch_size: int = 8, num_workers: int = 2, progress: bool = True,
     failures: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Embed every report record of ``manifest`` (a path or its records) and write the embeddings file ``out``.
 
     Each record's image embedding (its series', or the fused study embedding), its report's text embedding and
     report text are appended to ``out`` with suffix ``.jsonl`` as each batch of ``batch_size`` records is made, and
-    a rerun skips the records that file holds. Classes and labels (:func:`zero_shot_classes`,
+    a rerun skips the records that file holds; ``num_workers`` threads read and preprocess the next batch's scans
+    while the model runs. Classes and labels (:func:`zero_shot_classes`,
     :func:`record_labels`) and the zero-shot scores (:func:`zero_shot_scores`, of the image embeddings and, as the
     prompts' text-side ceiling, of the report embeddings) are added when the schema or the records name classes.
     failures: a list that gets ``{"id", "images", "problem"}`` for each record that could not be embedded (then
@@ -266,23 +268,30 @@ def embed_manifest(
     with JsonlAppender(cache) as appender:
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"embed {out.stem}",
                    disable=not progress)
-        def run(batch: Sequence[Mapping[str, Any]]) -> None:
+        def fail(r: Mapping[str, Any], err: BaseException) -> None:
+            if failures is None:
+                raise err
+            failures.append({"id": str(r["id"]), "images": list(r.get("images") or []),
+                             "problem": str(err) if isinstance(err, RadFM3DInputError)
+                             else f"{type(err).__name__}: {err}"})
+            bar.update(1)
+
+        def read(r: Mapping[str, Any]) -> list[Any] | BaseException:
             try:
-                series = [_record_series(processor, r) for r in batch]
+                return _record_series(processor, r)
+            except Exception as err:  # reported per record by fail()
+                return err
+
+        def run(batch: Sequence[Mapping[str, Any]], series: Sequence[Sequence[Any]]) -> None:
+            try:
                 images = _image_embeddings(model, processor, series)
                 texts = _encode_texts(model, processor, [str(r.get("answer", "")) for r in batch])
             except Exception as err:
-                if failures is None:
-                    raise
-                if len(batch) > 1:  # find the bad record(s); the others still get their embeddings
-                    for r in batch:
-                        run([r])
+                if len(batch) > 1 and failures is not None:  # find the bad record(s); the others still get theirs
+                    for r, item in zip(batch, series):
+                        run([r], [item])
                     return
-                r = batch[0]
-                failures.append({"id": str(r["id"]), "images": list(r.get("images") or []),
-                                 "problem": str(err) if isinstance(err, RadFM3DInputError)
-                                 else f"{type(err).__name__}: {err}"})
-                bar.update(1)
+                fail(batch[0], err)
                 return
             for r, image, text in zip(batch, images, texts):
                 row = {"id": str(r["id"]), "report_text": str(r.get("answer", "")),
@@ -291,8 +300,25 @@ def embed_manifest(
                 done[row["id"]] = row
             bar.update(len(batch))
 
-        for start in range(0, len(todo), batch_size):
-            run(todo[start: start + batch_size])
+        # scans are read and preprocessed by `num_workers` threads (file reading and decompression release the
+        # GIL), the next batch while the model embeds the current one
+        batches = [todo[start: start + batch_size] for start in range(0, len(todo), batch_size)]
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as readers, \
+                ThreadPoolExecutor(max_workers=1) as prefetch:
+            def load(batch: Sequence[Mapping[str, Any]]) -> list[Any]:
+                return list(readers.map(read, batch))
+
+            pending = prefetch.submit(load, batches[0]) if batches else None
+            for i, batch in enumerate(batches):
+                loaded = pending.result()
+                if i + 1 < len(batches):
+                    pending = prefetch.submit(load, batches[i + 1])
+                for r, item in zip(batch, loaded):
+                    if isinstance(item, BaseException):
+                        fail(r, item)
+                ok = [(r, item) for r, item in zip(batch, loaded) if not isinstance(item, BaseException)]
+                if ok:
+                    run([r for r, _ in ok], [item for _, item in ok])
         bar.close()
     kept = [r for r in records if str(r["id"]) in done]
     if not kept:
@@ -405,6 +431,7 @@ def cli(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--n-resamples", type=int, default=N_RESAMPLES)
     p.add_argument("--seed", type=int, default=BOOTSTRAP_SEED)
     p.add_argument("--batch-size", type=int, default=8, help="records embedded per forward pass")
+    p.add_argument("--num-workers", type=int, default=2, help="threads reading and preprocessing scans")
     p.add_argument("--device", default="cpu", help="torch device of --model runs (cpu, cuda, cuda:1, ...)")
     args = p.parse_args(list(argv) if argv is not None else None)
     if not args.model and not args.predictions:
@@ -453,9 +480,11 @@ def cli(argv: Iterable[str] | None = None) -> int:
             model, processor = _load_model(path, args.device)
             own: list[dict[str, Any]] = []
             test_file = embed_manifest(model, processor, records, folder / "test_embeddings.npz",
-                                       label_schema=schema, batch_size=args.batch_size, failures=own)
+                                       label_schema=schema, batch_size=args.batch_size,
+                                       num_workers=args.num_workers, failures=own)
             train_file = embed_manifest(model, processor, train_records, folder / "train_embeddings.npz",
-                                        label_schema=schema, batch_size=args.batch_size, failures=own) \
+                                        label_schema=schema, batch_size=args.batch_size,
+                                        num_workers=args.num_workers, failures=own) \
                 if train_records else None
             failures += [{**f, "model": name} for f in own]
             test_emb, train_emb = E.load_embeddings(test_file), (E.load_embeddings(train_file) if train_file else None)

@@ -144,6 +144,28 @@ def test_study_record_gets_the_fused_study_embedding(structured_phantoms, tiny_c
     assert emb.record_ids.tolist() == ["study-0", singles[2]["id"]]
 
 
+def test_batches_and_reader_threads_do_not_change_embeddings(structured_phantoms, tiny_clip_dir, tmp_path):
+    from radfm3d.contrastive.model import RadFM3DCLIPModel
+    from radfm3d.contrastive.processing import RadFM3DCLIPProcessor
+
+    model = RadFM3DCLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = RadFM3DCLIPProcessor.from_pretrained(tiny_clip_dir)
+    records = CE.report_records(structured_phantoms.parent / "train.jsonl")
+    one = load_embeddings(CE.embed_manifest(model, processor, records, tmp_path / "a.npz", batch_size=1,
+                                            num_workers=1, progress=False))
+    many = load_embeddings(CE.embed_manifest(model, processor, records, tmp_path / "b.npz", batch_size=3,
+                                             num_workers=3, progress=False))
+    assert one.record_ids.tolist() == many.record_ids.tolist() == [r["id"] for r in records]
+    assert np.allclose(one.image_embeds, many.image_embeds, atol=1e-5)
+    assert np.allclose(one.text_embeds, many.text_embeds, atol=1e-5)
+    # without a failures list the first unreadable scan raises, naming it
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a scan")
+    with pytest.raises(RadFM3DInputError, match="broken.nii.gz"):
+        CE.embed_manifest(model, processor, [{**records[0], "images": [str(broken)]}], tmp_path / "c.npz",
+                          progress=False)
+
+
 def test_unreadable_scan_is_listed_and_the_rest_scored(structured_phantoms, tiny_clip_dir, tmp_path):
     src = structured_phantoms.parent
     records = [json.loads(line) for line in (src / "train.jsonl").read_text().splitlines()]
