@@ -105,6 +105,19 @@ def test_tiny_model_end_to_end_resume_and_settings(structured_phantoms, tiny_cli
         text = model.get_text_features(enc["input_ids"], enc["attention_mask"])[0].numpy()
     assert np.allclose(emb.image_embeds[0], image, atol=1e-5) and np.allclose(emb.text_embeds[0], text, atol=1e-5)
     assert emb.zero_shot_scores.shape == (len(records), 15) and np.isfinite(emb.zero_shot_scores).all()
+    # the structure level: the rows the training collate builds, embedded as the model's encode_batch does
+    from radfm3d.contrastive.data import ClipCollate
+
+    batch = ClipCollate(processor.tokenizer, processor.recipe)([records[0]])
+    with torch.inference_mode():
+        regions, sentences = model.encode_batch(batch, level_weights={"scan": 0.0, "study": 0.0,
+                                                                      "structure": 1.0})["structure"][:2]
+    mine = emb.structure_series == f"{records[0]['id']}#0"
+    assert int(mine.sum()) == regions.shape[0] > 0
+    assert np.allclose(emb.structure_embeds[mine], regions.numpy(), atol=1e-4)
+    assert np.allclose(emb.structure_text_embeds[mine], sentences.numpy(), atol=1e-4)
+    assert m["structure"]["n_rows"] == len(emb.structure_series)
+    assert m["structure"]["localisation"]["chance"] is not None
 
     # resume: a record the per-record file holds is not embedded again, a missing one is
     cache = out / "tiny" / "test_embeddings.jsonl"
