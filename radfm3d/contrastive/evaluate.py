@@ -7,10 +7,10 @@ embeddings file of any other model) and score them with :mod:`radfm3d.evaluation
 
 Zero-shot classes and labels:
 
-- classes come from a label schema (``--label-schema``; default the model folder's ``label_schema.json``; else,
-  when no evaluated record carries labels, the phantom benchmark's ``phantom_flags`` schema): its ``flags``, or
-  when it has none its ``finding_types`` (a class per type: "the scan holds a finding of this type"); without a
-  schema, the keys of the records' ``labels`` dicts;
+- classes come from a label schema (``--label-schema``; default the model folder's ``label_schema.json`` when it
+  names flags or finding types; else, when no evaluated record carries labels, the phantom benchmark's
+  ``phantom_flags`` schema): its ``flags``, or when it has none its ``finding_types`` (a class per type: "the scan
+  holds a finding of this type"); without a schema, the keys of the records' ``labels`` dicts;
 - a record's label is its ``labels[class]`` (0 / 1) when it has a ``labels`` dict (or ``ground_truth.labels``, as
   the CT-RATE importer writes), else derived from its ``ground_truth`` findings (flags with
   :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
@@ -525,7 +525,7 @@ def cli(argv: Iterable[str] | None = None) -> int:
         if kind == "model":
             folder = out / E._safe(name)
             folder.mkdir(parents=True, exist_ok=True)
-            if schema is None and (Path(path) / "label_schema.json").is_file():
+            if schema is None and _scorable_schema(Path(path) / "label_schema.json"):
                 schema = Path(path) / "label_schema.json"
             schema = _default_schema(schema, records)
             weights = Path(path) / "model.safetensors"
@@ -592,6 +592,16 @@ def cli(argv: Iterable[str] | None = None) -> int:
             print(f"  {f['model']} {f['id']}: {f['problem']}")
         return 1
     return 0
+
+
+def _scorable_schema(path: Path) -> bool:
+    """Whether a model folder's label schema names classes to score (flags or finding types)."""
+    if not path.is_file():
+        return False
+    from radfm3d.findings.schema import load_schema
+
+    schema = load_schema(path)
+    return bool(schema.flags or schema.finding_types)
 
 
 def _default_schema(schema: Any, records: Sequence[Mapping[str, Any]]) -> Any:

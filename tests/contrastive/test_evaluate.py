@@ -48,6 +48,8 @@ def test_classes_and_labels_from_schema_records_and_ground_truth():
     assert CE.zero_shot_classes(None, ct_rate)[0] == ["Emphysema", "Atelectasis"]
     assert CE.record_labels(ct_rate, ["Atelectasis", "Emphysema", "Mosaic"]).tolist() == [[0, 1, -1]]
     assert CE._default_schema(None, ct_rate) is None
+    assert CE._scorable_schema(schema_path("phantom_flags")) and not CE._scorable_schema(
+        schema_path("phantom_structures"))
     present, absent = CE.class_prompts(["lung nodule"])
     assert "There is a lung nodule." in present[0] and "No lung nodule." in absent[0]
 
