@@ -428,14 +428,15 @@ def localisation_figure(region_embeds: np.ndarray, text_embeds: np.ndarray, seri
 
     region_embeds, text_embeds: (R, P) rows (a region and a sentence about it); series, regions: (R,) keys (rows with
     equal keys are one region, embedded by its first row). Rows whose series has one distinct region are left out
-    (nothing to choose); ties count against. -> {"accuracy": Figure dict, "chance": mean 1 / number of distinct
-    regions, "n_series"}.
+    (nothing to choose); ties count against; the interval resamples series. -> {"accuracy": Figure dict (n =
+    sentences scored), "chance": mean 1 / number of distinct regions, "n_series"}.
     """
     img, txt = _unit(region_embeds), _unit(text_embeds)
     by_series: dict[str, dict[str, int]] = {}
     for i, (s, r) in enumerate(zip(series, regions)):
         by_series.setdefault(str(s), {}).setdefault(str(r), i)
-    hits, chance = [], []
+    per_series: dict[str, list[float]] = {}
+    chance = []
     for i, (s, r) in enumerate(zip(series, regions)):
         candidates = by_series[str(s)]
         if len(candidates) < 2:
@@ -443,11 +444,15 @@ def localisation_figure(region_embeds: np.ndarray, text_embeds: np.ndarray, seri
         keys = list(candidates)
         sims = img[[candidates[k] for k in keys]] @ txt[i]
         own = sims[keys.index(str(r))]
-        hits.append(float((sims >= own).sum() == 1))
+        per_series.setdefault(str(s), []).append(float((sims >= own).sum() == 1))
         chance.append(1.0 / len(keys))
-    return {"accuracy": bootstrap_figure(np.asarray(hits), n_resamples=n_resamples, seed=seed).to_dict(),
-            "chance": float(np.mean(chance)) if chance else None,
-            "n_series": sum(len(c) >= 2 for c in by_series.values())}
+    # the sentences of one series are not independent: resample series (hits, sentences per series)
+    stats = np.array([[sum(h), len(h)] for h in per_series.values()], dtype=np.float64).reshape(-1, 2)
+    fig = bootstrap_figure(stats, statistic=lambda sums: sums[..., 0] / sums[..., 1], n_resamples=n_resamples,
+                           seed=seed)
+    fig.n = int(stats[:, 1].sum())
+    return {"accuracy": fig.to_dict(), "chance": float(np.mean(chance)) if chance else None,
+            "n_series": len(per_series)}
 
 
 def structure_figures(e: Embeddings, *, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED
