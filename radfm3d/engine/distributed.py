@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -171,8 +172,9 @@ def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
         if peft_config:
             copy.add_lora(next(iter(peft_config.values())))
     copy.load_state_dict(state, strict=True, assign=True)
-    for name, p in inner.named_parameters():  # the same trainable set (save_pretrained writes by it)
-        dict(copy.named_parameters())[name].requires_grad_(p.requires_grad)
+    params = dict(copy.named_parameters())
+    for name, p in inner.named_parameters():  # the same trainable set
+        params[name].requires_grad_(p.requires_grad)
     return copy.train(inner.training)
 
 
@@ -299,6 +301,9 @@ class ShardedCheckpointer(TrainingCheckpointer):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise RadFM3DInputError(path, "missing progress file of this rank") from None
+        except pickle.UnpicklingError:
+            raise RadFM3DInputError(path, "corrupt progress file (not a torch file, or content that weights_only "
+                                    "loading refuses)") from None
         except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise RadFM3DInputError(path, f"corrupt progress file ({type(err).__name__}: {first})") from None
@@ -327,8 +332,9 @@ class ShardedCheckpointer(TrainingCheckpointer):
             problem = ""
             try:
                 progress = self._read_progress(folder)
-            except RadFM3DInputError as err:
-                problem = err.problem
+            except RadFM3DInputError as err:  # name the file inside the folder when it is one
+                source = Path(str(err.source))
+                problem = err.problem if source == folder else f"{source.name}: {err.problem}"
             if not _all_ok(not problem):
                 self.skipped.append((folder, problem or "unreadable on another rank"))
                 logger.warning(f"skipping {folder}: {problem or 'unreadable on another rank'}")
