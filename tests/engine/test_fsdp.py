@@ -2,7 +2,8 @@
 """FSDP2 training of the radfm3d_demo bundle (train.json + multi_gpu_fsdp.json) with 2 processes on the CPU
 (torchrun, gloo), tiny preset, instruction stage (LoRA on the LLM, frozen base):
 
-- the run trains (the loss of the second epoch is below the first's);
+- the run trains (the loss of the second epoch is below the first's), and ends with the weights of the same training
+  without sharding (DDP) up to float32 rounding; with bf16 compute it trains too, its losses within 0.05 of float32's;
 - each rank holds about half of the model's parameter elements (sharded parameters, measured);
 - a run stopped mid-epoch and resumed from its sharded DCP checkpoint ends with the same weights, bit for bit, as
   an uninterrupted run;
@@ -10,7 +11,8 @@
   again ends with the uninterrupted run's weights;
 - the exported model loads with ``RadFM3DForCausalLM.from_pretrained`` and equals the gathered weights.
 
-One torchrun launch runs the four workflows (uninterrupted, stopped, resumed, fallback) in one process group.
+One torchrun launch runs the six workflows (uninterrupted, stopped, resumed, fallback, bf16, DDP) in one process
+group.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ CONFIGS = BUNDLE / "configs"
 ITERATIONS, STOP_AT = 8, 3
 CHILD = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, time
     from pathlib import Path
 
     import torch
@@ -46,18 +48,19 @@ CHILD = textwrap.dedent(
     from radfm3d.engine.distributed import gather_full_state, parameter_counts
     from radfm3d.engine.handlers import loss_of
 
-    configs, data, work, precision = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    configs, data, work = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     torch.set_num_threads(1)
 
 
-    def run(name, ckpt_run, stop_at=None):
+    def run(name, ckpt_run, stop_at=None, override="multi_gpu_fsdp.json", precision="auto"):
+        started = time.monotonic()
         overrides = {
             "bundle_root": str(configs.parent), "dataset_dir": data, "model_name_or_path": "tiny",
             "output_dir": str(work / ckpt_run), "model_dir": str(work / name / "model"), "max_epochs": 2,
             "batch_size": 1, "limit": 8, "num_workers": 0, "show_progress": False, "save_interval": 2,
             "warmup_steps": 1, "log_every": 100, "learning_rate": 0.002, "fsdp_precision": precision,
         }
-        wf = ConfigWorkflow(config_file=[str(configs / "train.json"), str(configs / "multi_gpu_fsdp.json")],
+        wf = ConfigWorkflow(config_file=[str(configs / "train.json"), str(configs / override)],
                             meta_file=str(configs / "metadata.json"), workflow_type="train", **overrides)
         wf.initialize()
         trainer, network = wf.trainer, wf.parser.get_parsed_content("network")
@@ -82,6 +85,7 @@ CHILD = textwrap.dedent(
         if rank == 0:
             torch.save(state, work / name / "gathered.pt")
         dist.barrier()
+        print(f"{name}: {time.monotonic() - started:.1f} s", flush=True)
         return wf
 
 
@@ -92,7 +96,10 @@ CHILD = textwrap.dedent(
     if dist.get_rank() == 0:
         (work / "stopped" / "checkpoints" / "checkpoint_00000008" / "trainer_rank1.pt").write_bytes(b"garbage")
     dist.barrier()
-    wf = run("fallback", "stopped")
+    run("fallback", "stopped")
+    # the same training with bf16 compute (FSDP's mixed-precision policy), and unsharded with DDP (float32)
+    run("bf16", "bf16", precision="bf16")
+    wf = run("ddp", "ddp", override="multi_gpu_train.json")
     wf.finalize()
     """ % {"stop": STOP_AT}
 )
@@ -103,12 +110,12 @@ def fsdp_runs(tmp_path_factory) -> Path:
     from radfm3d.data.phantoms import generate_phantoms
 
     work = tmp_path_factory.mktemp("fsdp")
-    generate_phantoms(work / "phantoms", n=4, seed=0, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10),
+    generate_phantoms(work / "phantoms", n=2, seed=0, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10),
                       dicom_fraction=0.0, prior_fraction=0.0, progress=False)
     script = work / "child.py"
     script.write_text(CHILD)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           str(script), str(CONFIGS), str(work / "phantoms"), str(work), "bf16"]
+           str(script), str(CONFIGS), str(work / "phantoms"), str(work)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -185,3 +192,20 @@ def test_fsdp_export_loads_with_from_pretrained(fsdp_runs: Path):
     assert set(state) == set(gathered)
     for key, value in gathered.items():
         assert torch.equal(state[key], value), key
+
+
+def test_fsdp_matches_ddp_and_bf16_trains(fsdp_runs: Path):
+    """Sharding changes where the numbers live, not the training: FSDP (float32) ends where DDP ends."""
+    fsdp = torch.load(fsdp_runs / "full" / "gathered.pt", weights_only=True)
+    ddp = torch.load(fsdp_runs / "ddp" / "gathered.pt", weights_only=True)
+    start = torch.load(fsdp_runs / "stopped" / "gathered.pt", weights_only=True)
+    assert fsdp.keys() == ddp.keys()
+    moved = max(float((fsdp[k] - start[k]).abs().max()) for k in fsdp)
+    worst = max(float((fsdp[k] - ddp[k]).abs().max()) for k in fsdp)
+    assert moved > 1e-3 and worst < 1e-5, (moved, worst)
+    for r in (0, 1):
+        fp32, bf16 = _report(fsdp_runs, "full", r)["losses"], _report(fsdp_runs, "bf16", r)["losses"]
+        ddp_losses = _report(fsdp_runs, "ddp", r)["losses"]
+        assert max(abs(a - b) for a, b in zip(fp32, ddp_losses)) < 1e-4
+        assert fp32 != bf16 and max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05  # bf16 compute ran
+        assert sum(bf16[4:]) < sum(bf16[:4])
