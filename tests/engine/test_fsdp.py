@@ -27,8 +27,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # one torchrun launch of ~45 s on 2 CPU cores
-
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_demo"
 CONFIGS = BUNDLE / "configs"
 
@@ -126,6 +124,7 @@ def _report(work: Path, name: str, rank: int) -> dict:
     return json.loads((work / name / f"report_rank{rank}.json").read_text())
 
 
+@pytest.mark.slow  # the one torchrun launch they share: ~1 min of CPU on 2 cores
 def test_fsdp_trains_and_shards(fsdp_runs: Path):
     reports = [_report(fsdp_runs, "full", r) for r in (0, 1)]
     for rep in reports:
@@ -144,6 +143,7 @@ def test_fsdp_trains_and_shards(fsdp_runs: Path):
     assert abs(reports[0]["optim_local"] - reports[1]["optim_local"]) <= 0.1 * reports[0]["optim_local"]
 
 
+@pytest.mark.slow  # the one torchrun launch they share: ~1 min of CPU on 2 cores
 def test_fsdp_stop_and_resume_is_exact(fsdp_runs: Path):
     stopped = [_report(fsdp_runs, "stopped", r) for r in (0, 1)]
     resumed = [_report(fsdp_runs, "resumed", r) for r in (0, 1)]
@@ -167,6 +167,7 @@ def test_fsdp_stop_and_resume_is_exact(fsdp_runs: Path):
     assert not torch.equal(early[lora_b], a[lora_b])  # the comparison can fail: iteration 3 differs from 8
 
 
+@pytest.mark.slow  # the one torchrun launch they share: ~1 min of CPU on 2 cores
 def test_fsdp_resume_skips_a_checkpoint_one_rank_cannot_read(fsdp_runs: Path):
     full = [_report(fsdp_runs, "full", r) for r in (0, 1)]
     for r in (0, 1):
@@ -182,6 +183,7 @@ def test_fsdp_resume_skips_a_checkpoint_one_rank_cannot_read(fsdp_runs: Path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow  # the one torchrun launch they share: ~1 min of CPU on 2 cores
 def test_fsdp_export_loads_with_from_pretrained(fsdp_runs: Path):
     from radfm3d.modeling.model import RadFM3DForCausalLM
 
@@ -194,6 +196,7 @@ def test_fsdp_export_loads_with_from_pretrained(fsdp_runs: Path):
         assert torch.equal(state[key], value), key
 
 
+@pytest.mark.slow  # the one torchrun launch they share: ~1 min of CPU on 2 cores
 def test_fsdp_matches_ddp_and_bf16_trains(fsdp_runs: Path):
     """Sharding changes where the numbers live, not the training: FSDP (float32) ends where DDP ends."""
     fsdp = torch.load(fsdp_runs / "full" / "gathered.pt", weights_only=True)
@@ -209,3 +212,41 @@ def test_fsdp_matches_ddp_and_bf16_trains(fsdp_runs: Path):
         assert max(abs(a - b) for a, b in zip(fp32, ddp_losses)) < 1e-4
         assert fp32 != bf16 and max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05  # bf16 compute ran
         assert sum(bf16[4:]) < sum(bf16[:4])
+
+
+def test_shard_model_needs_a_process_group():
+    from radfm3d.engine.distributed import decoder_layers, shard_model
+    from radfm3d.engine.training import build_model
+
+    model = build_model("tiny", seed=0)
+    assert [type(m).__name__ for m in decoder_layers(model)] == ["LlamaDecoderLayer"] * 2
+    with pytest.raises(RuntimeError, match="torchrun"):
+        shard_model(model)
+
+
+def test_sharded_checkpoint_of_another_world_size_is_refused(tmp_path: Path):
+    """One process (gloo, world size 1): a checkpoint whose progress files say 2 ranks is named and refused."""
+    import torch.distributed as dist
+    from ignite.engine import Engine
+
+    from radfm3d.engine.distributed import ShardedCheckpointer, list_sharded_checkpoints, shard_model
+    from radfm3d.engine.training import build_model, build_optimizer, configure_stage
+    from radfm3d.errors import RadFM3DInputError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = shard_model(configure_stage(build_model("tiny", seed=0), "alignment"))
+        optimizer = build_optimizer(model, lr=1e-3)
+        engine = Engine(lambda e, b: None)
+        engine.state.iteration, engine.state.epoch, engine.state.epoch_length, engine.state.max_epochs = 4, 1, 4, 2
+        checkpointer = ShardedCheckpointer(tmp_path / "ckpt", model, optimizer)
+        folder = checkpointer.save(engine)
+        assert list_sharded_checkpoints(tmp_path / "ckpt") == [folder]
+        assert (folder / ".metadata").is_file() and (folder / "trainer_rank0.pt").is_file()
+        progress = torch.load(folder / "trainer_rank0.pt", weights_only=True)
+        assert progress["world_size"] == 1 and progress["iteration"] == 4
+        torch.save({**progress, "world_size": 2}, folder / "trainer_rank0.pt")
+        with pytest.raises(RadFM3DInputError, match="saved with 2 ranks, this run has 1"):
+            ShardedCheckpointer(tmp_path / "ckpt", model, optimizer).load(Engine(lambda e, b: None))
+    finally:
+        dist.destroy_process_group()
