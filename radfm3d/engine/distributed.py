@@ -21,6 +21,8 @@ parameter names (its state dicts need no ``state_dict_type`` context), and it ru
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import os
 import pickle
@@ -58,6 +60,7 @@ logger = logging.getLogger(__name__)
 _DIR_RE = re.compile(r"^checkpoint_(\d{8})$")
 _PARTIAL_RE = re.compile(r"^\.checkpoint_\d{8}\.partial$")
 _RANK_FILE = "trainer_rank{rank}.pt"
+_SKELETON = "_radfm3d_unsharded_skeleton"
 
 
 def _require_process_group(what: str) -> None:
@@ -119,6 +122,8 @@ def shard_model(
     layer_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce)
     root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce,
                                        output_dtype=torch.float32 if dtype is not None else None)
+    # a parameter-free copy (meta tensors) of the unsharded model, filled by the export (see unsharded_copy)
+    object.__setattr__(model, _SKELETON, _meta_skeleton(model))
     layers = decoder_layers(model, wrap_classes)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=layer_policy, reshard_after_forward=reshard_after_forward)
@@ -160,22 +165,37 @@ def _plain_class(model: nn.Module) -> type[nn.Module]:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
+def _meta_skeleton(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` whose parameters and buffers are meta tensors (no memory): the deepcopy memo maps
+    each tensor to its meta twin, so the structure, config, adapters and any other attribute (a findings model's
+    schema and tokenizer) are copied, the weights are not. Tied parameters stay tied."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if id(tensor) not in memo:
+            meta = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) \
+                if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
 def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A plain (not sharded) model of the same class, config and LoRA adapters holding ``state`` (a full state
-    dict, e.g. from :func:`gather_full_state`). Built on the meta device and filled with ``assign=True``, so the
-    tensors of ``state`` are used as they are (no second copy)."""
+    dict, e.g. from :func:`gather_full_state`), filled with ``load_state_dict(assign=True)`` so the tensors of
+    ``state`` are used as they are (no second copy). The structure is the meta copy :func:`shard_model` kept;
+    for a model sharded otherwise, ``cls(config)`` (+ the LLM's LoRA config) on the meta device."""
     inner = unwrap_model(model)
-    cls = _plain_class(inner)
-    with torch.device("meta"):
-        copy = cls(inner.config)
-        peft_config = getattr(getattr(inner, "language_model", None), "peft_config", None)
-        if peft_config:
-            copy.add_lora(next(iter(peft_config.values())))
-    copy.load_state_dict(state, strict=True, assign=True)
-    params = dict(copy.named_parameters())
-    for name, p in inner.named_parameters():  # the same trainable set
-        params[name].requires_grad_(p.requires_grad)
-    return copy.train(inner.training)
+    plain = inner.__dict__.get(_SKELETON)
+    if plain is None:
+        with torch.device("meta"):
+            plain = _plain_class(inner)(inner.config)
+            peft_config = getattr(getattr(inner, "language_model", None), "peft_config", None)
+            if peft_config:
+                plain.add_lora(next(iter(peft_config.values())))
+        params = dict(plain.named_parameters())
+        for name, p in inner.named_parameters():  # the same trainable set
+            params[name].requires_grad_(p.requires_grad)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain.train(inner.training)
 
 
 def export_sharded_model(model: nn.Module, out_dir: str | os.PathLike, processor: Any = None) -> Path | None:
@@ -185,7 +205,10 @@ def export_sharded_model(model: nn.Module, out_dir: str | os.PathLike, processor
     state = gather_full_state(model, ranks0_only=True)
     path = None
     if dist_info()[0] == 0:
-        path = save_trained_model(unsharded_copy(model, state), out_dir, processor)
+        plain = unsharded_copy(model, state)
+        path = save_trained_model(plain, out_dir, processor)
+        plain.to_empty(device="meta")  # let the gathered tensors go
+        del state
     if dist.is_initialized():
         dist.barrier()
     return path

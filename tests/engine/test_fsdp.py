@@ -224,29 +224,64 @@ def test_shard_model_needs_a_process_group():
         shard_model(model)
 
 
-def test_sharded_checkpoint_of_another_world_size_is_refused(tmp_path: Path):
-    """One process (gloo, world size 1): a checkpoint whose progress files say 2 ranks is named and refused."""
+@pytest.fixture
+def one_process_group(tmp_path: Path):
+    """A gloo process group of this process alone (world size 1), destroyed after the test."""
     import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_export_of_a_sharded_findings_model(one_process_group, tmp_path: Path):
+    """A subclass with more state than its config (a findings model: schema, tokenizer, reader head) exports from
+    FSDP and loads back as that class with the gathered weights."""
+    from radfm3d.data.phantom_schemas import schema_path
+    from radfm3d.engine.distributed import export_sharded_model, gather_full_state, shard_model
+    from radfm3d.engine.training import build_model, configure_stage
+    from radfm3d.findings.heads import StructuredFindingsHead
+    from radfm3d.findings.model import RadFM3DFindingsModel, attach_reader
+    from radfm3d.findings.schema import load_schema
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+    from radfm3d.processing import RadFM3DProcessor
+
+    base, schema = build_model("tiny", seed=0), load_schema(schema_path("phantom"))
+    head = StructuredFindingsHead(base.config.vision.hidden_size, base.config.num_image_tokens, schema, 16)
+    tokenizer = RadFM3DProcessor.from_model_config("tiny").tokenizer
+    model = attach_reader(base, schema, {f"head.{k}": v for k, v in head.state_dict().items()}, tokenizer,
+                          {"num_tokens": 160, "threshold": 0.5, "head_hidden": 16}).train()
+    model = shard_model(configure_stage(model, "instruction"))
+    gathered = gather_full_state(model)
+    export_sharded_model(model, tmp_path / "out")
+    loaded = RadFM3DForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert type(loaded) is RadFM3DFindingsModel and (tmp_path / "out" / "adapter_config.json").is_file()
+    state = loaded.state_dict()
+    assert set(state) == set(gathered) and any(k.startswith("reader.head.") for k in state)
+    for key, value in gathered.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_sharded_checkpoint_of_another_world_size_is_refused(one_process_group, tmp_path: Path):
+    """One process (gloo, world size 1): a checkpoint whose progress files say 2 ranks is named and refused."""
     from ignite.engine import Engine
 
     from radfm3d.engine.distributed import ShardedCheckpointer, list_sharded_checkpoints, shard_model
     from radfm3d.engine.training import build_model, build_optimizer, configure_stage
     from radfm3d.errors import RadFM3DInputError
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = shard_model(configure_stage(build_model("tiny", seed=0), "alignment"))
-        optimizer = build_optimizer(model, lr=1e-3)
-        engine = Engine(lambda e, b: None)
-        engine.state.iteration, engine.state.epoch, engine.state.epoch_length, engine.state.max_epochs = 4, 1, 4, 2
-        checkpointer = ShardedCheckpointer(tmp_path / "ckpt", model, optimizer)
-        folder = checkpointer.save(engine)
-        assert list_sharded_checkpoints(tmp_path / "ckpt") == [folder]
-        assert (folder / ".metadata").is_file() and (folder / "trainer_rank0.pt").is_file()
-        progress = torch.load(folder / "trainer_rank0.pt", weights_only=True)
-        assert progress["world_size"] == 1 and progress["iteration"] == 4
-        torch.save({**progress, "world_size": 2}, folder / "trainer_rank0.pt")
-        with pytest.raises(RadFM3DInputError, match="saved with 2 ranks, this run has 1"):
-            ShardedCheckpointer(tmp_path / "ckpt", model, optimizer).load(Engine(lambda e, b: None))
-    finally:
-        dist.destroy_process_group()
+    model = shard_model(configure_stage(build_model("tiny", seed=0), "alignment"))
+    optimizer = build_optimizer(model, lr=1e-3)
+    engine = Engine(lambda e, b: None)
+    engine.state.iteration, engine.state.epoch, engine.state.epoch_length, engine.state.max_epochs = 4, 1, 4, 2
+    checkpointer = ShardedCheckpointer(tmp_path / "ckpt", model, optimizer)
+    folder = checkpointer.save(engine)
+    assert list_sharded_checkpoints(tmp_path / "ckpt") == [folder]
+    assert (folder / ".metadata").is_file() and (folder / "trainer_rank0.pt").is_file()
+    progress = torch.load(folder / "trainer_rank0.pt", weights_only=True)
+    assert progress["world_size"] == 1 and progress["iteration"] == 4
+    torch.save({**progress, "world_size": 2}, folder / "trainer_rank0.pt")
+    with pytest.raises(RadFM3DInputError, match="saved with 2 ranks, this run has 1"):
+        ShardedCheckpointer(tmp_path / "ckpt", model, optimizer).load(Engine(lambda e, b: None))
