@@ -104,8 +104,9 @@ def shard_model(
         precision: "auto" (bf16 compute on CUDA devices that support it, float32 on the CPU), "bf16" or "fp32".
             With bf16, parameters are all-gathered and used in bf16, gradients reduced in float32, the sharded
             parameters and optimizer state stay float32, and the logits are returned in float32.
-        reshard_after_forward: free the gathered layer after its forward (ZeRO-3; less memory, one more
-            all-gather in backward); False keeps it until backward (ZeRO-2 like).
+        reshard_after_forward: free each gathered decoder layer after its forward (ZeRO-3; less memory, one more
+            all-gather in backward); False keeps it until backward (ZeRO-2 like). The root unit always stays
+            gathered from its forward to its backward.
         wrap_classes: decoder-layer class names (default: the LLM's ``_no_split_modules``).
     """
     from torch.distributed.device_mesh import init_device_mesh
@@ -127,12 +128,47 @@ def shard_model(
     layers = decoder_layers(model, wrap_classes)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=layer_policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=reshard_after_forward)
+    # every rank must reduce the same units in the same order: a unit's gradient reduction fires when the gradient
+    # reaches its input, so the first layer's input must require grad also when nothing before it trains on this
+    # rank (a text-only batch under a frozen token table); the root's parameters get a zero term (see the hook)
+    llm = getattr(unwrap_model(model), "language_model", None)
+    if llm is not None and hasattr(llm, "enable_input_require_grads"):
+        llm.enable_input_require_grads()
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    root_names = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_layers]
+    # the root stays gathered from its forward to its backward (needed first in backward; PyTorch's advice)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False)
+    model.register_forward_hook(_EveryRootParameter(root_names), with_kwargs=True)
     local, total = parameter_counts(model)
     logger.info(f"FSDP: {len(layers)} decoder layers + root sharded over {dist.get_world_size()} ranks "
                 f"({device.type}, compute {dtype or torch.float32}); this rank holds {local:,} of {total:,} "
                 "parameter elements")
     return model
+
+
+class _EveryRootParameter:
+    """Forward hook of the root unit: adds ``0 x`` one element of each trainable root parameter to the logits (and
+    the loss), so that on every rank each of them gets a gradient (zeros where the batch did not use it).
+
+    FSDP2 reduce-scatters, per unit, the parameters that have a gradient on that rank. A batch that skips a part
+    on one rank only (text-only records do not run the vision encoder and resampler) would leave the ranks with
+    different collectives: an error with gloo, a hang or wrong gradients with NCCL (what DDP's
+    ``find_unused_parameters`` covers). The added term is exactly zero, so no value changes.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        logits = getattr(output, "logits", None)
+        if not self.names or logits is None or not torch.is_grad_enabled():
+            return output
+        # during the root's forward its parameters are the gathered (plain) ones
+        zero = torch.stack([module.get_parameter(n).reshape(-1)[0].float() for n in self.names]).sum() * 0.0
+        output.logits = logits + zero.to(logits.dtype)
+        if getattr(output, "loss", None) is not None:
+            output.loss = output.loss + zero.to(output.loss.dtype)
+        return output
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -43,8 +43,11 @@ CHILD = textwrap.dedent(
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
-    from radfm3d.engine.distributed import gather_full_state, parameter_counts
+    from torch.nn.parallel import DistributedDataParallel
+
+    from radfm3d.engine.distributed import gather_full_state, parameter_counts, shard_model
     from radfm3d.engine.handlers import loss_of
+    from radfm3d.engine.training import build_model, build_optimizer, configure_stage, unwrap_model
 
     configs, data, work = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     torch.set_num_threads(1)
@@ -98,6 +101,30 @@ CHILD = textwrap.dedent(
     # the same training with bf16 compute (FSDP's mixed-precision policy), and unsharded with DDP (float32)
     run("bf16", "bf16", precision="bf16")
     wf = run("ddp", "ddp", override="multi_gpu_train.json")
+
+
+    def mixed_batch_step(wrap):
+        # one AdamW step where rank 0's batch has an image and rank 1's is text only (vision parts unused there)
+        model = wrap(configure_stage(build_model("tiny", seed=0), "instruction", lora_dropout=0.0))
+        optimizer = build_optimizer(model, lr=1e-3)
+        config, rank = unwrap_model(model).config, dist.get_rank()
+        image = [config.image_start_token_id] + [config.image_token_id] * config.num_image_tokens + [
+            config.image_end_token_id]
+        ids = torch.tensor([[1] + (image if rank == 0 else [9] * len(image)) + [5, 6, 7, 2]])
+        labels = ids.clone()
+        labels[:, :-4] = -100
+        pixels = {"pixel_values": torch.rand(1, 3, 32, 32, 8, generator=torch.Generator().manual_seed(0))}
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **(pixels if rank == 0 else {}))
+        out.loss.backward()
+        optimizer.step()
+        return gather_full_state(model)
+
+
+    mixed = {"fsdp": mixed_batch_step(shard_model),
+             "ddp": mixed_batch_step(lambda m: DistributedDataParallel(m, find_unused_parameters=True)),
+             "start": build_model("tiny", seed=0).state_dict()}
+    if dist.get_rank() == 0:
+        torch.save(mixed, work / "mixed.pt")
     wf.finalize()
     """ % {"stop": STOP_AT}
 )
@@ -194,6 +221,20 @@ def test_fsdp_export_loads_with_from_pretrained(fsdp_runs: Path):
     assert set(state) == set(gathered)
     for key, value in gathered.items():
         assert torch.equal(state[key], value), key
+
+
+@pytest.mark.slow  # the one torchrun launch they share: ~1 min of CPU on 2 cores
+def test_fsdp_batch_that_skips_the_vision_parts_on_one_rank(fsdp_runs: Path):
+    """A text-only batch on rank 1 (vision encoder, resampler, projector unused there) while rank 0 has an image:
+    the ranks still reduce the same gradients (no collective mismatch) and the step equals DDP's with
+    find_unused_parameters."""
+    mixed = torch.load(fsdp_runs / "mixed.pt", weights_only=True)
+    fsdp, ddp, start = mixed["fsdp"], mixed["ddp"], mixed["start"]
+    assert fsdp.keys() == ddp.keys()
+    key = "vision_model.patch_embedding.proj.weight"
+    assert not torch.equal(fsdp[key], start[key])  # rank 0's image moved the vision encoder
+    for name in fsdp:
+        assert torch.allclose(fsdp[name], ddp[name], atol=1e-6, rtol=0), name
 
 
 @pytest.mark.slow  # the one torchrun launch they share: ~1 min of CPU on 2 cores
