@@ -15,8 +15,9 @@
   elements of this rank.
 
 FSDP2 is used rather than ``FullyShardedDataParallel`` (FSDP1): PyTorch documents FSDP2 as the maintained API
-(FSDP1 is deprecated), it handles mixed ``requires_grad`` without ``use_orig_params`` and keeps the module's
-parameter names (its state dicts need no ``state_dict_type`` context), and it runs on the CPU with gloo.
+(its FSDP tutorial: "FSDP1 is deprecated"), it handles mixed ``requires_grad`` without ``use_orig_params`` and
+keeps the module's parameter names (its state dicts need no ``state_dict_type`` context), and it runs on the CPU
+with gloo.
 """
 
 from __future__ import annotations
