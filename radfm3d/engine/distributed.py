@@ -307,7 +307,9 @@ class ShardedCheckpointer(TrainingCheckpointer):
     def _state_options(self, **extra: Any) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(ignore_frozen_params=not self._full_state(), **extra)
+        full = self._full_state()
+        # without the frozen parameters, loading is not strict (they come from the base LLM's files)
+        return StateDictOptions(ignore_frozen_params=not full, strict=full, **extra)
 
     def _dcp_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -410,8 +412,13 @@ class ShardedCheckpointer(TrainingCheckpointer):
                 self.skipped.append((folder, first))
                 logger.warning(f"skipping {folder}: {first}")
                 continue
-            set_state_dict(self.network, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"], options=self._state_options())
+            result = set_state_dict(self.network, self.optimizer, model_state_dict=state["model"],
+                                    optim_state_dict=state["optimizer"], options=self._state_options())
+            trainable = {n for n, p in self.network.named_parameters() if p.requires_grad}
+            lost = sorted(trainable & set(getattr(result, "missing_keys", ())))
+            if lost:
+                raise RadFM3DInputError(folder, f"checkpoint lacks trainable parameters {lost[:5]}; was the stage "
+                                        "or the model changed?")
             self.restore_progress(engine, progress, folder)
             return folder
         if candidates:

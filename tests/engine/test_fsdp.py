@@ -305,24 +305,48 @@ def test_export_of_a_sharded_findings_model(one_process_group, tmp_path: Path):
         assert torch.equal(state[key], value), key
 
 
-def test_sharded_checkpoint_of_another_world_size_is_refused(one_process_group, tmp_path: Path):
-    """One process (gloo, world size 1): a checkpoint whose progress files say 2 ranks is named and refused."""
+def test_sharded_checkpoint_without_frozen_weights_round_trip(one_process_group, tmp_path: Path):
+    """One process (gloo, world size 1). ``save_frozen=False`` (what "auto" picks for a named base LLM): only the
+    trained parameters and their optimizer state are written, and a freshly built model takes them back exactly.
+    A checkpoint whose progress files say 2 ranks is named and refused."""
     from ignite.engine import Engine
 
-    from radfm3d.engine.distributed import ShardedCheckpointer, list_sharded_checkpoints, shard_model
+    from radfm3d.engine.distributed import (ShardedCheckpointer, gather_full_state, list_sharded_checkpoints,
+                                            shard_model)
     from radfm3d.engine.training import build_model, build_optimizer, configure_stage
     from radfm3d.errors import RadFM3DInputError
 
-    model = shard_model(configure_stage(build_model("tiny", seed=0), "alignment"))
-    optimizer = build_optimizer(model, lr=1e-3)
-    engine = Engine(lambda e, b: None)
-    engine.state.iteration, engine.state.epoch, engine.state.epoch_length, engine.state.max_epochs = 4, 1, 4, 2
-    checkpointer = ShardedCheckpointer(tmp_path / "ckpt", model, optimizer)
-    folder = checkpointer.save(engine)
+    def fresh():
+        model = shard_model(configure_stage(build_model("tiny", seed=0), "instruction"))
+        return model, build_optimizer(model, lr=1e-2)
+
+    def engine(iteration: int = 0) -> Engine:
+        e = Engine(lambda e, b: None)
+        e.state.iteration, e.state.epoch, e.state.epoch_length, e.state.max_epochs = iteration, 1, 4, 2
+        return e
+
+    model, optimizer = fresh()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.ones_like(p)
+    optimizer.step()
+    folder = ShardedCheckpointer(tmp_path / "ckpt", model, optimizer, save_frozen=False).save(engine(4))
     assert list_sharded_checkpoints(tmp_path / "ckpt") == [folder]
     assert (folder / ".metadata").is_file() and (folder / "trainer_rank0.pt").is_file()
     progress = torch.load(folder / "trainer_rank0.pt", weights_only=True)
-    assert progress["world_size"] == 1 and progress["iteration"] == 4
+    assert progress["world_size"] == 1 and progress["iteration"] == 4 and progress["full_state"] is False
+
+    restored, restored_optimizer = fresh()
+    resumed = engine()
+    assert ShardedCheckpointer(tmp_path / "ckpt", restored, restored_optimizer, save_frozen=False).load(resumed) \
+        == folder
+    assert resumed.state.iteration == 4
+    before, after = gather_full_state(model), gather_full_state(restored)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    moments = [s["exp_avg"].full_tensor() for s in restored_optimizer.state.values()]
+    assert moments and all(torch.allclose(m, torch.full_like(m, 0.1)) for m in moments)  # (1 - beta1) x grad 1
+
     torch.save({**progress, "world_size": 2}, folder / "trainer_rank0.pt")
     with pytest.raises(RadFM3DInputError, match="saved with 2 ranks, this run has 1"):
-        ShardedCheckpointer(tmp_path / "ckpt", model, optimizer).load(Engine(lambda e, b: None))
+        ShardedCheckpointer(tmp_path / "ckpt", restored, restored_optimizer, save_frozen=False).load(engine())
