@@ -9,10 +9,12 @@
   an uninterrupted run;
 - a newest checkpoint that one rank cannot read is skipped on every rank: the run resumes from the one before and
   again ends with the uninterrupted run's weights;
-- the exported model loads with ``RadFM3DForCausalLM.from_pretrained`` and equals the gathered weights.
+- the exported model loads with ``RadFM3DForCausalLM.from_pretrained`` and equals the gathered weights;
+- a step where one rank's batch has an image and the other's is text only equals DDP's (find_unused_parameters).
 
-One torchrun launch runs the six workflows (uninterrupted, stopped, resumed, fallback, bf16, DDP) in one process
-group.
+One torchrun launch runs the six workflows (uninterrupted, stopped, resumed, fallback, bf16, DDP) and the mixed
+step in one process group. In this process (one-rank gloo group): a findings model exports from FSDP; a checkpoint
+without the frozen weights round-trips; a checkpoint of another world size is refused.
 """
 
 from __future__ import annotations
