@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "RadFM3DCLIPConfig": "radfm3d.contrastive.configuration",
     "resolve_text_model": "radfm3d.contrastive.configuration",
     "LEVELS": "radfm3d.contrastive.configuration",
+    "TINY_TEXT_CONFIG": "radfm3d.contrastive.configuration",
     "RadFM3DCLIPModel": "radfm3d.contrastive.model",
     "RadFM3DCLIPOutput": "radfm3d.contrastive.model",
     "ContrastiveLevels": "radfm3d.contrastive.model",

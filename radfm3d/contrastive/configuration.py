@@ -20,7 +20,8 @@ from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.resampler import ResamplerConfig
 from radfm3d.modeling.vision import VisionConfig
 
-__all__ = ["RadFM3DCLIPConfig", "LEVELS", "TEXT_MODEL_ALIASES", "resolve_text_model", "clean_text_config"]
+__all__ = ["RadFM3DCLIPConfig", "LEVELS", "TEXT_MODEL_ALIASES", "resolve_text_model", "clean_text_config",
+           "TINY_TEXT_CONFIG"]
 
 #: the contrastive levels, in the order the loss reports them
 LEVELS = ("scan", "structure", "study")
@@ -29,6 +30,12 @@ LEVELS = ("scan", "structure", "study")
 TEXT_MODEL_ALIASES = ("all-minilm-l6-v2",)
 
 _STUDY_FUSIONS = ("attention", "mean")
+
+#: a 2-layer, 32-wide BERT with MiniLM's vocabulary (so MiniLM's tokenizer fits it), for tests and smoke runs:
+#: ``RadFM3DCLIPModel.from_pretrained("tiny", load_text_weights=False, text_config=TINY_TEXT_CONFIG)``
+TINY_TEXT_CONFIG: dict = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128,
+                          "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 def resolve_text_model(name_or_path: str | os.PathLike) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -184,7 +185,11 @@ def gather_features(embeds: torch.Tensor, group: torch.Tensor) -> tuple[torch.Te
     sizes = [int(c) for c in counts]
     longest = max(sizes)
     padded = F.pad(embeds, (0, 0, 0, longest - embeds.shape[0]))
-    gathered = all_gather(padded.contiguous())
+    with warnings.catch_warnings():
+        # torch 2.13 marks it deprecated in favour of a private module (_functional_collectives); it works as
+        # documented (gloo included) and is the public autograd-aware gather
+        warnings.simplefilter("ignore", FutureWarning)
+        gathered = all_gather(padded.contiguous())
     group_padded = F.pad(group.to(embeds.device), (0, longest - group.shape[0]))
     groups = [torch.zeros_like(group_padded) for _ in range(world)]
     dist.all_gather(groups, group_padded.contiguous())
