@@ -478,6 +478,7 @@ def effective_dimensionality(embeds: np.ndarray, variance: float = 0.9) -> dict[
     n, p = x.shape
     cov = x.T @ x / max(n - 1, 1)
     eig = np.clip(np.linalg.eigvalsh(cov)[::-1], 0.0, None)
+    eig[eig < 1e-12 * max(float(eig[0]) if eig.size else 0.0, 1e-300)] = 0.0  # round-off beyond the rank
     total = float(eig.sum())
     if total <= 0:
         return {"participation_ratio": 0.0, f"components_{int(variance * 100)}": 0, "dim": p, "n": n,
@@ -695,6 +696,10 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                   "variance |", "|---|---|---|---|"]
         for which, d in m["dimensionality"].items():
             lines.append(f"| {which} | {d['dim']} | {d['participation_ratio']:.2f} | {d['components_90']} |")
+        first_dims = next(iter(m["dimensionality"].values()))
+        if first_dims["n"] - 1 < first_dims["dim"]:
+            lines.append(f"\n{first_dims['n']} records span at most {first_dims['n'] - 1} dimensions: both figures "
+                         "are bounded by that, not only by the model.")
         for note in m.get("notes", []):
             lines.append(f"- note: {note}")
     plots = results.get("plots") or {}
