@@ -159,14 +159,16 @@ def load_model(mode: str, model_dir: Path, device: str, max_memory: str, cpu_mem
 
 
 def _placement(model: Any) -> dict[str, int]:
-    """Modules per device of an accelerate device map (``{"0": 35, "cpu": 6}``), or the single device."""
-    device_map = getattr(model.language_model, "hf_device_map", None)
-    if not device_map:
-        return {str(model.language_model.get_input_embeddings().weight.device): 1}
-    counts: dict[str, int] = {}
-    for where in device_map.values():
-        counts[str(where)] = counts.get(str(where), 0) + 1
-    return counts
+    """LLM weight bytes per device of accelerate's device map (``{"0": 22.9e9, "cpu": 3.2e9}``); one entry for a
+    model on one device. Offloaded weights are counted by shape and dtype (their parameters sit on ``meta``)."""
+    llm = model.language_model
+    device_map = getattr(llm, "hf_device_map", None) or {"": str(llm.get_input_embeddings().weight.device)}
+    placed: dict[str, int] = {}
+    for name, where in device_map.items():
+        module = llm.get_submodule(name) if name else llm
+        size = sum(p.numel() * p.element_size() for p in module.parameters())
+        placed[str(where)] = placed.get(str(where), 0) + int(size)
+    return placed
 
 
 def run_mode(mode: str, model_dir: Path, inputs_path: Path, reference_path: Path, device: str, new_tokens: int,
@@ -184,6 +186,7 @@ def run_mode(mode: str, model_dir: Path, inputs_path: Path, reference_path: Path
         torch.cuda.reset_peak_memory_stats()
     stage = "load"
     model = None
+    row["baseline_rss_bytes"] = current_rss()  # interpreter + libraries, before the model
     try:
         _log(start, f"{mode}: loading")
         t0 = time.perf_counter()
@@ -291,7 +294,8 @@ def step_write(args: argparse.Namespace, dims: Any, source: Path) -> dict[str, A
 
     reset_peak_rss()
     return write_radfm_checkpoint(source, dims, dtype=getattr(torch, args.source_dtype), seed=args.seed,
-                                  llm_std=0.02, device=args.init_device, progress=not args.no_progress)
+                                  llm_std=0.02, device=args.init_device, chunk_bytes=int(args.write_chunk_mb * 2**20),
+                                  progress=not args.no_progress)
 
 
 def step_convert(args: argparse.Namespace, source: Path, config_path: Path, model_dir: Path) -> dict[str, Any]:
@@ -418,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="dtype of the synthetic pytorch_model.bin (the official file is float32)")
     parser.add_argument("--init-device", default=None, help="where the random weights are drawn (default --device)")
+    parser.add_argument("--write-chunk-mb", type=float, default=64.0,
+                        help="fp32 MiB drawn at a time while writing the checkpoint (default 64)")
     parser.add_argument("--work", type=Path, help="folder for the checkpoints (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints in --work")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON path; the table goes beside it as .md")

@@ -279,6 +279,12 @@ def build_state_dict(dims: RadFMDims | None = None, seed: int = 0, llm_std: floa
     return sd
 
 
+def _current_rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 def _release_pages(tensor: torch.Tensor) -> None:
     """Drop a tensor's pages of a shared file mapping from this process (the data stays in the page cache)."""
     from radfm3d.interop.radfm import _release_source_pages
@@ -302,8 +308,9 @@ def write_radfm_checkpoint(
     Floating entries in ``dtype`` (the official file is fp32; bf16 halves the disk for a 13B benchmark), integer
     buffers int64. Random entries are drawn per tensor (generator seeded with ``seed`` and the entry's index) in
     chunks of ``chunk_bytes`` of fp32 on ``device`` (``"cuda"`` draws on the GPU, then copies). Returns
-    ``{"path", "bytes", "tensors", "parameters", "seconds", "mb_per_s", "peak_rss_bytes"}``; ``peak_rss_bytes`` is
-    this process's high-water mark (``VmHWM``) at the end."""
+    ``{"path", "bytes", "tensors", "parameters", "seconds", "mb_per_s", "baseline_rss_bytes", "peak_rss_bytes",
+    "peak_rss_bound_bytes"}``: ``peak_rss_bytes`` is this process's high-water mark (``VmHWM``) at the end, the bound
+    ``baseline + largest tensor + one chunk + 32 MiB`` (the baseline is the RSS after the header is written)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from radfm3d.interop.radfm import peak_rss_bytes
@@ -330,7 +337,10 @@ def write_radfm_checkpoint(
             state = torch.load(partial, mmap=True, weights_only=True)
         finally:
             torch.serialization.set_default_mmap_options(previous)
+        baseline = _current_rss()
         total = sum(state[s.key].nbytes for s in specs if s.tied_to is None)
+        largest = max(state[s.key].nbytes for s in specs if s.tied_to is None)
+        chunk_peak = min(chunk_bytes, max(s.numel for s in specs) * 4)
         bar = progress_bar(total, progress, unit="B", unit_scale=True, unit_divisor=1024, desc="write RadFM ckpt")
         chunk = max(1, chunk_bytes // 4)
         for index, spec in enumerate(specs):
@@ -366,4 +376,5 @@ def write_radfm_checkpoint(
     return {"path": str(path), "bytes": size, "tensors": len(specs),
             "parameters": sum(s.numel for s in specs if s.tied_to is None),
             "seconds": round(seconds, 3), "mb_per_s": round(size / 1e6 / max(seconds, 1e-9), 1),
-            "peak_rss_bytes": peak_rss_bytes()}
+            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bound_bytes": baseline + largest + chunk_peak + 32 * 2**20}
