@@ -2,7 +2,7 @@
 """RadFM at official scale, measured: a random RadFM-layout checkpoint loaded in bf16, int8 and offloaded.
 
 Run: ``python -m benchmarks.bench_radfm_scale [--scale 13b|small] [--layers N --hidden N ...] [--device cuda]``
--> ``benchmarks/results/radfm_scale.json`` and ``.md`` (``--output``). Steps, each printed with its elapsed time:
+-> ``benchmarks/results/radfm_scale_<scale>.json`` and ``.md`` (``--output``). Steps, each printed with its elapsed time:
 
 1. write: a randomly initialised ``pytorch_model.bin`` with the official RadFM key tree at the chosen scale
    (``radfm3d.interop.synthetic.write_radfm_checkpoint``: tensor by tensor straight to disk, never the whole model
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "radfm_scale.json"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 #: named scales: RadFMDims overrides and the scan size (H, W, D) of the benchmark inputs
 SCALES: dict[str, dict[str, Any]] = {
@@ -158,6 +158,24 @@ def load_model(mode: str, model_dir: Path, device: str, max_memory: str, cpu_mem
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
 
+def _import_loaders(mode: str, device: str) -> None:
+    """Import what loading ``mode`` uses and start CUDA, so that the load time is the load alone."""
+    import accelerate  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    from radfm3d.modeling import RadFM3DForCausalLM  # noqa: F401
+
+    if device == "cuda":
+        torch.zeros(1, device="cuda")
+        if mode == "int8":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                pass  # bnb_int8_config reports it
+    elif mode == "int8":
+        from torch.ao.quantization import quantize_dynamic  # noqa: F401
+
+
 def _placement(model: Any) -> dict[str, int]:
     """LLM weight bytes per device of accelerate's device map (``{"0": 22.9e9, "cpu": 3.2e9}``); one entry for a
     model on one device. Offloaded weights are counted by shape and dtype (their parameters sit on ``meta``)."""
@@ -180,12 +198,13 @@ def run_mode(mode: str, model_dir: Path, inputs_path: Path, reference_path: Path
     start = time.perf_counter() if start is None else start
     cuda = device == "cuda"
     row: dict[str, Any] = {"mode": mode, "device": device, "status": "ok"}
+    stage = "load"
+    model = None
+    _import_loaders(mode, device)  # library imports and CUDA start-up stay outside the load time
     reset_peak_rss()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    stage = "load"
-    model = None
     row["baseline_rss_bytes"] = current_rss()  # interpreter + libraries, before the model
     try:
         _log(start, f"{mode}: loading")
@@ -387,9 +406,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(b1.get('ttft_s'), 3)} / {_fmt(b8.get('ttft_s'), 3)} | {_fmt(b1.get('tokens_per_s'))} / "
             f"{_fmt(b8.get('tokens_per_s'))} | {_fmt(b1.get('argmax_agreement'), 4)} / "
             f"{_fmt(b8.get('argmax_agreement'), 4)} |")
+    baselines = [r["baseline_rss_bytes"] for r in report["modes"] if r.get("baseline_rss_bytes")]
     lines += ["", "weights: bytes of the loaded parameters " + ("on the GPU" if cuda else "held in RAM (offload: "
               "the part not on disk)") + "; arithmetic: `radfm3d.interop.quantize.memory_table` (weights only, "
-              "offload with 0 resident layers). Random weights: the agreement is numeric drift, not answer quality."]
+              "offload with 0 resident layers)" + ("" if cuda or not baselines else
+              f"; peak RSS is the whole process (interpreter and libraries before loading: "
+              f"{_gb(min(baselines))}-{_gb(max(baselines))} GB)") +
+              ". Random weights: the agreement is numeric drift, not answer quality."]
     if report.get("budget_bytes"):
         fits = [r["mode"] for r in report["modes"] if r["status"] == "ok" and cuda
                 and r.get("batch_1", {}).get("peak_device_bytes", 1e30) <= report["budget_bytes"]]
@@ -425,8 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-chunk-mb", type=float, default=64.0,
                         help="fp32 MiB drawn at a time while writing the checkpoint (default 64)")
     parser.add_argument("--work", type=Path, help="folder for the checkpoints (default: a temporary folder)")
+    parser.add_argument("--source-dir", type=Path, help="folder for the synthetic pytorch_model.bin (default --work)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints in --work")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON path; the table goes beside it as .md")
+    parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/radfm_scale_<scale>.json); "
+                        "the table goes beside it as .md")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--in-process", action="store_true", help="all steps in this process (faster start-up)")
@@ -438,12 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.init_device = args.init_device or args.device
+    args.output = args.output or RESULTS_DIR / f"radfm_scale_{args.scale}.json"
     if args.worker:  # one step in its own process; the paths follow --work
         from radfm3d.utils import atomic_write_text
 
         work = args.work
         if args.worker == "write":
-            row = step_write(args, build_dims(args), work / "pytorch_model.bin")
+            row = step_write(args, build_dims(args), (args.source_dir or work) / "pytorch_model.bin")
         else:
             row = run_mode(args.worker, work / "model", work / "inputs.pt", work / "reference.pt", args.device,
                            args.new_tokens, args.max_memory, args.cpu_memory, work / "offload")
@@ -472,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or temp
     work.mkdir(parents=True, exist_ok=True)
     args.work = work
-    paths = {"work": work, "source": work / "pytorch_model.bin", "config": work / "radfm_config.json",
+    source_dir = args.source_dir or work
+    source_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"work": work, "source": source_dir / "pytorch_model.bin", "config": work / "radfm_config.json",
              "model": work / "model", "inputs": work / "inputs.pt", "reference": work / "reference.pt",
              "offload": work / "offload"}
     report: dict[str, Any] = {
@@ -502,18 +530,18 @@ def main(argv: list[str] | None = None) -> int:
         _log(start, f"converted in {report['convert']['seconds']} s, peak RSS "
                     f"{_gb(report['convert']['peak_rss_bytes'])} GB")
         if not args.keep:
-            paths["source"].unlink()
+            paths["source"].unlink()  # the model folder alone from here on (disk: 13B = 26.6 + 26.3 GB at the peak)
         torch.save(make_inputs(config, scan, args.prompt_tokens, args.seed), paths["inputs"])
         report["modes"] = []
         for mode in modes:
             report["modes"].append(step_mode(args, mode, paths, start))
     finally:
-        if temp is not None and not args.keep:
-            shutil.rmtree(temp, ignore_errors=True)
-        elif not args.keep:
-            for name in ("source", "model", "offload"):
-                target = paths[name]
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if not args.keep:
+            paths["source"].unlink(missing_ok=True)
+            for name in ("model", "offload"):
+                shutil.rmtree(paths[name], ignore_errors=True)
+            if temp is not None:
+                shutil.rmtree(temp, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(report)
