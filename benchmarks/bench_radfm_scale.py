@@ -411,7 +411,8 @@ def markdown(report: dict[str, Any]) -> str:
               "the part not on disk)") + "; arithmetic: `radfm3d.interop.quantize.memory_table` (weights only, "
               "offload with 0 resident layers)" + ("" if cuda or not baselines else
               f"; peak RSS is the whole process (interpreter and libraries before loading: "
-              f"{_gb(min(baselines))}-{_gb(max(baselines))} GB)") +
+              f"{_gb(min(baselines))}" + (f"-{_gb(max(baselines))}" if _gb(max(baselines)) != _gb(min(baselines))
+                                           else "") + " GB)") +
               ". Random weights: the agreement is numeric drift, not answer quality."]
     if report.get("budget_bytes"):
         fits = [r["mode"] for r in report["modes"] if r["status"] == "ok" and cuda
