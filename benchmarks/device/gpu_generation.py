@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("device", "dtype", "batched_throughput_over_batch1",
                                              "bare_batched_throughput_over_batch1")}))
-    print(f"batch 1: ours {result['batch_1']['ours_tokens_per_s']} tokens/s, bare {result['batch_1']['bare_tokens_per_s']}"
-          f"; batch 8: ours {result['batch_8']['ours_tokens_per_s']}, bare {result['batch_8']['bare_tokens_per_s']}")
+    b1, b8 = result["batch_1"], result["batch_8"]
+    print(f"batch 1: ours {b1['ours_tokens_per_s']} tokens/s, bare {b1['bare_tokens_per_s']}; "
+          f"batch 8: ours {b8['ours_tokens_per_s']}, bare {b8['bare_tokens_per_s']}")
     return 0
 
 
