@@ -36,23 +36,36 @@ def bnb_int8_config(**kwargs: Any) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True, **kwargs)
 
 
-def quantize_llm_dynamic_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+def quantize_llm_dynamic_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",), upcast: bool = False
+                              ) -> nn.Module:
     """CPU int8: replace the ``nn.Linear`` layers of ``model.language_model`` (or of ``model`` itself when it has no
     ``language_model``) by dynamically quantised int8 Linears, in place; ``skip`` names kept in float (the
-    ``lm_head`` by default, as bitsandbytes does). Weights must be fp32 (load with ``dtype=torch.float32``).
-    Returns the model."""
+    ``lm_head`` by default, as bitsandbytes does). Weights must be fp32 (load with ``dtype=torch.float32``), or
+    ``upcast=True``: a bf16/fp16 LLM is quantised one Linear at a time (each upcast to fp32 just before), then its
+    remaining float weights (embeddings, norms, ``lm_head``) are made fp32, so the peak memory is the 16-bit model
+    plus one fp32 Linear instead of the whole model in fp32 (RadFM-13B: ~26 GB instead of ~52 GB). Returns the model.
+    """
     target = getattr(model, "language_model", model)
     dtypes = {p.dtype for p in target.parameters()}
-    if dtypes != {torch.float32}:
+    if dtypes != {torch.float32} and not upcast:
         raise RadFM3DInputError(
-            "int8", f"dynamic int8 quantisation needs fp32 weights, the LLM holds {sorted(map(str, dtypes))}")
-    names = {name for name, mod in target.named_modules()
-             if isinstance(mod, nn.Linear) and not any(s in name.split(".") for s in skip)}
+            "int8", f"dynamic int8 quantisation needs fp32 weights, the LLM holds {sorted(map(str, dtypes))} "
+            "(or pass upcast=True)")
+    names = [name for name, mod in target.named_modules()
+             if isinstance(mod, nn.Linear) and not any(s in name.split(".") for s in skip)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notice (see module docstring)
         from torch.ao.quantization import quantize_dynamic
 
-        quantize_dynamic(target, names, dtype=torch.qint8, inplace=True)
+        if not upcast:
+            quantize_dynamic(target, set(names), dtype=torch.qint8, inplace=True)
+            return model
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = target.get_submodule(parent_name) if parent_name else target
+            getattr(parent, child).float()
+            quantize_dynamic(parent, {child}, dtype=torch.qint8, inplace=True)
+    target.float()  # what stays in float: quantised Linears take and return fp32 activations
     return model
 
 
