@@ -9,7 +9,8 @@ Run: ``python -m benchmarks.bench_radfm_scale [--scale 13b|small] [--layers N --
    in memory; bf16 by default: 26.5 GB at 13B instead of the official file's 53 GB fp32). Peak RSS printed.
 2. convert: ``radfm3d convert-radfm`` (its conversion report: seconds, peak RSS).
 3. one run per load mode (``--modes``): ``bf16``; ``int8`` (CUDA: bitsandbytes LLM.int8 through
-   ``quantization_config``; CPU: fp32 load + PyTorch dynamic int8 of the decoder Linears); ``offload``
+   ``quantization_config``; CPU: bf16 load, then PyTorch dynamic int8 of the decoder Linears one at a time, the rest
+   of the LLM in fp32); ``offload``
    (``device_map="auto"`` under ``max_memory`` = ``--max-memory``, 24 GB by default: on CUDA the rest of the LLM
    sits in CPU RAM, on the CPU it goes to an offload folder on disk). Per mode: load time, resident weights,
    peak memory (CUDA ``max_memory_allocated``; on the CPU the process's peak RSS, ``VmHWM``), and at batch 1 and
@@ -148,7 +149,8 @@ def load_model(mode: str, model_dir: Path, device: str, max_memory: str, cpu_mem
                                                       quantization_config=bnb_int8_config())
         from radfm3d.interop.quantize import quantize_llm_dynamic_int8
 
-        return quantize_llm_dynamic_int8(RadFM3DForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+        model = RadFM3DForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        return quantize_llm_dynamic_int8(model, upcast=True)  # peak: the bf16 model + one fp32 Linear
     if mode == "offload":
         budget: dict[Any, str] = {0: max_memory, "cpu": cpu_memory} if cuda else {"cpu": max_memory}
         offload_dir.mkdir(parents=True, exist_ok=True)
