@@ -20,12 +20,21 @@ Rules (checked by :func:`validate_record` / :func:`validate_manifest`):
 - ``ground_truth`` (optional): JSON object (structured findings, boxes in world RAS mm).
 - ``image_series`` / ``image_meta`` (optional): per-image series choice and corrections, one entry per image
   (:mod:`radfm3d.data.image_meta`).
+- ``study_id`` / ``patient_id`` (optional): non-empty strings; records of one visit share ``study_id``, one
+  patient's records share ``patient_id``; within a manifest one ``study_id`` has one ``patient_id``, and
+  :func:`check_patient_splits` checks that no patient sits in two splits.
+- ``image_modalities`` (optional): one non-empty string per entry of ``images`` (e.g. ``["CT", "MR T1"]``).
+- ``report_structures`` (optional): list of ``{"text": sentence, "structure": name, "box_world_mm": [x1, y1, z1,
+  x2, y2, z2] (RAS mm, lo <= hi), "mask": path, "mask_label": int >= 0}``; ``box_world_mm``, ``mask`` and
+  ``mask_label`` may be absent (``mask_label`` only with ``mask``).
+- ``labels`` (optional): ``{"<class name>": 0 | 1}``.
 - any other keys are kept untouched.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,6 +54,7 @@ __all__ = [
     "ManifestWriter",
     "validate_record",
     "validate_manifest",
+    "check_patient_splits",
     "resolve_images",
     "sample_by_task",
     "scale_task_mix",
@@ -54,6 +64,8 @@ __all__ = [
 IMAGE_PLACEHOLDER = "<image>"
 REQUIRED_KEYS = ("id", "images", "prompt")
 _OPTIONAL_STR_KEYS = ("answer", "task", "modality", "region")
+_ID_KEYS = ("study_id", "patient_id")
+_STRUCTURE_KEYS = ("text", "structure", "box_world_mm", "mask", "mask_label")
 
 
 def _lone_surrogate(text: str) -> int | None:
@@ -126,16 +138,90 @@ def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
                 problems.append(f"'answer' {answer!r} is not one of 'choices' {choices!r}")
     if "ground_truth" in record and not isinstance(record["ground_truth"], Mapping):
         problems.append(f"'ground_truth' must be a JSON object, got {type(record['ground_truth']).__name__}")
+    problems += _check_study_keys(record, images if images_ok else None)
     if check_files and images_ok:
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         for p in images:
             full = Path(p) if os.path.isabs(p) else base / p
             if not full.exists():
                 problems.append(f"image {p!r} does not exist (looked for {full})")
+        structures = record.get("report_structures")
+        for k, entry in enumerate(structures if isinstance(structures, list) else []):
+            mask = entry.get("mask") if isinstance(entry, Mapping) else None
+            if isinstance(mask, str) and mask:
+                full = Path(mask) if os.path.isabs(mask) else base / mask
+                if not full.exists():
+                    problems.append(f"'report_structures'[{k}].mask {mask!r} does not exist (looked for {full})")
     if isinstance(record, Mapping) and images_ok:
         from radfm3d.data.image_meta import check_image_fields
 
         problems += check_image_fields(record)
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_study_keys(record: Mapping[str, Any], images: list[str] | None) -> list[str]:
+    """Problems of ``study_id``, ``patient_id``, ``image_modalities``, ``report_structures`` and ``labels``."""
+    problems: list[str] = []
+    for key in _ID_KEYS:
+        if key in record and (not isinstance(record[key], str) or not record[key].strip()):
+            problems.append(f"'{key}' must be a non-empty string, got {record[key]!r}")
+    if "image_modalities" in record:
+        mods = record["image_modalities"]
+        if not isinstance(mods, list) or not all(isinstance(m, str) and m.strip() for m in mods):
+            problems.append(f"'image_modalities' must be a list of non-empty strings, got {mods!r}")
+        elif images is not None and len(mods) != len(images):
+            problems.append(f"'image_modalities' has {len(mods)} entries but 'images' lists {len(images)} image(s)")
+    if "report_structures" in record:
+        structures = record["report_structures"]
+        if not isinstance(structures, list):
+            problems.append(f"'report_structures' must be a list of objects, got {type(structures).__name__}")
+        else:
+            for k, entry in enumerate(structures):
+                problems += [f"'report_structures'[{k}]{p}" for p in _structure_problems(entry)]
+    if "labels" in record:
+        labels = record["labels"]
+        if not isinstance(labels, Mapping):
+            problems.append(f"'labels' must be a JSON object of class name -> 0 or 1, got {type(labels).__name__}")
+        else:
+            for name, value in labels.items():
+                if not isinstance(name, str) or not name.strip():
+                    problems.append(f"'labels' has an empty or non-string class name {name!r}")
+                elif isinstance(value, bool) or value not in (0, 1):
+                    problems.append(f"'labels'[{name!r}] must be 0 or 1, got {value!r}")
+    return problems
+
+
+def _structure_problems(entry: Any) -> list[str]:
+    """Problems of one ``report_structures`` entry, each starting with what follows ``'report_structures'[k]``."""
+    if not isinstance(entry, Mapping):
+        return [f" must be an object, got {type(entry).__name__}"]
+    problems: list[str] = []
+    for key in ("text", "structure"):
+        if key not in entry:
+            problems.append(f" is missing {key!r}")
+        elif not isinstance(entry[key], str) or not entry[key].strip():
+            problems.append(f".{key} must be a non-empty string, got {entry[key]!r}")
+    unknown = sorted(set(entry) - set(_STRUCTURE_KEYS))
+    if unknown:
+        problems.append(f" has unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(_STRUCTURE_KEYS)})")
+    if "box_world_mm" in entry:
+        box = entry["box_world_mm"]
+        if not isinstance(box, list) or len(box) != 6 or not all(_is_number(v) for v in box):
+            problems.append(f".box_world_mm must be 6 finite numbers [x1, y1, z1, x2, y2, z2] (RAS mm), got {box!r}")
+        elif any(box[a] > box[a + 3] for a in range(3)):
+            problems.append(f".box_world_mm must have x1 <= x2, y1 <= y2, z1 <= z2, got {box!r}")
+    if "mask" in entry and (not isinstance(entry["mask"], str) or not entry["mask"]):
+        problems.append(f".mask must be a non-empty path string, got {entry['mask']!r}")
+    if "mask_label" in entry:
+        label = entry["mask_label"]
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            problems.append(f".mask_label must be an integer >= 0, got {label!r}")
+        elif "mask" not in entry:
+            problems.append(" has 'mask_label' without 'mask'")
     return problems
 
 
@@ -242,6 +328,7 @@ def validate_manifest(source: str | os.PathLike | Sequence[Mapping[str, Any]], *
         entries = ((i, rec, None) for i, rec in enumerate(source, start=1))
     errors: list[str] = []
     seen: dict[str, int] = {}
+    study_patient: dict[str, tuple[str, int]] = {}
     for lineno, rec, json_problem in entries:
         problems = [json_problem] if json_problem else validate_record(rec, base_dir=base_dir,
                                                                         check_files=check_files)
@@ -250,11 +337,60 @@ def validate_manifest(source: str | os.PathLike | Sequence[Mapping[str, Any]], *
                 problems.append(f"duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
             else:
                 seen[rec["id"]] = lineno
+        if not json_problem and isinstance(rec, Mapping) and isinstance(rec.get("study_id"), str) \
+                and isinstance(rec.get("patient_id"), str):
+            first = study_patient.setdefault(rec["study_id"], (rec["patient_id"], lineno))
+            if first[0] != rec["patient_id"]:
+                problems.append(f"study_id {rec['study_id']!r} has patient_id {rec['patient_id']!r} here but "
+                                f"{first[0]!r} on line {first[1]} (one study belongs to one patient)")
         errors += [f"line {lineno}: {p}" for p in problems]
     if len(errors) > max_errors:
         errors = errors[:max_errors] + [f"... and {len(errors) - max_errors} more problem(s)"]
     if errors and raise_on_error:
         raise RadFM3DInputError(name, "invalid manifest:\n  " + "\n  ".join(errors))
+    return errors
+
+
+def check_patient_splits(splits: Mapping[str, str | os.PathLike | Sequence[Mapping[str, Any]]], *,
+                         raise_on_error: bool = True, max_errors: int = 20) -> list[str]:
+    """Check that no ``patient_id`` (and no ``study_id``) has records in two splits.
+
+    Args:
+        splits: split name -> manifest path or records (e.g. ``{"train": "train.jsonl", "test": "test.jsonl"}``).
+        raise_on_error: raise ``RadFM3DInputError`` naming the manifests and every shared patient.
+
+    Returns:
+        problems such as ``"patient_id 'p7' is in train (train.jsonl line 3) and test (test.jsonl line 9)"``
+        (empty when the splits are disjoint). Records without the key are not checked.
+    """
+    first: dict[tuple[str, str], tuple[str, str]] = {}   # (key, value) -> (split, where)
+    clashes: dict[tuple[str, str], dict[str, str]] = {}
+    for split, source in splits.items():
+        if isinstance(source, (str, os.PathLike)):
+            name = Path(source).name
+            rows: Iterable[tuple[int, Any]] = iter_jsonl(source)
+        else:
+            name = str(split)
+            rows = enumerate(source, start=1)
+        for lineno, rec in rows:
+            if not isinstance(rec, Mapping):
+                continue
+            for key in _ID_KEYS:
+                value = rec.get(key)
+                if not isinstance(value, str):
+                    continue
+                where = f"{name} line {lineno}"
+                seen_split, seen_where = first.setdefault((key, value), (split, where))
+                if seen_split != split:
+                    clashes.setdefault((key, value), {seen_split: seen_where}).setdefault(split, where)
+    errors = [f"{key} {value!r} is in " + " and ".join(f"{s} ({w})" for s, w in found.items())
+              for (key, value), found in clashes.items()]
+    if len(errors) > max_errors:
+        errors = errors[:max_errors] + [f"... and {len(errors) - max_errors} more"]
+    if errors and raise_on_error:
+        raise RadFM3DInputError(", ".join(str(s) for s in splits.values() if isinstance(s, (str, os.PathLike)))
+                                or "manifests", "records of one patient or study in two splits:\n  "
+                                + "\n  ".join(errors))
     return errors
 
 
@@ -408,8 +544,6 @@ def parse_task_counts(text: str) -> dict[str, int]:
 def scale_task_mix(weights: Mapping[str, float], total: int) -> dict[str, int]:
     """Per-task counts proportional to ``weights`` that add up to about ``total`` (each rounded up, so at least
     ``total``); used to size a training mix to a compute budget (iterations x batch size)."""
-    import math
-
     weight_sum = float(sum(weights.values()))
     if weight_sum <= 0 or total < 0:
         raise ValueError(f"need positive weights and total >= 0, got weights summing to {weight_sum} and {total}")

@@ -211,3 +211,92 @@ def test_lone_surrogates_and_unwritable_records_are_named(tmp_path):
     with pytest.raises(RadFM3DInputError, match="record 1 cannot be written"):
         write_manifest([{**GOOD, "ground_truth": {"x": object()}}], tmp_path / "out.jsonl")
     assert not (tmp_path / "out.jsonl").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
+
+
+# ------------------------------------------------------------------------------------- study / patient / structures
+STUDY = {"id": "s1-study_report", "images": ["ct.nii.gz", "t1.nii.gz"], "prompt": "<image> <image> Report.",
+         "answer": "FINDINGS: The left kidney is unremarkable.", "task": "study_report", "study_id": "s1",
+         "patient_id": "p1", "image_modalities": ["CT", "MR T1"],
+         "report_structures": [{"text": "The left kidney is unremarkable.", "structure": "kidney/left",
+                                "box_world_mm": [10, -40, -60, 40, -10, 0]},
+                               {"text": "No liver lesion.", "structure": "liver", "mask": "masks/liver.nii.gz",
+                                "mask_label": 1},
+                               {"text": "Heart size is normal.", "structure": "heart"}],
+         "labels": {"kidney cyst": 0, "liver mass": 1}}
+
+
+def test_study_keys_are_valid():
+    assert validate_record(STUDY) == []
+    assert validate_manifest([STUDY, {**STUDY, "id": "s1-other", "study_id": "s1"}], raise_on_error=False) == []
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"study_id": ""}, "'study_id' must be a non-empty string, got ''"),
+    ({"patient_id": 7}, "'patient_id' must be a non-empty string, got 7"),
+    ({"image_modalities": ["CT"]}, "'image_modalities' has 1 entries but 'images' lists 2 image(s)"),
+    ({"image_modalities": "CT"}, "'image_modalities' must be a list of non-empty strings"),
+    ({"report_structures": {"text": "x"}}, "'report_structures' must be a list of objects, got dict"),
+    ({"report_structures": ["The liver."]}, "'report_structures'[0] must be an object, got str"),
+    ({"report_structures": [{"text": "The liver."}]}, "'report_structures'[0] is missing 'structure'"),
+    ({"report_structures": [{"text": " ", "structure": "liver"}]}, "'report_structures'[0].text must be a non-empty"),
+    ({"report_structures": [{"text": "a", "structure": "liver", "box_world_mm": [0, 0, 0, 1, 1]}]},
+     "'report_structures'[0].box_world_mm must be 6 finite numbers"),
+    ({"report_structures": [{"text": "a", "structure": "liver", "box_world_mm": [0, 0, 0, 1, float("nan"), 1]}]},
+     "'report_structures'[0].box_world_mm must be 6 finite numbers"),
+    ({"report_structures": [{"text": "a", "structure": "liver", "box_world_mm": [5, 0, 0, 1, 1, 1]}]},
+     "'report_structures'[0].box_world_mm must have x1 <= x2"),
+    ({"report_structures": [{"text": "a", "structure": "liver", "mask_label": 1}]},
+     "'report_structures'[0] has 'mask_label' without 'mask'"),
+    ({"report_structures": [{"text": "a", "structure": "liver", "mask": "m.nii.gz", "mask_label": True}]},
+     "'report_structures'[0].mask_label must be an integer >= 0, got True"),
+    ({"report_structures": [{"text": "a", "structure": "liver", "box": [0, 0, 0, 1, 1, 1]}]},
+     "'report_structures'[0] has unknown key(s) 'box'"),
+    ({"labels": ["cyst"]}, "'labels' must be a JSON object of class name -> 0 or 1, got list"),
+    ({"labels": {"cyst": 2}}, "'labels'['cyst'] must be 0 or 1, got 2"),
+    ({"labels": {"cyst": True}}, "'labels'['cyst'] must be 0 or 1, got True"),
+])
+def test_bad_study_keys_are_named(tmp_path, change, message):
+    assert any(message in p for p in validate_record({**STUDY, **change})), validate_record({**STUDY, **change})
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(STUDY) + "\n" + json.dumps({**STUDY, "id": "bad", **change}) + "\n")
+    with pytest.raises(RadFM3DInputError) as err:
+        read_manifest(path)
+    assert str(path) in str(err.value) and f"line 2: {message}" in str(err.value)
+
+
+def test_one_study_has_one_patient_and_masks_are_checked_with_files(tmp_path):
+    problems = validate_manifest([STUDY, {**STUDY, "id": "x"}, {**STUDY, "id": "y", "patient_id": "p2"}],
+                                 raise_on_error=False)
+    assert problems == ["line 3: study_id 's1' has patient_id 'p2' here but 'p1' on line 1 (one study belongs to one "
+                        "patient)"]
+    for name in ("ct.nii.gz", "t1.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    problems = validate_record(STUDY, base_dir=tmp_path, check_files=True)
+    assert len(problems) == 1 and problems[0].startswith("'report_structures'[1].mask 'masks/liver.nii.gz' does not")
+
+
+def test_check_patient_splits_names_the_shared_patients(tmp_path):
+    from radfm3d.data.manifest import check_patient_splits
+
+    train = [STUDY, {**STUDY, "id": "b", "study_id": "s2", "patient_id": "p2"}]
+    test = [{**STUDY, "id": "c", "study_id": "s3", "patient_id": "p3"}]
+    assert check_patient_splits({"train": train, "test": test}) == []
+    write_manifest(train, tmp_path / "train.jsonl")
+    write_manifest(test + [{**STUDY, "id": "d", "study_id": "s4", "patient_id": "p2"}], tmp_path / "test.jsonl")
+    problems = check_patient_splits({"train": tmp_path / "train.jsonl", "test": tmp_path / "test.jsonl"},
+                                    raise_on_error=False)
+    assert problems == ["patient_id 'p2' is in train (train.jsonl line 2) and test (test.jsonl line 2)"]
+    with pytest.raises(RadFM3DInputError, match="one patient or study in two splits"):
+        check_patient_splits({"train": tmp_path / "train.jsonl", "test": tmp_path / "test.jsonl"})
+
+
+def test_importer_reports_patients_in_two_splits(tmp_path):
+    from radfm3d.data.importers.common import ImportReport, write_split_manifests
+
+    report = ImportReport("test", tmp_path)
+    records = [("train", STUDY), ("test", {**STUDY, "id": "b", "study_id": "s2"}),
+               ("test", {**STUDY, "id": "c", "study_id": "s3", "patient_id": "p3"})]
+    paths = write_split_manifests(records, tmp_path, report)
+    assert sorted(paths) == ["test", "train"]
+    assert report.extra["patients_in_several_splits"] == {"p1": ["test", "train"]}
+    assert "1 patient(s) have records in several splits" in report.notes[0]["message"]

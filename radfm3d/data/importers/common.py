@@ -185,15 +185,20 @@ def write_split_manifests(records: Iterable[tuple[str, Mapping[str, Any]]], out:
                           base_dir: Path | None = None) -> dict[str, Path]:
     """Write ``(split, record)`` pairs into ``<split>.jsonl`` files atomically; invalid records are reported.
 
-    Image paths are written as the importer made them (see :func:`relative_image_path`).
+    Image paths are written as the importer made them (see :func:`relative_image_path`). A ``patient_id`` found in
+    two splits (e.g. a table's own split column that splits a patient) is a note in the report and is listed under
+    ``patients_in_several_splits`` (the records are kept: the split is the dataset's choice).
     """
     writers: dict[str, ManifestWriter] = {}
+    patient_splits: dict[str, set[str]] = defaultdict(set)
     try:
         for split, record in records:
             problems = validate_record(record)
             if problems:
                 report.skip(str(record.get("id", "?")), "invalid record: " + "; ".join(problems))
                 continue
+            if isinstance(record.get("patient_id"), str):
+                patient_splits[record["patient_id"]].add(split)
             if split not in writers:
                 writers[split] = ManifestWriter(out / f"{split}.jsonl")
             writers[split].write(record)
@@ -202,6 +207,12 @@ def write_split_manifests(records: Iterable[tuple[str, Mapping[str, Any]]], out:
         for writer in writers.values():
             writer.abort()
         raise
+    shared = {patient: sorted(found) for patient, found in sorted(patient_splits.items()) if len(found) > 1}
+    if shared:
+        report.extra["patients_in_several_splits"] = shared
+        report.note("splits", f"{len(shared)} patient(s) have records in several splits (first: "
+                    f"{next(iter(shared))!r} in {', '.join(next(iter(shared.values())))}); held-out scores may be "
+                    "optimistic")
     return {split: writer.close() for split, writer in writers.items()}
 
 

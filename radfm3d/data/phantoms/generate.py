@@ -33,15 +33,15 @@ from typing import Any
 import numpy as np
 
 from radfm3d.data.phantoms.anatomy import GENERATOR_VERSION
-from radfm3d.data.phantoms.render import _S_TEXT, render_case
-from radfm3d.data.phantoms.tasks import TASKS, build_records
+from radfm3d.data.phantoms.render import _S_STUDY_TEXT, _S_TEXT, STUDY_SERIES, render_case, render_study
+from radfm3d.data.phantoms.tasks import STUDY_TASKS, TASKS, build_records, build_study_records
 from radfm3d.data.phantoms.writers import (
-    _remove, case_paths, cleanup_temporaries, write_json_atomic, write_manifests, write_volume_dicom,
+    _remove, case_paths, cleanup_temporaries, study_paths, write_json_atomic, write_manifests, write_volume_dicom,
     write_volume_nifti,
 )
 from radfm3d.utils import progress_bar
 
-__all__ = ["generate_phantoms", "generate_case_files", "PhantomGenerationError", "cli"]
+__all__ = ["generate_phantoms", "generate_case_files", "generate_study_files", "PhantomGenerationError", "cli"]
 
 
 class PhantomGenerationError(RuntimeError):
@@ -61,9 +61,16 @@ def _run_config(seed: int, grid: Sequence[int] | None, dicom_fraction: float, pr
             "slices": [int(v) for v in slices]}
 
 
+def _study_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Settings of a run's multi-series studies (a case's settings plus the series)."""
+    return {**config, "kind": "study", "series": [[mod, seq] for mod, seq in STUDY_SERIES]}
+
+
 def _case_done(out: Path, index: int, config: dict[str, Any]) -> bool:
-    """A case is done when its sidecar exists, matches the run's settings and all its files exist."""
-    sidecar = out / case_paths(index)["sidecar"]
+    """A case (or a study, with its config) is done when its sidecar exists, matches the run's settings and all its
+    files exist."""
+    study = config.get("kind") == "study"
+    sidecar = out / (study_paths(index, STUDY_SERIES)["sidecar"] if study else case_paths(index)["sidecar"])
     if not sidecar.is_file():
         return False
     try:
@@ -109,22 +116,52 @@ def generate_case_files(out_dir: str | os.PathLike, seed: int, index: int, confi
     gt["images"] = {"image": image, "nifti": paths["nifti"], "dicom": paths["dicom"] if gt["dicom"] else None,
                     "prior": prior_path}
     step.append("task records")
+    tasks = None if config["tasks"] is None else [t for t in config["tasks"] if t in TASKS]
     records = build_records(gt, [image], prior_path, rng=np.random.default_rng([seed, index, _S_TEXT]),
-                            tasks=config["tasks"])
+                            tasks=tasks)
     write_json_atomic({"config": config, "files": files, "ground_truth": gt, "records": records}, at("sidecar"))
     return {"index": index, "split": gt["split"], "seconds": time.perf_counter() - t0,
             "volumes": 1 + (prior is not None)}
 
 
+def generate_study_files(out_dir: str | os.PathLike, seed: int, index: int, config: dict[str, Any],
+                         step: list[str] | None = None) -> dict[str, Any]:
+    """Render multi-series study ``index`` (:func:`radfm3d.data.phantoms.render.render_study`) and write one NIfTI
+    per series and its sidecar (last). Returns a status; ``step`` as in :func:`generate_case_files`."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    series = [(mod, seq) for mod, seq in config["series"]]
+    paths = study_paths(index, series)
+    step = [] if step is None else step
+    _remove(out / paths["sidecar"])
+    step.append("rendering")
+    scans, gt = render_study(seed, index, grid=config["grid"], matrix=config["matrix"], slices=config["slices"],
+                             series=series)
+    for scan, rel in zip(scans, paths["series"]):
+        step.append(rel)
+        write_volume_nifti(scan, out / rel)
+    for entry, rel in zip(gt["series"], paths["series"]):
+        entry["image"] = rel
+    step.append("task records")
+    tasks = None if config["tasks"] is None else [t for t in config["tasks"] if t in STUDY_TASKS]
+    records = build_study_records(gt, paths["series"], rng=np.random.default_rng([seed, index, _S_STUDY_TEXT]),
+                                  tasks=tasks)
+    step.append(paths["sidecar"])
+    write_json_atomic({"config": config, "files": list(paths["series"]), "ground_truth": gt, "records": records},
+                      out / paths["sidecar"])
+    return {"index": index, "split": gt["split"], "seconds": time.perf_counter() - t0, "volumes": len(scans)}
+
+
 def _job(args: tuple[str, int, int, dict[str, Any]]) -> dict[str, Any]:
-    """One case; an exception becomes a status with ``error`` (case, file being written, message)."""
+    """One case or study; an exception becomes a status with ``error`` (case, file being written, message)."""
     out_dir, seed, index, config = args
+    study = config.get("kind") == "study"
     step: list[str] = []
     try:
-        return generate_case_files(out_dir, seed, index, config, step)
+        return (generate_study_files if study else generate_case_files)(out_dir, seed, index, config, step)
     except Exception as exc:  # noqa: BLE001 - one bad case must not cost the others; it is reported
         return {"index": index, "volumes": 0,
-                "error": {"case": f"case-{index:06d}", "file": step[-1] if step else None,
+                "error": {"case": f"{'study' if study else 'case'}-{index:06d}", "file": step[-1] if step else None,
                           "error": f"{type(exc).__name__}: {exc}"}}
 
 
@@ -132,7 +169,7 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
                       dicom_fraction: float = 0.1, prior_fraction: float = 0.25,
                       grid: Sequence[int] | None = (128, 128, 32), tasks: Sequence[str] | None = None,
                       matrix: Sequence[int] = (96, 192), slices: Sequence[int] = (24, 64),
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, studies: int = 0) -> dict[str, Any]:
     """Generate (or resume) a RadPhantom set of ``n`` cases under ``out_dir``; see the module docstring.
 
     Args:
@@ -140,8 +177,11 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
         dicom_fraction: fraction of cases also written as a DICOM series (their manifests point to the series).
         prior_fraction: fraction of cases with a prior scan (comparison tasks).
         grid: model grid of the default PreprocessingRecipe for the 0-99 text boxes.
-        tasks: subset of ``radfm3d.data.phantoms.tasks.TASKS`` (default all).
+        tasks: subset of ``radfm3d.data.phantoms.tasks.TASKS`` and ``STUDY_TASKS`` (default all).
         matrix, slices: (min, max) in-plane matrix and slice count (see :func:`render_case`).
+        studies: number of multi-series studies (CT, MR T1, MR T2 of one anatomy; ``study_report`` records,
+            ground truth in ``studies.jsonl``) written besides the ``n`` cases; they draw from their own random
+            streams, so the cases' files are the same with or without them.
 
     Returns:
         summary dict: n, seed, generated, skipped, failed, volumes, seconds, volumes_per_minute, cases per
@@ -151,20 +191,24 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
         PhantomGenerationError: some cases failed; raised after all other cases, the manifests (of the cases
             written) and ``dataset.json`` are written.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if tasks is not None and set(tasks) - set(TASKS):
-        raise ValueError(f"unknown task(s) {sorted(set(tasks) - set(TASKS))}; known: {', '.join(TASKS)}")
+    if n < 0 or studies < 0:
+        raise ValueError(f"n and studies must be >= 0, got {n} and {studies}")
+    known = TASKS + STUDY_TASKS
+    if tasks is not None and set(tasks) - set(known):
+        raise ValueError(f"unknown task(s) {sorted(set(tasks) - set(known))}; known: {', '.join(known)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = _run_config(seed, grid, dicom_fraction, prior_fraction, tasks, matrix, slices)
+    study_config = _study_config(config)
     cleaned = cleanup_temporaries(out)
     todo = [i for i in range(n) if not _case_done(out, i, config)]
+    todo_studies = [i for i in range(studies) if not _case_done(out, i, study_config)]
     t0 = time.perf_counter()
     volumes = 0
     failed: list[dict[str, Any]] = []
-    bar = progress_bar(len(todo), progress, desc="phantoms", unit="case")
-    jobs = [(str(out), int(seed), i, config) for i in todo]
+    bar = progress_bar(len(todo) + len(todo_studies), progress, desc="phantoms", unit="case")
+    jobs = [(str(out), int(seed), i, config) for i in todo] + \
+        [(str(out), int(seed), i, study_config) for i in todo_studies]
 
     def collect(status: dict[str, Any]) -> None:
         nonlocal volumes
@@ -173,7 +217,7 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
             failed.append(status["error"])
         bar.update(1)
 
-    if workers <= 1 or len(todo) <= 1:
+    if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             collect(_job(job))
     else:
@@ -193,24 +237,30 @@ def generate_phantoms(out_dir: str | os.PathLike, n: int, seed: int = 0, *, work
 
     failed_cases = {f["case"] for f in failed}
     written = [i for i in range(n) if f"case-{i:06d}" not in failed_cases]
-    manifests, split_counts, records_per_split = write_manifests(out, written)
+    written_studies = [study_paths(i, STUDY_SERIES)["sidecar"] for i in range(studies)
+                       if f"study-{i:06d}" not in failed_cases]
+    manifests, split_counts, records_per_split = write_manifests(out, written, written_studies)
     if grid is not None:
         from radfm3d.transforms import PreprocessingRecipe
 
         PreprocessingRecipe(spatial_size=tuple(grid)).save(out)
     summary = {
-        "n": n, "seed": int(seed), "out_dir": str(out), "config": config, "generated": len(todo) - len(failed),
-        "skipped": n - len(todo), "removed_temporaries": cleaned, "volumes": volumes,
+        "n": n, "seed": int(seed), "out_dir": str(out), "config": config,
+        "generated": len(todo) + len(todo_studies) - len(failed),
+        "skipped": n + studies - len(todo) - len(todo_studies), "removed_temporaries": cleaned, "volumes": volumes,
         "seconds": round(seconds, 3), "workers": workers,
         "volumes_per_minute": round(60.0 * volumes / seconds, 1) if volumes and seconds > 0 else None,
         "cases_per_split": split_counts, "records_per_split": records_per_split,
         "manifests": manifests,
     }
+    if studies:
+        summary["studies"] = studies
     if failed:
         summary["failed"] = failed
     write_json_atomic(summary, out / "dataset.json")
     if failed:
-        raise PhantomGenerationError(f"{len(failed)} of {n} cases failed (recorded in {out / 'dataset.json'})",
+        raise PhantomGenerationError(f"{len(failed)} of {n + studies} cases failed (recorded in "
+                                     f"{out / 'dataset.json'})",
                                      summary)
     return summary
 
@@ -249,6 +299,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", default=None, help="comma-separated subset of tasks (default all)")
     parser.add_argument("--matrix", type=_pair_arg, default=(96, 192), help="min,max in-plane matrix (default 96,192)")
     parser.add_argument("--slices", type=_pair_arg, default=(24, 64), help="min,max number of slices (default 24,64)")
+    parser.add_argument("--studies", type=int, default=0,
+                        help="multi-series studies (CT + MR T1 + MR T2 of one anatomy, a study_report task each) "
+                             "written besides the cases (default 0; the cases are the same with or without them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not 0.0 <= args.dicom_fraction <= 1.0 or not 0.0 <= args.prior_fraction <= 1.0:
@@ -259,7 +312,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
         summary = generate_phantoms(args.out, args.n, args.seed, workers=args.workers,
                                     dicom_fraction=args.dicom_fraction, prior_fraction=args.prior_fraction,
                                     grid=args.grid, tasks=tasks, matrix=args.matrix, slices=args.slices,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, studies=args.studies)
     except ValueError as exc:
         print(f"radfm3d phantoms: {exc}", file=sys.stderr)
         return 2

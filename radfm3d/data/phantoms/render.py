@@ -17,6 +17,7 @@ workers or on which other cases were generated::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,11 +30,17 @@ from radfm3d.data.phantoms.anatomy import (
     TISSUES, Ellipsoid, _body_side, _rotation, organ_label,
 )
 
-__all__ = ["Acquisition", "PhantomScan", "sample_acquisition", "render_scan", "render_case", "make_case",
-           "split_of", "grid_box_to_0_99", "format_box_text"]
+__all__ = ["Acquisition", "PhantomScan", "sample_acquisition", "render_scan", "render_case", "render_study",
+           "make_case", "split_of", "study_split_of", "grid_box_to_0_99", "format_box_text", "STUDY_SERIES"]
 
 # stream ids of the per-case random generators
 _S_CASE, _S_GEOM, _S_NOISE, _S_PRIOR_GEOM, _S_PRIOR_NOISE, _S_TEXT = range(6)
+# multi-series studies draw from their own streams ``[seed, study index, _S_STUDY + k]`` (disjoint from the cases')
+_S_STUDY = 100
+_S_STUDY_CASE, _S_STUDY_TEXT, _S_STUDY_SPLIT = _S_STUDY, _S_STUDY + 1, _S_STUDY + 2
+_S_STUDY_GEOM, _S_STUDY_VALUES, _S_STUDY_NOISE = _S_STUDY + 10, _S_STUDY + 20, _S_STUDY + 30
+#: the series of a multi-series study: (modality, sequence)
+STUDY_SERIES = (("CT", None), ("MR", "T1"), ("MR", "T2"))
 
 # ----------------------------------------------------------------------------------------------- geometry
 @dataclass
@@ -304,6 +311,18 @@ def split_of(seed: int, index: int) -> str:
     return SPLITS[-1][0]
 
 
+def study_split_of(seed: int, index: int) -> str:
+    """Split of multi-series study ``index`` (as :func:`split_of`, with its own offset)."""
+    offset = np.random.default_rng([seed, 1_000_003, _S_STUDY_SPLIT]).random()
+    u = (offset + index * 0.6180339887498949) % 1.0
+    acc = 0.0
+    for name, frac in SPLITS:
+        acc += frac
+        if u < acc:
+            return name
+    return SPLITS[-1][0]
+
+
 def _build_anatomy(region: str, body_half: np.ndarray, body_centre: np.ndarray,
                    rng: np.random.Generator) -> list[Ellipsoid]:
     organs = []
@@ -535,6 +554,69 @@ def render_case(seed: int, index: int, *, grid: Sequence[int] | None = (128, 128
         gt["prior"] = {"geometry": pacq.to_dict(), "findings": p_recs, "changes": changes,
                        "grid_geometry": pgeom.to_dict() if pgeom is not None else None}
     return scan, prior_scan, gt
+
+
+def render_study(seed: int, index: int, *, grid: Sequence[int] | None = (128, 128, 32), region: str | None = None,
+                 n_findings: int | None = None, matrix: Sequence[int] = (96, 192), slices: Sequence[int] = (24, 64),
+                 series: Sequence[tuple[str, str | None]] = STUDY_SERIES
+                 ) -> tuple[list[PhantomScan], dict[str, Any]]:
+    """Render multi-series study ``index`` of the phantom set ``seed``: one anatomy with one set of findings,
+    acquired as each of ``series`` (default CT, MR T1, MR T2) with its own geometry, tissue contrast and noise.
+
+    Every series covers the same world field of view (the first series' extent; the others' spacing is rescaled to
+    it, as a prior scan's is), so the organ boxes are those of every series. Findings avoid what one of the
+    modalities cannot show (no lung calcification when an MR series is present). Random streams are the study's
+    own (``[seed, index, 100 + k]``), so studies never change the cases of the same seed.
+
+    Returns:
+        (scans in ``series`` order, ground truth: ``study_id``, ``patient_id``, ``split``, ``region``, ``organs``,
+        ``findings`` (world boxes; voxel/grid fields of the first series), and ``series``: per series its
+        ``modality``, ``sequence``, ``geometry``, ``grid_geometry`` and ``findings`` with that series' voxel and
+        grid boxes).
+    """
+    if not series:
+        raise ValueError("a study needs at least one series")
+    rng = np.random.default_rng([seed, index, _S_STUDY_CASE])
+    region = region or str(rng.choice(REGIONS))
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
+    n_draw = int(rng.choice([0, 1, 2, 3], p=[0.25, 0.35, 0.25, 0.15]))
+    n_findings = n_draw if n_findings is None else int(n_findings)
+    body_centre = np.array([rng.uniform(-10, 10), rng.uniform(-20, 20), rng.uniform(-150, 150)])
+    size_range, slices_range = (int(matrix[0]), int(matrix[1])), (int(slices[0]), int(slices[1]))
+    acqs = [sample_acquisition(np.random.default_rng([seed, index, _S_STUDY_GEOM + s]), body_centre, None,
+                               size_range, slices_range) for s in range(len(series))]
+    acqs = [acqs[0]] + [_rescale_to(a, acqs[0]) for a in acqs[1:]]
+    lo, hi = acqs[0].world_extent()
+    body_half = (hi - lo) * np.asarray(_BODY_FRACTION[region])
+    organs = _build_anatomy(region, body_half, body_centre, rng)
+    values = [_tissue_values(mod, seq, np.random.default_rng([seed, index, _S_STUDY_VALUES + s]))
+              for s, (mod, seq) in enumerate(series)]
+    any_mr = any(mod == "MR" for mod, _ in series)
+    spacing_bound = np.max([a.spacing for a in acqs], axis=0)
+    findings = _sample_findings(region, "MR" if any_mr else "CT", organs, spacing_bound, n_findings, rng, values[0])
+    scans: list[PhantomScan] = []
+    series_gt: list[dict[str, Any]] = []
+    geoms = [_grid_geometry(acq, grid) for acq in acqs]
+    for s, ((mod, seq), acq, geom) in enumerate(zip(series, acqs, geoms)):
+        own = [dataclasses.replace(f, value=_finding_value(f.tissue, f.organ, mod, values[s])) for f in findings]
+        arr, labels, counts = render_scan(acq, organs, own, mod, seq, values[s],
+                                          np.random.default_rng([seed, index, _S_STUDY_NOISE + s]))
+        f_recs = [_finding_record(k, f, acq, counts[k], geom, body_centre[0]) for k, f in enumerate(own)]
+        scans.append(PhantomScan(arr, acq.affine, labels, acq, mod, f_recs))
+        series_gt.append({"modality": mod, "sequence": seq, "units": "HU" if mod == "CT" else "a.u.",
+                          "geometry": acq.to_dict(), "grid_geometry": geom.to_dict() if geom is not None else None,
+                          "findings": f_recs})
+    study_id = f"study-{index:06d}"
+    gt: dict[str, Any] = {
+        "study_id": study_id, "patient_id": f"patient-{study_id}", "case_id": study_id, "seed": int(seed),
+        "index": int(index), "generator_version": GENERATOR_VERSION, "split": study_split_of(seed, index),
+        "modality": "+".join(dict.fromkeys(mod for mod, _ in series)), "sequence": None, "region": region,
+        "space": "RAS", "body_centre_world_mm": _r(body_centre, 2),
+        "organs": [_organ_record(o, acqs[0], geoms[0], body_centre[0]) for o in organs if o.organ],
+        "findings": series_gt[0]["findings"], "series": series_gt,
+    }
+    return scans, gt
 
 
 def _organ_record(o: Ellipsoid, acq: Acquisition, geom: Any, midline_x: float) -> dict[str, Any]:

@@ -19,10 +19,13 @@ import numpy as np
 
 from radfm3d.data.phantoms.anatomy import FINDING_SITES, REGION_FINDING_ORGANS, organ_label
 
-__all__ = ["TASKS", "build_records", "report_text", "finding_phrase", "size_bucket", "SIZE_BUCKETS"]
+__all__ = ["TASKS", "STUDY_TASKS", "build_records", "build_study_records", "report_text", "report_with_structures",
+           "finding_phrase", "size_bucket", "SIZE_BUCKETS"]
 
 TASKS = ("report", "modality", "region", "vqa_presence", "vqa_side", "vqa_count", "vqa_type", "vqa_size",
          "open_location", "open_size", "grounding", "referring", "comparison", "comparison_report", "rationale")
+#: tasks of multi-series studies (:func:`build_study_records`)
+STUDY_TASKS = ("study_report",)
 
 YES_NO = ["Yes.", "No."]
 MODALITY_CHOICES = ["CT.", "MRI, T1-weighted.", "MRI, T2-weighted."]
@@ -84,42 +87,82 @@ def _impression_item(f: dict[str, Any]) -> str:
 
 def _negatives(gt: dict[str, Any], rng: np.random.Generator) -> list[str]:
     """Explicit negative statements for structures without findings (parser-friendly wording)."""
+    return [text for text, _, _ in _negative_sentences(gt, rng)]
+
+
+def _negative_sentences(gt: dict[str, Any], rng: np.random.Generator) -> list[tuple[str, str, str | None]]:
+    """(sentence, organ, side or None for both sides) of each negative statement, in report order."""
     found = {(f["organ"], f["side"]) for f in gt["findings"]}
     types = {f["type"] for f in gt["findings"]}
-    out: list[str] = []
+    out: list[tuple[str, str, str | None]] = []
     region = gt["region"]
     if region == "head":
         for side in ("right", "left"):
             if ("brain", side) not in found:
-                out.append(_pick(rng, [f"The {side} cerebral hemisphere is unremarkable.",
-                                       f"No focal lesion in the {side} cerebral hemisphere."]))
+                out.append((_pick(rng, [f"The {side} cerebral hemisphere is unremarkable.",
+                                        f"No focal lesion in the {side} cerebral hemisphere."]), "brain", side))
         if "hemorrhage" not in types:
-            out.append(_pick(rng, ["No intracranial hemorrhage.", "There is no intracranial hemorrhage."]))
-        out.append(_pick(rng, ["The ventricles are normal in size.", "Normal ventricular size."]))
-        out.append(_pick(rng, ["The calvarium is intact.", "No skull abnormality."]))
+            out.append((_pick(rng, ["No intracranial hemorrhage.", "There is no intracranial hemorrhage."]),
+                        "brain", None))
+        out.append((_pick(rng, ["The ventricles are normal in size.", "Normal ventricular size."]), "ventricles",
+                    None))
+        out.append((_pick(rng, ["The calvarium is intact.", "No skull abnormality."]), "skull", "none"))
     elif region == "chest":
         for side in ("right", "left"):
             if ("lung", side) not in found:
-                out.append(_pick(rng, [f"The {side} lung is clear.", f"No nodule or mass in the {side} lung."]))
-        out.append(_pick(rng, ["Heart size is normal.", "The heart is not enlarged."]))
-        out.append(_pick(rng, ["No pleural effusion.", "No effusion."]))
+                out.append((_pick(rng, [f"The {side} lung is clear.", f"No nodule or mass in the {side} lung."]),
+                            "lung", side))
+        out.append((_pick(rng, ["Heart size is normal.", "The heart is not enlarged."]), "heart", "none"))
+        out.append((_pick(rng, ["No pleural effusion.", "No effusion."]), "lung", None))
     else:
         if ("liver", "none") not in found:
-            out.append(_pick(rng, ["No focal liver lesion.", "The liver is unremarkable."]))
+            out.append((_pick(rng, ["No focal liver lesion.", "The liver is unremarkable."]), "liver", "none"))
         if ("spleen", "none") not in found:
-            out.append(_pick(rng, ["No focal splenic lesion.", "The spleen is unremarkable."]))
+            out.append((_pick(rng, ["No focal splenic lesion.", "The spleen is unremarkable."]), "spleen", "none"))
         for side in ("right", "left"):
             if ("kidney", side) not in found:
-                out.append(_pick(rng, [f"The {side} kidney is unremarkable.", f"No {side} renal cyst or mass."]))
+                out.append((_pick(rng, [f"The {side} kidney is unremarkable.", f"No {side} renal cyst or mass."]),
+                            "kidney", side))
     return out
 
 
 def report_text(gt: dict[str, Any], rng: np.random.Generator) -> tuple[str, str, str]:
     """(full report, findings section, impression section) of a case."""
-    positives = [_finding_sentence(f, rng) for f in gt["findings"]]
-    findings = " ".join(positives + _negatives(gt, rng))
+    full, findings, impression, _ = report_with_structures(gt, rng)
+    return full, findings, impression
+
+
+def report_with_structures(gt: dict[str, Any], rng: np.random.Generator
+                           ) -> tuple[str, str, str, list[dict[str, Any]]]:
+    """(full report, findings section, impression section, report_structures) of a case or study.
+
+    ``report_structures`` has one entry per sentence of the findings and the impression: ``text`` (the sentence as
+    written), ``structure`` (``organ`` or ``organ/side``; both sides of a paired organ: the organ alone) and
+    ``box_world_mm`` (the structure's box: the union of its organs' boxes in ``gt["organs"]``, world RAS mm clipped
+    to the field of view). A finding's sentence gets the box of the organ that holds it (the finding's own box is in
+    ``ground_truth``); an impression without findings gets ``structure`` "study" and no box. Draws from ``rng``
+    exactly as :func:`report_text` did before structures were recorded, so the texts are unchanged."""
+    positives = [(_finding_sentence(f, rng), f["organ"], f["side"]) for f in gt["findings"]]
+    sentences = positives + _negative_sentences(gt, rng)
+    findings = " ".join(text for text, _, _ in sentences)
+    items = [(_cap(_impression_item(f)) + ".", f["organ"], f["side"]) for f in gt["findings"]]
     impression = impression_text(gt, rng)
-    return f"FINDINGS: {findings} IMPRESSION: {impression}", findings, impression
+    structures = [_structure_entry(gt, text, organ, side) for text, organ, side in sentences + items]
+    if not items:
+        structures.append({"text": impression, "structure": "study"})
+    return f"FINDINGS: {findings} IMPRESSION: {impression}", findings, impression, structures
+
+
+def _structure_entry(gt: dict[str, Any], text: str, organ: str, side: str | None) -> dict[str, Any]:
+    """A ``report_structures`` entry: the sentence, its structure name and the union box of the structure's organs."""
+    name = f"{organ}/{side}" if side in ("left", "right") else organ
+    boxes = [o["box_world_mm"] for o in gt.get("organs", [])
+             if o["organ"] == organ and (side is None or o["side"] == side)]
+    entry: dict[str, Any] = {"text": text, "structure": name}
+    if boxes:
+        b = np.asarray(boxes, dtype=np.float64)
+        entry["box_world_mm"] = [*b[:, :3].min(axis=0).tolist(), *b[:, 3:].max(axis=0).tolist()]
+    return entry
 
 
 def impression_text(gt: dict[str, Any], rng: np.random.Generator) -> str:
@@ -135,6 +178,12 @@ def impression_text(gt: dict[str, Any], rng: np.random.Generator) -> str:
 def _gt_common(gt: dict[str, Any]) -> dict[str, Any]:
     return {"case_id": gt["case_id"], "modality": gt["modality"], "sequence": gt["sequence"],
             "region": gt["region"], "findings": gt["findings"]}
+
+
+def _visit_ids(gt: dict[str, Any]) -> dict[str, str]:
+    """``study_id`` / ``patient_id`` of a case's records: every case (with its prior) is one patient's visit."""
+    return {"study_id": gt.get("study_id", gt["case_id"]),
+            "patient_id": gt.get("patient_id", f"patient-{gt['case_id']}")}
 
 
 def _unique(findings: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -175,16 +224,18 @@ def build_records(gt: dict[str, Any], images: Sequence[str], prior_image: str | 
         if choices is not None:
             rec["choices"] = list(choices)
         rec["ground_truth"] = {**_gt_common(gt), **(extra or {})}
+        rec.update(_visit_ids(gt))
         recs.append(rec)
 
     # report ------------------------------------------------------------------------------
-    full, find_sec, impression = report_text(gt, rng)
+    full, find_sec, impression, structures = report_with_structures(gt, rng)
     if "report" in wanted:
         p = _pick(rng, ["<image> Write the radiology report for this {m} of the {r}.",
                         "<image> Describe the findings of this scan.",
                         "<image> Please provide the FINDINGS and IMPRESSION for this study.",
                         "<image> Generate a radiology report."])
         add("report", p.format(m=_MODALITY_NAME[mod_key], r=gt["region"]), full)
+        recs[-1]["report_structures"] = structures
     # modality / region ---------------------------------------------------------------------
     if "modality" in wanted:
         p = _pick(rng, ["<image> What is the imaging modality?", "<image> Which modality was used for this scan?",
@@ -310,6 +361,39 @@ def build_records(gt: dict[str, Any], images: Sequence[str], prior_image: str | 
             "No focal lesion is seen in any of the imaged organs."
         add("rationale", p.format(i=impression), support)
     return recs
+
+
+def build_study_records(gt: dict[str, Any], images: Sequence[str], *, rng: np.random.Generator,
+                        tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Manifest records of a multi-series study (:func:`radfm3d.data.phantoms.render.render_study`).
+
+    ``study_report``: several scans -> one report. ``images`` are the series (in ``gt["series"]`` order), the prompt
+    has one ``<image>`` per series and names their modalities, the answer is one report of the study (the same
+    wording as a single scan's), with ``image_modalities`` (e.g. ``["CT", "MR T1", "MR T2"]``), ``study_id``,
+    ``patient_id`` and ``report_structures`` (:func:`report_with_structures`).
+    """
+    wanted = set(STUDY_TASKS if tasks is None else tasks)
+    if len(images) != len(gt["series"]):
+        raise ValueError(f"{len(images)} image(s) for a study of {len(gt['series'])} series")
+    full, _, _, structures = report_with_structures(gt, rng)
+    if "study_report" not in wanted:
+        return []
+    names = [_MODALITY_NAME[s["sequence"] or s["modality"]] for s in gt["series"]]
+    template = int(rng.integers(3))
+    if template == 0:
+        prompt = "\n".join(f"Series {k + 1} ({n}): <image>" for k, n in enumerate(names)) + \
+            "\nWrite the radiology report for this study."
+    elif template == 1:
+        prompt = " ".join(f"{n}: <image>" for n in names) + f" Describe the findings of this {gt['region']} study."
+    else:
+        prompt = "<image> " * len(names) + f"These are the {', '.join(names)} series of one visit. Write one report."
+    series = [{k: s[k] for k in ("modality", "sequence", "grid_geometry", "findings")} for s in gt["series"]]
+    return [{"id": f"{gt['study_id']}-study_report-0", "case_id": gt["study_id"], "images": [str(p) for p in images],
+             "modality": gt["modality"], "region": gt["region"], "task": "study_report", "prompt": prompt,
+             "answer": full, "image_modalities": [s["modality"] + (f" {s['sequence']}" if s["sequence"] else "")
+                                                  for s in gt["series"]],
+             "study_id": gt["study_id"], "patient_id": gt["patient_id"], "report_structures": structures,
+             "ground_truth": {**_gt_common(gt), "series": series}}]
 
 
 def comparison_text(changes: list[dict[str, Any]]) -> str:

@@ -7,8 +7,11 @@ Output layout under a set's folder ``out``::
     images/shard-000/case-000123-prior.nii.gz    prior scan (comparison cases only)
     dicom/shard-000/case-000123/slice_0000.dcm   DICOM series copy (a ``dicom_fraction`` of cases)
     meta/shard-000/case-000123.json              per-case sidecar (ground truth + task records) = done marker
-    train.jsonl / val.jsonl / test.jsonl         task manifests (CONTRACTS.md format)
+    images/shard-000/study-000123-ct.nii.gz      multi-series study (``--studies``): one NIfTI per series
+    images/shard-000/study-000123-mr-t1.nii.gz     (-ct, -mr-t1, -mr-t2), sidecar meta/shard-000/study-000123.json
+    train.jsonl / val.jsonl / test.jsonl         task manifests (CONTRACTS.md format; studies' records after cases')
     cases.jsonl                                  ground truth per case
+    studies.jsonl                                ground truth per multi-series study (only with studies)
 
 Every file is written under a hidden temporary name in its final folder (``.<stem>.tmp-<pid><suffix>``) and
 moved into place with ``os.replace``. The temporary keeps the final suffix because the NIfTI writer picks the
@@ -35,8 +38,8 @@ import numpy as np
 from radfm3d.data.phantoms.anatomy import SPLITS
 from radfm3d.data.phantoms.render import PhantomScan
 
-__all__ = ["case_paths", "write_volume_nifti", "write_volume_dicom", "write_json_atomic", "cleanup_temporaries",
-           "write_manifests", "dicom_uid"]
+__all__ = ["case_paths", "study_paths", "write_volume_nifti", "write_volume_dicom", "write_json_atomic",
+           "cleanup_temporaries", "write_manifests", "dicom_uid"]
 
 _TMP_TAG = ".tmp-"
 _SHARD_SIZE = 1000
@@ -48,6 +51,16 @@ def case_paths(index: int) -> dict[str, str]:
     cid = f"case-{index:06d}"
     return {"nifti": f"images/{shard}/{cid}.nii.gz", "prior": f"images/{shard}/{cid}-prior.nii.gz",
             "dicom": f"dicom/{shard}/{cid}", "sidecar": f"meta/{shard}/{cid}.json"}
+
+
+def study_paths(index: int, series: Iterable[tuple[str, str | None]]) -> dict[str, Any]:
+    """Relative output paths of multi-series study ``index``: ``series`` (one NIfTI per series, e.g.
+    ``images/shard-000/study-000123-mr-t1.nii.gz``) and ``sidecar``."""
+    shard = f"shard-{index // _SHARD_SIZE:03d}"
+    sid = f"study-{index:06d}"
+    names = [f"{mod}-{seq}".lower() if seq else mod.lower() for mod, seq in series]
+    return {"series": [f"images/{shard}/{sid}-{name}.nii.gz" for name in names],
+            "sidecar": f"meta/{shard}/{sid}.json"}
 
 
 def _tmp_name(final: Path) -> Path:
@@ -165,23 +178,30 @@ def cleanup_temporaries(out: Path) -> int:
     return removed
 
 
-def write_manifests(out: Path, indices: Iterable[int]) -> tuple[dict[str, str], dict[str, int], dict[str, int]]:
+def write_manifests(out: Path, indices: Iterable[int], study_sidecars: Iterable[str] = ()
+                    ) -> tuple[dict[str, str], dict[str, int], dict[str, int]]:
     """Assemble ``train/val/test.jsonl`` and ``cases.jsonl`` from the sidecars of ``indices`` (in that order),
-    streaming, so it scales to 100k+ cases. Returns (manifest paths, cases per split, records per split)."""
+    streaming, so it scales to 100k+ cases; multi-series studies (``study_sidecars``, relative paths) add their
+    records to the split manifests after the cases' and their ground truth to ``studies.jsonl``. Returns
+    (manifest paths, cases (and studies) per split, records per split)."""
     from radfm3d.data.manifest import ManifestWriter
 
+    study_sidecars = list(study_sidecars)
     writers = {name: ManifestWriter(out / f"{name}.jsonl") for name, _ in SPLITS}
     writers["cases"] = ManifestWriter(out / "cases.jsonl", validate=False)
+    if study_sidecars:
+        writers["studies"] = ManifestWriter(out / "studies.jsonl", validate=False)
     split_counts = {name: 0 for name, _ in SPLITS}
     try:
-        for i in indices:
-            with open(out / case_paths(i)["sidecar"], encoding="utf-8") as fh:
+        sidecars = [(case_paths(i)["sidecar"], "cases") for i in indices] + [(p, "studies") for p in study_sidecars]
+        for sidecar, kind in sidecars:
+            with open(out / sidecar, encoding="utf-8") as fh:
                 meta = json.load(fh)
             gt = meta["ground_truth"]
             split_counts[gt["split"]] += 1
             for rec in meta["records"]:
                 writers[gt["split"]].write(rec)
-            writers["cases"].write({"id": gt["case_id"], **gt})
+            writers[kind].write({"id": gt["case_id"], **gt})
     except BaseException:
         for w in writers.values():
             w.abort()
