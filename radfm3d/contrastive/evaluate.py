@@ -7,18 +7,20 @@ embeddings file of any other model) and score them with :mod:`radfm3d.evaluation
 
 Zero-shot classes and labels:
 
-- classes come from a label schema (``--label-schema``; default the model folder's ``label_schema.json``; else,
-  when no evaluated record carries labels, the phantom benchmark's ``phantom_flags`` schema): its ``flags``, or
-  when it has none its ``finding_types`` (a class per type: "the scan holds a finding of this type"); without a
-  schema, the keys of the records' ``labels`` dicts;
+- classes come from a label schema (``--label-schema``; default the model folder's ``label_schema.json`` when it
+  names flags or finding types; else, when no evaluated record carries labels, the phantom benchmark's
+  ``phantom_flags`` schema): its ``flags``, or when it has none its ``finding_types`` (a class per type: "the scan
+  holds a finding of this type"); without a schema, the keys of the records' ``labels`` dicts;
 - a record's label is its ``labels[class]`` (0 / 1) when it has a ``labels`` dict (or ``ground_truth.labels``, as
-  the CT-RATE importer writes), else derived from its ``ground_truth`` findings (flags with :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
+  the CT-RATE importer writes), else derived from its ``ground_truth`` findings (flags with
+  :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
 - a class's score is the model's log-odds of "present" vs "absent" prompts (:data:`PRESENT_TEMPLATES`,
   :data:`ABSENT_TEMPLATES` around the class's schema phrase; each side's text embeddings are L2-normalised and
   averaged over the phrasings, then normalised again).
 
-Running a model appends each record's embeddings to ``OUT/<name>/<split>_embeddings.jsonl`` as it is made; a rerun
-skips what that file holds. The embeddings file ``OUT/<name>/<split>_embeddings.npz`` (the format of
+Running a model appends each record's embeddings to ``OUT/<name>/test_embeddings.jsonl`` (``train_...`` for the
+training manifest) as they are made; a rerun skips what that file holds. The embeddings file
+``OUT/<name>/test_embeddings.npz`` (the format of
 :mod:`radfm3d.evaluation.embeddings`) is written at the end; the same format from any other model is scored by
 ``--predictions``.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -53,17 +56,15 @@ DEFAULT_SCHEMA = "phantom_flags"
 # -------------------------------------------------------------------------------------------- records
 def report_records(manifest: str | os.PathLike, tasks: Sequence[str] | None = CLIP_TASKS,
                    limit: int | None = None) -> list[dict[str, Any]]:
-    """The manifest's records whose ``task`` is in ``tasks`` (None: every record with an ``answer``), image paths
-    absolute. Raises RadFM3DInputError naming the manifest when none is left."""
-    from radfm3d.evaluation.harness import read_records
+    """The manifest's records whose ``task`` is in ``tasks`` (None: every record with an ``answer``), image and
+    ``report_structures`` mask paths absolute (:func:`radfm3d.contrastive.data.clip_records`, as training reads
+    them). Raises RadFM3DInputError naming the manifest when it is missing or none is left."""
+    from radfm3d.contrastive.data import clip_records
 
     path = Path(manifest)
     if not path.is_file():
         raise RadFM3DInputError(path, "manifest not found")
-    out = [r for r in read_records(path)
-           if (r.get("task") in tasks if tasks is not None else r.get("answer") is not None)]
-    if limit:
-        out = out[:limit]
+    out = [r for r in clip_records(path, tasks=tasks, limit=limit) if r.get("answer") is not None]
     if not out:
         raise RadFM3DInputError(path, f"no records of task(s) {list(tasks or [])}; nothing to embed")
     return out
@@ -170,15 +171,14 @@ def _series_modalities(record: Mapping[str, Any], n: int) -> list[str | None]:
     return [None] * n
 
 
-def _record_series(processor: Any, record: Mapping[str, Any]) -> list[Any]:
-    """A record's series preprocessed on the model grid: ``[(C, H, W, D) float32, ...]``."""
+def _record_series(processor: Any, record: Mapping[str, Any]) -> list[tuple[Any, dict]]:
+    """A record's series preprocessed on the model grid: ``[((C, H, W, D) float32, GridGeometry dict), ...]``."""
     from radfm3d.data.image_meta import record_images
 
     images = record_images(record)
     if not images:
         raise RadFM3DInputError(f"record {record.get('id')}", "has no images")
-    return [processor.preprocess_image(img, mod)[0]
-            for img, mod in zip(images, _series_modalities(record, len(images)))]
+    return [processor.preprocess_image(img, mod) for img, mod in zip(images, _series_modalities(record, len(images)))]
 
 
 def _image_embeddings(model: Any, processor: Any, series: Sequence[Sequence[Any]]) -> np.ndarray:
@@ -203,6 +203,45 @@ def _image_embeddings(model: Any, processor: Any, series: Sequence[Sequence[Any]
                 pixel_values, image_mask = processor.stack_images([list(item)])
                 out[i] = model.get_image_features(pixel_values, image_mask)[0].float().cpu().numpy()
     return np.stack(out)
+
+
+def _structure_rows(model: Any, processor: Any, boxer: Any, record: Mapping[str, Any],
+                    series: Sequence[tuple[Any, dict]]) -> list[dict[str, Any]]:
+    """The record's structure level: for each ``report_structures`` sentence with a box (or mask) and each series
+    whose grid sees it (:func:`radfm3d.contrastive.data.grid_extent_of_world_box`, as training builds the rows),
+    the region embedding (the model's ``encode_batch`` structure level) and the sentence embedding.
+    -> ``[{"series", "region" (the grid box as text), "text", "image_embeds", "text_embeds"}]``."""
+    import torch
+
+    from radfm3d.contrastive.data import grid_extent_of_world_box
+    from radfm3d.contrastive.loss import group_ids
+
+    index, boxes, texts = [], [], []
+    for entry in record.get("report_structures") or []:
+        box = boxer.structure_world_box(entry)
+        if box is None:
+            continue
+        for s, (_, geometry) in enumerate(series):
+            extent = grid_extent_of_world_box(box, geometry, boxer.min_visible_fraction)
+            if extent is not None:
+                index.append((0, s))
+                boxes.append(extent)
+                texts.append(str(entry["text"]))
+    if not texts:
+        return []
+    pixel_values, image_mask = processor.stack_images([[t for t, _ in series]])
+    enc = processor.tokenize(texts)
+    batch = {"pixel_values": pixel_values, "image_mask": image_mask,
+             "structure_index": torch.tensor(index, dtype=torch.long),
+             "structure_boxes": torch.tensor(np.asarray(boxes, dtype=np.float32)),
+             "structure_input_ids": enc["input_ids"], "structure_attention_mask": enc["attention_mask"],
+             "structure_group": group_ids(texts)}
+    with torch.inference_mode():
+        levels = model.encode_batch(batch, level_weights={"scan": 0.0, "study": 0.0, "structure": 1.0})
+    regions, sentences = (x.float().cpu().numpy() for x in levels["structure"][:2])
+    return [{"series": s, "region": ",".join(f"{v:.2f}" for v in box), "text": text, "image_embeds": r.tolist(),
+             "text_embeds": t.tolist()}
+            for (_, s), box, text, r, t in zip(index, boxes, texts, regions, sentences)]
 
 
 def _unit_mean(x: np.ndarray) -> np.ndarray:
@@ -235,16 +274,19 @@ def zero_shot_scores(model: Any, processor: Any, image_embeds: np.ndarray, phras
 def embed_manifest(
     model: Any, processor: Any, manifest: str | os.PathLike | Sequence[Mapping[str, Any]],
     out: str | os.PathLike, *, label_schema: Any = None, tasks: Sequence[str] | None = CLIP_TASKS,
-    limit: int | None = None, batch_size: int = 8, progress: bool = True,
+    limit: int | None = None, batch_size: int = 8, num_workers: int = 2, structures: bool = True,
+    progress: bool = True,
     failures: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Embed every report record of ``manifest`` (a path or its records) and write the embeddings file ``out``.
 
     Each record's image embedding (its series', or the fused study embedding), its report's text embedding and
     report text are appended to ``out`` with suffix ``.jsonl`` as each batch of ``batch_size`` records is made, and
-    a rerun skips the records that file holds. Classes and labels (:func:`zero_shot_classes`, :func:`record_labels`) and the zero-shot scores
-    (:func:`zero_shot_scores`, of the image embeddings and, as the prompts' text-side ceiling, of the report
-    embeddings) are added when the schema or the records name classes.
+    a rerun skips the records that file holds; ``num_workers`` threads read and preprocess the next batch's scans
+    while the model runs. ``structures``: also the structure level of records with ``report_structures``
+    (:func:`_structure_rows`). Classes and labels (:func:`zero_shot_classes`,
+    :func:`record_labels`) and the zero-shot scores (:func:`zero_shot_scores`, of the image embeddings and, as the
+    prompts' text-side ceiling, of the report embeddings) are added when the schema or the records name classes.
     failures: a list that gets ``{"id", "images", "problem"}`` for each record that could not be embedded (then
     left out); without it the first failure raises. -> the path of the embeddings file.
     """
@@ -261,36 +303,67 @@ def embed_manifest(
         for row in read_jsonl(cache, allow_partial_last_line=True):
             done[str(row["id"])] = row
     todo = [r for r in records if str(r["id"]) not in done]
+    boxer = None
+    if structures:
+        from radfm3d.contrastive.data import ClipCollate
+
+        boxer = ClipCollate(processor.tokenizer, processor.recipe)  # its world boxes of report_structures entries
     with JsonlAppender(cache) as appender:
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"embed {out.stem}",
                    disable=not progress)
-        def run(batch: Sequence[Mapping[str, Any]]) -> None:
+        def fail(r: Mapping[str, Any], err: BaseException) -> None:
+            if failures is None:
+                raise err
+            failures.append({"id": str(r["id"]), "images": list(r.get("images") or []),
+                             "problem": str(err) if isinstance(err, RadFM3DInputError)
+                             else f"{type(err).__name__}: {err}"})
+            bar.update(1)
+
+        def read(r: Mapping[str, Any]) -> list[Any] | BaseException:
             try:
-                series = [_record_series(processor, r) for r in batch]
-                images = _image_embeddings(model, processor, series)
+                return _record_series(processor, r)
+            except Exception as err:  # reported per record by fail()
+                return err
+
+        def run(batch: Sequence[Mapping[str, Any]], series: Sequence[Sequence[Any]]) -> None:
+            try:
+                images = _image_embeddings(model, processor, [[t for t, _ in item] for item in series])
                 texts = _encode_texts(model, processor, [str(r.get("answer", "")) for r in batch])
+                regions = [_structure_rows(model, processor, boxer, r, item) if structures else []
+                           for r, item in zip(batch, series)]
             except Exception as err:
-                if failures is None:
-                    raise
-                if len(batch) > 1:  # find the bad record(s); the others still get their embeddings
-                    for r in batch:
-                        run([r])
+                if len(batch) > 1 and failures is not None:  # find the bad record(s); the others still get theirs
+                    for r, item in zip(batch, series):
+                        run([r], [item])
                     return
-                r = batch[0]
-                failures.append({"id": str(r["id"]), "images": list(r.get("images") or []),
-                                 "problem": str(err) if isinstance(err, RadFM3DInputError)
-                                 else f"{type(err).__name__}: {err}"})
-                bar.update(1)
+                fail(batch[0], err)
                 return
-            for r, image, text in zip(batch, images, texts):
+            for r, image, text, rows in zip(batch, images, texts, regions):
                 row = {"id": str(r["id"]), "report_text": str(r.get("answer", "")),
-                       "image_embeds": image.tolist(), "text_embeds": text.tolist()}
+                       "image_embeds": image.tolist(), "text_embeds": text.tolist(), "structures": rows}
                 appender.write(row)
                 done[row["id"]] = row
             bar.update(len(batch))
 
-        for start in range(0, len(todo), batch_size):
-            run(todo[start: start + batch_size])
+        # scans are read and preprocessed by `num_workers` threads (file reading and decompression release the
+        # GIL), the next batch while the model embeds the current one
+        batches = [todo[start: start + batch_size] for start in range(0, len(todo), batch_size)]
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as readers, \
+                ThreadPoolExecutor(max_workers=1) as prefetch:
+            def load(batch: Sequence[Mapping[str, Any]]) -> list[Any]:
+                return list(readers.map(read, batch))
+
+            pending = prefetch.submit(load, batches[0]) if batches else None
+            for i, batch in enumerate(batches):
+                loaded = pending.result()
+                if i + 1 < len(batches):
+                    pending = prefetch.submit(load, batches[i + 1])
+                for r, item in zip(batch, loaded):
+                    if isinstance(item, BaseException):
+                        fail(r, item)
+                ok = [(r, item) for r, item in zip(batch, loaded) if not isinstance(item, BaseException)]
+                if ok:
+                    run([r for r, _ in ok], [item for _, item in ok])
         bar.close()
     kept = [r for r in records if str(r["id"]) in done]
     if not kept:
@@ -302,6 +375,14 @@ def embed_manifest(
         "report_texts": np.array([str(r.get("answer", "")) for r in kept]),
         "text_embeds": np.array([row["text_embeds"] for row in rows], dtype=np.float32),
     }
+    structure_rows = [(row["id"], s) for row in rows for s in row.get("structures") or []]
+    if structure_rows:
+        arrays.update({
+            "structure_series": np.array([f"{rid}#{s['series']}" for rid, s in structure_rows]),
+            "structure_regions": np.array([s["region"] for _, s in structure_rows]),
+            "structure_texts": np.array([s["text"] for _, s in structure_rows]),
+            "structure_embeds": np.array([s["image_embeds"] for _, s in structure_rows], dtype=np.float32),
+            "structure_text_embeds": np.array([s["text_embeds"] for _, s in structure_rows], dtype=np.float32)})
     names, phrases = zero_shot_classes(label_schema, kept)
     if names:
         arrays["class_names"] = np.array(names)
@@ -354,7 +435,8 @@ def _named(spec: str, what: str) -> tuple[str | None, str]:
 
 # --------------------------------------------------------------------------------------------------- CLI
 def _check_resume(folder: Path, settings: Mapping[str, Any]) -> None:
-    """Refuse to resume embeddings made otherwise (``run.json`` in the model's folder); record the settings."""
+    """Refuse to resume embeddings made otherwise (``run.json`` in the model's folder: model folder, its weights
+    file's size and modification time, tasks, structure level, label schema); record the settings."""
     path = folder / "run.json"
     if path.is_file():
         try:
@@ -402,6 +484,9 @@ def cli(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--n-resamples", type=int, default=N_RESAMPLES)
     p.add_argument("--seed", type=int, default=BOOTSTRAP_SEED)
     p.add_argument("--batch-size", type=int, default=8, help="records embedded per forward pass")
+    p.add_argument("--num-workers", type=int, default=2, help="threads reading and preprocessing scans")
+    p.add_argument("--no-structures", action="store_true",
+                   help="skip the structure level (report_structures sentences <-> regions)")
     p.add_argument("--device", default="cpu", help="torch device of --model runs (cpu, cuda, cuda:1, ...)")
     args = p.parse_args(list(argv) if argv is not None else None)
     if not args.model and not args.predictions:
@@ -429,6 +514,9 @@ def cli(argv: Iterable[str] | None = None) -> int:
         raise RadFM3DInputError(args.train_predictions[0], f"--train-predictions names {unknown} match no "
                                                            "--predictions NAME")
 
+    # every given file is read (and validated) before any model runs
+    loaded = {name: E.load_embeddings(path) for name, (kind, path) in sources.items() if kind == "predictions"}
+    loaded_train = {name: E.load_embeddings(path) for name, path in train_files.items()}
     models: dict[str, tuple[E.Embeddings, E.Embeddings | None]] = {}
     failures: list[dict[str, Any]] = []
     meta_models: dict[str, Any] = {}
@@ -437,24 +525,29 @@ def cli(argv: Iterable[str] | None = None) -> int:
         if kind == "model":
             folder = out / E._safe(name)
             folder.mkdir(parents=True, exist_ok=True)
-            if schema is None and (Path(path) / "label_schema.json").is_file():
+            if schema is None and _scorable_schema(Path(path) / "label_schema.json"):
                 schema = Path(path) / "label_schema.json"
             schema = _default_schema(schema, records)
-            _check_resume(folder, {"model": str(Path(path).resolve()), "tasks": list(args.tasks),
+            weights = Path(path) / "model.safetensors"
+            stamp = f"{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights.is_file() else None
+            _check_resume(folder, {"model": str(Path(path).resolve()), "weights": stamp, "tasks": list(args.tasks),
+                                   "structures": not args.no_structures,
                                    "label_schema": str(schema) if schema is not None else None})
             model, processor = _load_model(path, args.device)
             own: list[dict[str, Any]] = []
             test_file = embed_manifest(model, processor, records, folder / "test_embeddings.npz",
-                                       label_schema=schema, batch_size=args.batch_size, failures=own)
+                                       label_schema=schema, batch_size=args.batch_size,
+                                       num_workers=args.num_workers,
+                                       structures=not args.no_structures, failures=own)
             train_file = embed_manifest(model, processor, train_records, folder / "train_embeddings.npz",
-                                        label_schema=schema, batch_size=args.batch_size, failures=own) \
+                                        label_schema=schema, batch_size=args.batch_size,
+                                        num_workers=args.num_workers, structures=False, failures=own) \
                 if train_records else None
             failures += [{**f, "model": name} for f in own]
             test_emb, train_emb = E.load_embeddings(test_file), (E.load_embeddings(train_file) if train_file else None)
         else:
             schema = _default_schema(schema, records)
-            test_emb = E.load_embeddings(path)
-            train_emb = E.load_embeddings(train_files[name]) if name in train_files else None
+            test_emb, train_emb = loaded[name], loaded_train.get(name)
         test, info = resolve_labels(test_emb, records, schema)
         train = None
         if train_records is not None:
@@ -499,6 +592,16 @@ def cli(argv: Iterable[str] | None = None) -> int:
             print(f"  {f['model']} {f['id']}: {f['problem']}")
         return 1
     return 0
+
+
+def _scorable_schema(path: Path) -> bool:
+    """Whether a model folder's label schema names classes to score (flags or finding types)."""
+    if not path.is_file():
+        return False
+    from radfm3d.findings.schema import load_schema
+
+    schema = load_schema(path)
+    return bool(schema.flags or schema.finding_types)
 
 
 def _default_schema(schema: Any, records: Sequence[Mapping[str, Any]]) -> Any:

@@ -45,6 +45,8 @@ __all__ = ["RadFM3DCLIPModel", "RadFM3DCLIPOutput", "ContrastiveLevels", "StudyF
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+_AUTO_LOADER_KWARGS = ("config", "adapter_kwargs", "revision", "trust_remote_code", "local_files_only", "cache_dir",
+                       "token", "subfolder", "_from_auto", "_commit_hash")
 #: ``exp(logit_scale)`` is clamped to this (CLIP's 100 = temperature 0.01)
 MAX_LOGIT_SCALE = 100.0
 
@@ -52,7 +54,8 @@ MAX_LOGIT_SCALE = 100.0
 @dataclass
 class RadFM3DCLIPOutput(ModelOutput):
     """As transformers' ``CLIPOutput``: ``loss`` (with ``return_loss``), ``logits_per_image (B, T)``,
-    ``logits_per_text (T, B)`` (scaled cosine similarities), normalised ``image_embeds (B, P)``, ``text_embeds (T, P)``."""
+    ``logits_per_text (T, B)`` (scaled cosine similarities), normalised ``image_embeds (B, P)`` and
+    ``text_embeds (T, P)``."""
 
     loss: torch.Tensor | None = None
     logits_per_image: torch.Tensor | None = None
@@ -128,7 +131,7 @@ def box_patch_mask(boxes: torch.Tensor, grid: tuple[int, int, int], patch_size: 
 
 def _require(batch: dict[str, Any], key: str) -> Any:
     if batch.get(key) is None:
-        raise RadFM3DInputError("batch", f"the contrastive batch has no {key!r} (see docs/dev/CONTRACTS.md)")
+        raise RadFM3DInputError("batch", f"the contrastive batch has no {key!r} (see RadFM3DCLIPModel.encode_batch)")
     return batch[key]
 
 
@@ -184,9 +187,12 @@ class RadFM3DCLIPModel(PreTrainedModel):
         """``(M, C, H, W, D)`` -> pooled latents ``(M, hidden)``, ViT patch tokens ``(M, nh*nw*nd, hidden)``, grid."""
         if pixel_values.ndim != 5:
             raise RadFM3DInputError("pixel_values", f"expected (M, C, H, W, D), got {tuple(pixel_values.shape)}")
+        try:
+            grid = self.config.vision.grid(tuple(int(s) for s in pixel_values.shape[-3:]))
+        except ValueError as err:
+            raise RadFM3DInputError("pixel_values", str(err)) from None
         param = self.vision_model.patch_embedding.proj.weight
         tokens = self.vision_model(pixel_values.to(device=param.device, dtype=param.dtype))
-        grid = tuple(int(s) // int(p) for s, p in zip(pixel_values.shape[-3:], self.config.vision.patch_size))
         latents = self.resampler(tokens, grid=grid)
         return latents.mean(dim=1), tokens, grid  # type: ignore[return-value]
 
@@ -236,12 +242,16 @@ class RadFM3DCLIPModel(PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 image_mask: torch.Tensor | None = None, return_loss: bool = False,
                 image_group: torch.Tensor | None = None, text_group: torch.Tensor | None = None,
-                **_: Any) -> RadFM3DCLIPOutput:
+                **kwargs: Any) -> RadFM3DCLIPOutput:
         """Scaled cosine logits of B images (or studies, see :meth:`get_image_features`) against T texts.
 
         ``return_loss``: :func:`~radfm3d.contrastive.loss.contrastive_loss` with positives where ``image_group ==
-        text_group`` (default: image i <-> text i, which needs B == T).
+        text_group`` (default: image i <-> text i, which needs B == T). The processor's ``grid_geometry`` is
+        accepted and ignored, so ``model(**processor(text=..., images=...))`` works.
         """
+        kwargs.pop("grid_geometry", None)
+        if kwargs:
+            raise TypeError(f"RadFM3DCLIPModel.forward got unexpected arguments {sorted(kwargs)}")
         image_embeds = F.normalize(self.get_image_features(pixel_values, image_mask).float(), dim=-1)
         text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask).float(), dim=-1)
         scale = self.get_logit_scale().float()
@@ -271,11 +281,17 @@ class RadFM3DCLIPModel(PreTrainedModel):
     # ------------------------------------------------------------------ training levels
     def encode_batch(self, batch: dict[str, Any], level_weights: dict[str, float] | None = None
                      ) -> ContrastiveLevels:
-        """The training batch (``pixel_values (B, S, C, H, W, D)``, ``image_mask (B, S)``, ``report_*``,
-        ``structure_*``; see docs/dev/CONTRACTS.md) -> :class:`ContrastiveLevels` of normalised embeddings.
+        """The training batch -> :class:`ContrastiveLevels` of normalised embeddings.
+
+        Batch: ``pixel_values (B, S, C, H, W, D)``, ``image_mask (B, S)`` bool; ``report_input_ids (B, L)``,
+        ``report_attention_mask (B, L)``, ``report_group (B,)``; ``structure_index (R, 2)`` [item, series],
+        ``structure_boxes (R, 6)`` [i1, j1, k1, i2, j2, k2] in that series' model-grid voxel indices (half-open),
+        ``structure_input_ids (R, L2)``, ``structure_attention_mask (R, L2)``, ``structure_group (R,)`` (the structure
+        keys may be absent when R = 0); groups from :func:`~radfm3d.contrastive.loss.group_ids`.
 
         - ``scan``: every present series <-> the reports ``(B,)``; a series takes its item's report group.
-        - ``study``: items with >= 2 present series, fused <-> their reports.
+        - ``study``: items with >= 2 present series, fused <-> the reports ``(B,)`` (the other items' reports are
+          negatives too; those without a study have no positive and only count as negatives).
         - ``structure``: patch tokens pooled inside ``structure_boxes`` of series ``structure_index`` <-> sentences.
 
         A level whose weight (``level_weights``, default ``config.level_weights``) is 0 or that has no items is left
@@ -322,7 +338,7 @@ class RadFM3DCLIPModel(PreTrainedModel):
             series[mask] = pooled
             fused = self.study_fusion(series[multi], mask[multi])
             images = F.normalize(self._project_image(fused).float(), dim=-1)
-            levels["study"] = (images, reports[multi], report_group[multi], report_group[multi])
+            levels["study"] = (images, reports, report_group[multi], report_group)
         if want["structure"]:
             index = structure_index.to(device=device, dtype=torch.long)
             if index.ndim != 2 or index.shape[1] != 2:
@@ -430,8 +446,13 @@ class RadFM3DCLIPModel(PreTrainedModel):
         Preset: vision and resampler from the preset (random), the text tower loaded from
         ``text_model_name_or_path`` (offline), or, with ``load_text_weights=False``, built from ``text_config``
         with random weights (tests, tiny models). ``config_overrides`` set config keys (presets only).
+        ``AutoModel.from_pretrained(folder)`` works too (model type ``radfm3d_clip`` is registered).
         """
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # what transformers' AutoModel.from_pretrained hands on (its config is read from the same config.json,
+        # which is read here again, strictly)
+        for key in _AUTO_LOADER_KWARGS:
+            config_overrides.pop(key, None)
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         source = Path(pretrained_model_name_or_path)
@@ -490,14 +511,17 @@ def load_text_tower(name_or_path: str | os.PathLike) -> BertModel:
     folder = resolve_text_model(name_or_path)
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the checkpoint's unused pooler weights are reported otherwise
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a 100-tensor file
     try:
         model = BertModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
     except (OSError, ValueError) as err:
         raise RadFM3DInputError(folder, f"cannot load the text tower as a BERT model ({err})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model
 
 

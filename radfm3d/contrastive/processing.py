@@ -63,7 +63,8 @@ class RadFM3DCLIPProcessor:
         """One image (path, DICOM folder, ``MetaTensor``, array) -> ``((C, H, W, D) float32, GridGeometry dict)``;
         ``modality`` (``"CT"``, ``"MR"``, ...) overrides the one read from the file for the intensity scaling."""
         if images_are_preprocessed:
-            return RadFM3DProcessor.preprocess_image(self, image, images_are_preprocessed=True)  # type: ignore[arg-type]
+            # the generative processor's path for (C, *grid) tensors, which reads only self.recipe
+            return RadFM3DProcessor.preprocess_image(self, image, True)  # type: ignore[arg-type]
         from monai.data import MetaTensor
 
         from radfm3d.io import load_image

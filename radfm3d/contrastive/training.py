@@ -15,6 +15,7 @@ handlers as the other stages (:mod:`radfm3d.engine`):
   :class:`OutputLoss` (the engine's ``loss_function``), :func:`loss_terms_of` (per-level terms for the loggers).
 - :class:`ContrastiveValidation`: held-out loss and retrieval R@K per level (:func:`retrieval_metrics`).
 - :class:`CLIPExport` / :func:`export_clip_model`: ``save_pretrained`` + processor, moved into place atomically.
+- :func:`run_evaluate_clip`: the evaluate-clip harness on one or more trained models (``evaluate.json``).
 - :func:`embedding_records`, :class:`EmbeddingCollate`, :class:`EmbeddingInferer`, :class:`EmbeddingWriter`: the
   inference config (a folder of scans or a manifest, and optional texts -> ``embeddings.npz``).
 """
@@ -55,6 +56,7 @@ __all__ = [
     "ContrastiveValidation",
     "export_clip_model",
     "CLIPExport",
+    "run_evaluate_clip",
     "embedding_records",
     "EmbeddingCollate",
     "EmbeddingInferer",
@@ -548,16 +550,46 @@ class CLIPExport:
         return path
 
 
+# ------------------------------------------------------------------------------------------------ evaluation
+def run_evaluate_clip(models: Mapping[str, str | os.PathLike], manifest: str | os.PathLike,
+                      out_dir: str | os.PathLike, train_manifest: str | os.PathLike | None = None,
+                      label_schema: str | os.PathLike | None = None, limit: int | None = None, batch_size: int = 8,
+                      n_resamples: int | None = None, device: str = "cpu") -> int:
+    """``radfm3d evaluate-clip`` (:func:`radfm3d.contrastive.evaluate.cli`) on ``models`` (name -> CLIP model
+    folder; several give one table, e.g. a level ablation) against ``manifest``; writes ``results.json``,
+    ``report.md`` and plots to ``out_dir``. Returns the harness's exit status (1: some records could not be
+    embedded; they are listed in ``failures.json`` and the others are scored)."""
+    from radfm3d.contrastive.evaluate import cli
+
+    argv: list[str] = []
+    for name, folder in dict(models).items():
+        argv += ["--model", f"{name}={folder}"]
+    argv += ["--manifest", str(manifest), "--out", str(out_dir), "--batch-size", str(int(batch_size)),
+             "--device", str(device)]
+    if train_manifest and Path(train_manifest).is_file():
+        argv += ["--train-manifest", str(train_manifest)]
+    if label_schema:
+        argv += ["--label-schema", str(label_schema)]
+    if limit is not None:
+        argv += ["--limit", str(int(limit))]
+    if n_resamples is not None:
+        argv += ["--n-resamples", str(int(n_resamples))]
+    status = cli(argv)
+    if status:
+        logger.warning(f"evaluate-clip: some records could not be embedded (see {Path(out_dir) / 'failures.json'})")
+    return status
+
+
 # ------------------------------------------------------------------------------------------------ inference
-def embedding_records(dataset_dir: str | os.PathLike | None = None, scans: Sequence[str] | str | None = None,
-                      manifest: str | os.PathLike | None = None, tasks: Sequence[str] | None = None,
+def embedding_records(manifest: str | os.PathLike | None = None, scans: Sequence[str | os.PathLike] = (),
+                      names: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
                       limit: int | None = None) -> list[dict[str, Any]]:
     """What the inference config embeds, as records ``{"id", "images", "answer"}``.
 
     ``manifest``: its records with images and a report (``radfm3d.contrastive.data.clip_records``; ``tasks``
     default report + study_report): one image embedding per record (a study's series fused) and one text
-    embedding of its report. Otherwise the scans of ``dataset_dir`` / ``scans`` (files or DICOM folders, as
-    ``radfm3d.inference.find_scans`` finds them), one record per scan, without a report (ids: unique file stems).
+    embedding of its report. Otherwise ``scans`` (files or DICOM folders; the bundle finds them with
+    ``radfm3d.inference.find_scans``), one record per scan without a report, ids from ``names`` (default the paths).
     """
     if manifest:
         from radfm3d.contrastive.data import CLIP_TASKS, clip_records
@@ -566,10 +598,13 @@ def embedding_records(dataset_dir: str | os.PathLike | None = None, scans: Seque
         return [{"id": str(r.get("id", i)), "images": list(r["images"]), "answer": str(r.get("answer", "")),
                  **{k: r[k] for k in ("image_series", "image_meta", "image_modalities") if k in r}}
                 for i, r in enumerate(records)]
-    from radfm3d.inference import find_scans, output_names
+    scans = [str(s) for s in scans]
+    if not scans:
+        from radfm3d.errors import RadFM3DInputError
 
-    found = find_scans(dataset_dir, scans)
-    records = [{"id": name, "images": [str(scan)], "answer": ""} for scan, name in zip(found, output_names(found))]
+        raise RadFM3DInputError("inference", "nothing to embed: give a manifest or scans")
+    ids = list(names) if names is not None else scans
+    records = [{"id": str(name), "images": [scan], "answer": ""} for scan, name in zip(scans, ids)]
     return records[: int(limit)] if limit is not None else records
 
 

@@ -34,6 +34,7 @@ Rules (checked by :func:`validate_record` / :func:`validate_manifest`):
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -159,8 +160,6 @@ def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
 
 
 def _is_number(value: Any) -> bool:
-    import math
-
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -545,8 +544,6 @@ def parse_task_counts(text: str) -> dict[str, int]:
 def scale_task_mix(weights: Mapping[str, float], total: int) -> dict[str, int]:
     """Per-task counts proportional to ``weights`` that add up to about ``total`` (each rounded up, so at least
     ``total``); used to size a training mix to a compute budget (iterations x batch size)."""
-    import math
-
     weight_sum = float(sum(weights.values()))
     if weight_sum <= 0 or total < 0:
         raise ValueError(f"need positive weights and total >= 0, got weights summing to {weight_sum} and {total}")

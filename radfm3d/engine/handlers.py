@@ -261,7 +261,9 @@ class TrainingCheckpointer:
                 state[name] = tensor.detach().cpu().clone()
         return state
 
-    def state_dict(self, engine: Engine) -> dict[str, Any]:
+    def progress_state(self, engine: Engine) -> dict[str, Any]:
+        """The training state besides model and optimizer: engine counters, LR scheduler, RNG states (of this
+        process) and the sampler's seed/epoch."""
         loader = getattr(engine, "data_loader", None)
         sampler = getattr(loader, "sampler", None)
         return {
@@ -272,13 +274,14 @@ class TrainingCheckpointer:
             "max_epochs": int(engine.state.max_epochs or 0),
             "batch_size": int(getattr(loader, "batch_size", 0) or 0),
             "world_size": dist_info()[1],
-            "model": self.model_state(),
-            "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else {},
             "rng": rng_state(),
             "sampler": sampler.state_dict() if isinstance(sampler, ResumableSampler) else {},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+
+    def state_dict(self, engine: Engine) -> dict[str, Any]:
+        return {**self.progress_state(engine), "model": self.model_state(), "optimizer": self.optimizer.state_dict()}
 
     # -- events
     def save(self, engine: Engine) -> Path | None:
@@ -341,6 +344,12 @@ class TrainingCheckpointer:
             raise RadFM3DInputError(path, f"checkpoint does not fit the model (unexpected {unexpected[:5]}, "
                                     f"missing trainable {lost[:5]}); was the stage or preset changed?")
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.restore_progress(engine, ckpt, path)
+        return path
+
+    def restore_progress(self, engine: Engine, ckpt: Mapping[str, Any], path: Path) -> None:
+        """Restore what :meth:`progress_state` saved: LR scheduler, engine counters, the sampler's position in the
+        current epoch and the RNG states."""
         if self.lr_scheduler is not None and ckpt.get("lr_scheduler"):
             self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         max_epochs = engine.state.max_epochs
@@ -370,7 +379,6 @@ class TrainingCheckpointer:
         self.resumed_from = path
         logger.info(f"resumed from {path}: iteration {engine.state.iteration}, epoch {engine.state.epoch}"
                     + (f" (+{in_epoch} iterations into the next epoch)" if in_epoch else ""))
-        return path
 
     def export(self, engine: Engine | None = None) -> Path | None:
         """Save the trained model for inference (rank 0)."""

@@ -19,6 +19,18 @@ scores                          image's: the text-side ceiling of the prompts (o
 labels              (N, K) int8 1 present, 0 absent, -1 unknown (optional; needs class_names)
 =================== =========== =================================================================================
 
+and optionally the structure level, one row per (report sentence, series that sees its structure):
+
+=================== =========== =================================================================================
+structure_series    (R,) str    the series the region is on: ``"<record id>#<series index>"``
+structure_regions   (R,) str    the region within that series (rows with equal series and region are one region,
+                                e.g. the box as text)
+structure_texts     (R,) str    the report sentence
+structure_embeds    (R, P)      the region's embedding (features pooled inside the structure's box)
+structure_text_     (R, P)      the sentence's embedding
+embeds
+=================== =========== =================================================================================
+
 Figures (each a :class:`~radfm3d.evaluation.metrics.Figure` with a seeded percentile bootstrap 95% interval):
 
 - zero-shot AUROC per class and their mean (one joint bootstrap over records); a class whose evaluated labels take
@@ -31,7 +43,10 @@ Figures (each a :class:`~radfm3d.evaluation.metrics.Figure` with a seeded percen
 - effective dimensionality of the L2-normalised embeddings: participation ratio ``(sum l)^2 / sum l^2`` of the
   covariance eigenvalues ``l`` and the number of components holding 90% of the variance;
 - a linear probe: per class a scikit-learn ``LogisticRegression`` fitted on training-record embeddings, AUROC on
-  the evaluated records (the blind baseline of every AUROC is a constant score, 0.5).
+  the evaluated records (the blind baseline of every AUROC is a constant score, 0.5);
+- the structure level (when the file has it): sentence<->region retrieval over every region of the evaluated
+  records, identical sentences grouped as reports are, and localisation: for each sentence, whether its own region
+  scores highest among the distinct regions of its series (chance: one over their number).
 """
 
 from __future__ import annotations
@@ -58,7 +73,8 @@ __all__ = [
 
 KS = (1, 5, 10)
 REQUIRED = ("record_ids", "image_embeds", "report_texts")
-OPTIONAL = ("text_embeds", "class_names", "zero_shot_scores", "labels", "report_zero_shot_scores")
+STRUCTURE = ("structure_series", "structure_regions", "structure_texts", "structure_embeds", "structure_text_embeds")
+OPTIONAL = ("text_embeds", "class_names", "zero_shot_scores", "labels", "report_zero_shot_scores") + STRUCTURE
 
 
 # ------------------------------------------------------------------------------------------ embeddings file
@@ -74,6 +90,11 @@ class Embeddings:
     zero_shot_scores: np.ndarray | None = None
     labels: np.ndarray | None = None
     report_zero_shot_scores: np.ndarray | None = None
+    structure_series: np.ndarray | None = None
+    structure_regions: np.ndarray | None = None
+    structure_texts: np.ndarray | None = None
+    structure_embeds: np.ndarray | None = None
+    structure_text_embeds: np.ndarray | None = None
     source: str = "<embeddings>"
 
     def __post_init__(self) -> None:
@@ -86,9 +107,14 @@ class Embeddings:
         """The rows of ``ids`` (in that order; every id must be present)."""
         index = {r: i for i, r in enumerate(self.record_ids.tolist())}
         rows = np.array([index[str(r)] for r in ids], dtype=np.int64)
-        return Embeddings(**{f.name: (getattr(self, f.name)[rows] if isinstance(getattr(self, f.name), np.ndarray)
-                                      and f.name != "class_names" else getattr(self, f.name))
-                             for f in dataclasses.fields(self)})
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out.update({name: value[rows] for name, value in out.items()
+                    if isinstance(value, np.ndarray) and name != "class_names" and name not in STRUCTURE})
+        if self.structure_series is not None:  # the structure rows of the kept records
+            wanted = {str(r) for r in ids}
+            keep = np.array([s.rsplit("#", 1)[0] in wanted for s in self.structure_series.tolist()], dtype=bool)
+            out.update({name: getattr(self, name)[keep] for name in STRUCTURE})
+        return Embeddings(**out)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in REQUIRED + OPTIONAL if getattr(self, name) is not None}
@@ -135,6 +161,7 @@ def _validate(e: Embeddings) -> None:
         raise RadFM3DInputError(src, f"array 'report_texts' has {e.report_texts.shape[0]} rows, record_ids {n}")
     if e.text_embeds is not None:
         e.text_embeds = _as_float_matrix(e.text_embeds, "text_embeds", src, n, e.image_embeds.shape[1])
+    _validate_structures(e)
     if e.class_names is None:
         extra = [k for k in ("zero_shot_scores", "labels", "report_zero_shot_scores") if getattr(e, k) is not None]
         if extra:
@@ -155,6 +182,24 @@ def _validate(e: Embeddings) -> None:
         if not np.isin(lab, (-1, 0, 1)).all():
             raise RadFM3DInputError(src, "array 'labels' may hold only 1 (present), 0 (absent), -1 (unknown)")
         e.labels = lab.astype(np.int8)
+
+
+def _validate_structures(e: Embeddings) -> None:
+    given = [name for name in STRUCTURE if getattr(e, name) is not None]
+    if not given:
+        return
+    if len(given) != len(STRUCTURE):
+        raise RadFM3DInputError(e.source, f"structure arrays {given} need all of {list(STRUCTURE)}")
+    src = e.source
+    for name in ("structure_series", "structure_regions", "structure_texts"):
+        setattr(e, name, _as_str_array(getattr(e, name), name, src))
+    r = e.structure_series.shape[0]
+    for name in ("structure_regions", "structure_texts"):
+        if getattr(e, name).shape[0] != r:
+            raise RadFM3DInputError(src, f"array {name!r} has {getattr(e, name).shape[0]} rows, structure_series {r}")
+    p = e.image_embeds.shape[1]
+    e.structure_embeds = _as_float_matrix(e.structure_embeds, "structure_embeds", src, r, p)
+    e.structure_text_embeds = _as_float_matrix(e.structure_text_embeds, "structure_text_embeds", src, r, p)
 
 
 def save_embeddings(path: str | os.PathLike, embeddings: Embeddings | None = None, **arrays: Any) -> Path:
@@ -376,6 +421,53 @@ def _group_index(norm: Sequence[str], uniq: Sequence[str]) -> np.ndarray:
     return np.array([where[t] for t in norm])
 
 
+def localisation_figure(region_embeds: np.ndarray, text_embeds: np.ndarray, series: Sequence[str],
+                        regions: Sequence[str], *, n_resamples: int = N_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Whether each sentence's own region scores highest among the distinct regions of its series.
+
+    region_embeds, text_embeds: (R, P) rows (a region and a sentence about it); series, regions: (R,) keys (rows with
+    equal keys are one region, embedded by its first row). Rows whose series has one distinct region are left out
+    (nothing to choose); ties count against; the interval resamples series. -> {"accuracy": Figure dict (n =
+    sentences scored), "chance": mean 1 / number of distinct regions, "n_series"}.
+    """
+    img, txt = _unit(region_embeds), _unit(text_embeds)
+    by_series: dict[str, dict[str, int]] = {}
+    for i, (s, r) in enumerate(zip(series, regions)):
+        by_series.setdefault(str(s), {}).setdefault(str(r), i)
+    per_series: dict[str, list[float]] = {}
+    chance = []
+    for i, (s, r) in enumerate(zip(series, regions)):
+        candidates = by_series[str(s)]
+        if len(candidates) < 2:
+            continue
+        keys = list(candidates)
+        sims = img[[candidates[k] for k in keys]] @ txt[i]
+        own = sims[keys.index(str(r))]
+        per_series.setdefault(str(s), []).append(float((sims >= own).sum() == 1))
+        chance.append(1.0 / len(keys))
+    # the sentences of one series are not independent: resample series (hits, sentences per series)
+    stats = np.array([[sum(h), len(h)] for h in per_series.values()], dtype=np.float64).reshape(-1, 2)
+    fig = bootstrap_figure(stats, statistic=lambda sums: sums[..., 0] / sums[..., 1], n_resamples=n_resamples,
+                           seed=seed)
+    fig.n = int(stats[:, 1].sum())
+    return {"accuracy": fig.to_dict(), "chance": float(np.mean(chance)) if chance else None,
+            "n_series": len(per_series)}
+
+
+def structure_figures(e: Embeddings, *, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED
+                      ) -> dict[str, Any] | None:
+    """Structure-level retrieval (:func:`retrieval_figures` with regions as images and sentences as reports) and
+    :func:`localisation_figure`; None without structure rows."""
+    if e.structure_series is None or e.structure_series.shape[0] == 0:
+        return None
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    ret = retrieval_figures(e.structure_embeds, e.structure_text_embeds, e.structure_texts.tolist(), **boot)
+    return {"n_rows": int(e.structure_series.shape[0]), "retrieval": ret,
+            "localisation": localisation_figure(e.structure_embeds, e.structure_text_embeds,
+                                                e.structure_series.tolist(), e.structure_regions.tolist(), **boot)}
+
+
 # ----------------------------------------------------------------------------------------- dimensionality
 def effective_dimensionality(embeds: np.ndarray, variance: float = 0.9) -> dict[str, Any]:
     """Participation ratio ``(sum l)^2 / sum l^2`` of the covariance eigenvalues ``l`` of the L2-normalised
@@ -386,6 +478,7 @@ def effective_dimensionality(embeds: np.ndarray, variance: float = 0.9) -> dict[
     n, p = x.shape
     cov = x.T @ x / max(n - 1, 1)
     eig = np.clip(np.linalg.eigvalsh(cov)[::-1], 0.0, None)
+    eig[eig < 1e-12 * max(float(eig[0]) if eig.size else 0.0, 1e-300)] = 0.0  # round-off beyond the rank
     total = float(eig.sum())
     if total <= 0:
         return {"participation_ratio": 0.0, f"components_{int(variance * 100)}": 0, "dim": p, "n": n,
@@ -464,6 +557,7 @@ def score_embeddings(
     else:
         res["retrieval"] = None
         notes.append("retrieval: the embeddings hold no text_embeds")
+    res["structure"] = structure_figures(test, **boot)
     res["dimensionality"] = {"image": effective_dimensionality(test.image_embeds)}
     if test.text_embeds is not None:
         res["dimensionality"]["text"] = effective_dimensionality(test.text_embeds)
@@ -494,8 +588,9 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Markdown table, one row per model: zero-shot and probe mean AUROC, R@1/5/10 both ways, participation
     ratios (image / text) -- the level ablation is one model per row."""
     head = ("| model | n | zero-shot mean AUROC | prompts on report text | probe mean AUROC | "
-            "image→report R@1 / R@5 / R@10 | report→image R@1 / R@5 / R@10 | PR image / text |")
-    lines = [head, "|" + "---|" * 8]
+            "image→report R@1 / R@5 / R@10 | report→image R@1 / R@5 / R@10 | structure: sentence→region R@5 / "
+            "localisation | PR image / text |")
+    lines = [head, "|" + "---|" * 9]
     for name, m in models.items():
         zs = _fig((m.get("zero_shot") or {}).get("mean"))
         ceiling = _fig(((m.get("zero_shot") or {}).get("report_text") or {}).get("mean"))
@@ -507,14 +602,23 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         dims = m["dimensionality"]
         pr_txt = f"{dims['image']['participation_ratio']:.1f} / " + (
             f"{dims['text']['participation_ratio']:.1f}" if "text" in dims else "—")
-        lines.append(f"| {name} | {m['n_records']} | {zs} | {ceiling} | {pr} | {cells[0]} | {cells[1]} | {pr_txt} |")
+        st = m.get("structure")
+        st_txt = (f"{st['retrieval']['report_to_image']['R@5']['value']:.3f} / "
+                  + (f"{st['localisation']['accuracy']['value']:.3f}"
+                     if st["localisation"]["accuracy"]["value"] is not None else "—")) if st else "—"
+        lines.append(f"| {name} | {m['n_records']} | {zs} | {ceiling} | {pr} | {cells[0]} | {cells[1]} | {st_txt} | "
+                     f"{pr_txt} |")
     first = next(iter(models.values()), None)
     if first and first.get("retrieval"):
         ret = first["retrieval"]
+        st = first.get("structure")
+        st_chance = (f"{st['retrieval']['report_to_image']['chance@5']:.3f} / "
+                     + (f"{st['localisation']['chance']:.3f}" if st["localisation"]["chance"] is not None
+                        else "—")) if st else ""
         lines.append("| chance / blind | | 0.5 | 0.5 | 0.5 | " + " / ".join(
             f"{ret['image_to_report'][f'chance@{k}']:.3f}" for k in KS) + " (blind " + " / ".join(
             f"{ret['image_to_report'][f'blind@{k}']['value']:.3f}" for k in KS) + ") | " + " / ".join(
-            f"{ret['report_to_image'][f'chance@{k}']:.3f}" for k in KS) + " | |")
+            f"{ret['report_to_image'][f'chance@{k}']:.3f}" for k in KS) + f" | {st_chance} | |")
     return lines
 
 
@@ -573,10 +677,29 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                     lines.append(f"| {label} | {k} | {f['value']:.3f} | [{f['low']:.3f}, {f['high']:.3f}] | "
                                  f"{ret[d][f'chance@{k}']:.3f} | {blind} |")
             lines.append("")
+        st = m.get("structure")
+        if st:
+            sr, loc = st["retrieval"], st["localisation"]
+            lines += [f"### Structure level ({st['n_rows']} sentence-region rows, {sr['n_unique_reports']} unique "
+                      "sentences)", "", "| figure | value | 95% CI | chance |", "|---|---|---|---|"]
+            for d, label in (("image_to_report", "region→sentence"), ("report_to_image", "sentence→region")):
+                for k in KS:
+                    f = sr[d][f"R@{k}"]
+                    lines.append(f"| {label} R@{k} | {f['value']:.3f} | [{f['low']:.3f}, {f['high']:.3f}] | "
+                                 f"{sr[d][f'chance@{k}']:.3f} |")
+            a = loc["accuracy"]
+            if a["value"] is not None:
+                lines.append(f"| localisation (own region first among its series' regions; {loc['n_series']} "
+                             f"series) | {a['value']:.3f} | [{a['low']:.3f}, {a['high']:.3f}] | {loc['chance']:.3f} |")
+            lines.append("")
         lines += ["### Effective dimensionality", "", "| embeddings | dim | participation ratio | components for 90% "
                   "variance |", "|---|---|---|---|"]
         for which, d in m["dimensionality"].items():
             lines.append(f"| {which} | {d['dim']} | {d['participation_ratio']:.2f} | {d['components_90']} |")
+        first_dims = next(iter(m["dimensionality"].values()))
+        if first_dims["n"] - 1 < first_dims["dim"]:
+            lines.append(f"\n{first_dims['n']} records span at most {first_dims['n'] - 1} dimensions: both figures "
+                         "are bounded by that, not only by the model.")
         for note in m.get("notes", []):
             lines.append(f"- note: {note}")
     plots = results.get("plots") or {}

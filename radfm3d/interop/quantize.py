@@ -36,23 +36,40 @@ def bnb_int8_config(**kwargs: Any) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True, **kwargs)
 
 
-def quantize_llm_dynamic_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+def quantize_llm_dynamic_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",), upcast: bool = False
+                              ) -> nn.Module:
     """CPU int8: replace the ``nn.Linear`` layers of ``model.language_model`` (or of ``model`` itself when it has no
     ``language_model``) by dynamically quantised int8 Linears, in place; ``skip`` names kept in float (the
-    ``lm_head`` by default, as bitsandbytes does). Weights must be fp32 (load with ``dtype=torch.float32``).
-    Returns the model."""
+    ``lm_head`` by default, as bitsandbytes does). Weights must be fp32 (load with ``dtype=torch.float32``), or
+    ``upcast=True``: a bf16/fp16 LLM is quantised one Linear at a time (each upcast to fp32 just before), then its
+    remaining float weights (embeddings, norms, ``lm_head``) are made fp32, so the whole LLM never exists in fp32
+    (a 2048-wide 4-layer LLaMA, 0.41 GB in bf16: peak RSS 0.79 GB above the baseline, against 1.27 GB through an
+    fp32 load). Returns the model.
+    """
     target = getattr(model, "language_model", model)
     dtypes = {p.dtype for p in target.parameters()}
-    if dtypes != {torch.float32}:
+    if dtypes != {torch.float32} and not upcast:
         raise RadFM3DInputError(
-            "int8", f"dynamic int8 quantisation needs fp32 weights, the LLM holds {sorted(map(str, dtypes))}")
-    names = {name for name, mod in target.named_modules()
-             if isinstance(mod, nn.Linear) and not any(s in name.split(".") for s in skip)}
+            "int8", f"dynamic int8 quantisation needs fp32 weights, the LLM holds {sorted(map(str, dtypes))} "
+            "(or pass upcast=True)")
+    names = [name for name, mod in target.named_modules()
+             if isinstance(mod, nn.Linear) and not any(s in name.split(".") for s in skip)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notice (see module docstring)
         from torch.ao.quantization import quantize_dynamic
 
-        quantize_dynamic(target, names, dtype=torch.qint8, inplace=True)
+        if not upcast:
+            quantize_dynamic(target, set(names), dtype=torch.qint8, inplace=True)
+            return model
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = target.get_submodule(parent_name) if parent_name else target
+            linear = getattr(parent, child).float()
+            quantize_dynamic(parent, {child}, dtype=torch.qint8, inplace=True)
+            # the swapped-out Linear lingers until a full garbage collection (a reference cycle); its fp32 weights
+            # leave now (a gc.collect() per Linear would cost ~0.7 s each with a large model loaded)
+            linear._parameters.clear()
+    target.float()  # what stays in float: quantised Linears take and return fp32 activations
     return model
 
 

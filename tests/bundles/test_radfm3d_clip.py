@@ -9,6 +9,7 @@ folder: train (with held-out validation) -> inference (a manifest and a folder o
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,32 +20,29 @@ import pytest
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from radfm3d.contrastive.configuration import TINY_TEXT_CONFIG
+
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_clip"
 CONFIGS = BUNDLE / "configs"
 META = str(CONFIGS / "metadata.json")
 LOGGING = str(CONFIGS / "logging.conf")
-#: a random BERT small enough for CPU tests; the vocabulary of the MiniLM tokenizer the processor brings; no dropout
-#: (the 2-process test compares losses across runs that draw different dropout masks otherwise)
-TINY_BERT = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 128, "hidden_dropout_prob": 0.0,
-             "attention_probs_dropout_prob": 0.0}
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """Tiny RadPhantom set (32x32x8 grid) under a temp folder."""
+    """Tiny RadPhantom set (32x32x8 grid; 12 cases and 2 CT + MR T1 + MR T2 studies) under a temp folder."""
     from radfm3d.data.phantoms import generate_phantoms
 
     root = tmp_path_factory.mktemp("radfm3d_clip")
     generate_phantoms(root / "phantoms", n=12, seed=0, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10),
-                      dicom_fraction=0.0, prior_fraction=0.0, progress=False)
+                      dicom_fraction=0.0, prior_fraction=0.0, progress=False, studies=2)
     return root
 
 
 def _train_overrides(work: Path, **more) -> dict:
     return {
         "bundle_root": str(BUNDLE), "dataset_dir": str(work / "phantoms"), "model_name_or_path": "tiny",
-        "load_text_weights": "false", "text_config": TINY_BERT, "projection_dim": 32,
+        "load_text_weights": "false", "text_config": TINY_TEXT_CONFIG, "projection_dim": 32,
         "output_dir": str(work / "run"), "model_dir": str(work / "model"), "image_cache_dir": str(work / "cache"),
         "max_epochs": 2, "batch_size": 4, "num_workers": 0, "show_progress": False, "save_interval": 1,
         "warmup_steps": 1, "log_every": 1, "learning_rate": 0.001, **more,
@@ -118,12 +116,17 @@ def test_train_exports_a_model_and_validates(trained):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model_type"] == "radfm3d_clip" and config["level_weights"]["scan"] == 1.0
     ckpts = sorted((work / "run" / "checkpoints").glob("checkpoint_*.pt"))
-    assert ckpts and ckpts[-1].name == "checkpoint_00000006.pt"  # 9 train reports / batch 4 = 3 per epoch, 2 epochs
+    n_train = sum(json.loads(line)["task"] in ("report", "study_report")
+                  for line in (work / "phantoms" / "train.jsonl").read_text().splitlines())
+    assert ckpts and ckpts[-1].name == f"checkpoint_{2 * math.ceil(n_train / 4):08d}.pt"  # batch 4, 2 epochs
     assert list((work / "run").glob("events.out.tfevents*"))
     metrics = workflow.trainer.state.metrics
     for key in ("val_loss", "val_i2t_r1", "val_i2t_r5", "val_t2i_r1", "val_t2i_r5", "val_i2t_r1_chance"):
         assert key in metrics and np.isfinite(metrics[key]), key
-    assert metrics["val_scan_n_images"] == 2  # the val split's report records
+    val = [json.loads(line) for line in (work / "phantoms" / "val.jsonl").read_text().splitlines()]
+    n_series = sum(len(r["images"]) for r in val if r["task"] in ("report", "study_report"))
+    assert metrics["val_scan_n_images"] == n_series  # every series of the val split's report records
+    assert "val_structure_i2t_r1" in metrics  # the phantom reports' sentences carry structure boxes
 
     from radfm3d.contrastive.model import RadFM3DCLIPModel
 
@@ -131,6 +134,22 @@ def test_train_exports_a_model_and_validates(trained):
     inner = workflow.trainer.network.model
     for name, tensor in reloaded.state_dict().items():
         assert np.array_equal(tensor.numpy(), inner.state_dict()[name].cpu().numpy()), name
+
+
+def test_evaluate_runs_the_harness_on_the_model_and_extra_models(trained):
+    work, _ = trained
+    eval_dir = work / "eval"
+    overrides = {"bundle_root": str(BUNDLE), "dataset_dir": str(work / "phantoms"), "model_dir": str(work / "model"),
+                 "eval_manifest": str(work / "phantoms" / "val.jsonl"), "eval_dir": str(eval_dir),
+                 "extra_models": {"again": str(work / "model")}, "n_resamples": 20, "eval_batch_size": 2}
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "evaluate.json"), meta_file=META, logging_file=LOGGING,
+                              workflow_type="eval", **overrides)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert set(results["models"]) == {"clip", "again"}
+    assert (eval_dir / "report.md").is_file()
 
 
 def test_inference_embeds_a_manifest_and_a_folder_of_scans(trained):
@@ -145,17 +164,19 @@ def test_inference_embeds_a_manifest_and_a_folder_of_scans(trained):
     with np.load(out, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     records = [json.loads(line) for line in (work / "phantoms" / "val.jsonl").read_text().splitlines()]
-    reports = [r for r in records if r["task"] == "report"]
+    reports = [r for r in records if r["task"] in ("report", "study_report")]
     assert list(arrays["record_ids"]) == [r["id"] for r in reports]
     assert list(arrays["report_texts"]) == [r["answer"] for r in reports]
     assert arrays["image_embeds"].shape == arrays["text_embeds"].shape == (len(reports), 32)
     assert np.allclose(np.linalg.norm(arrays["image_embeds"], axis=1), 1.0, atol=1e-5)
     assert arrays["query_embeds"].shape == (2, 32) and list(arrays["query_texts"]) == overrides["texts"]
 
-    # the same scans from a folder: no reports, the same image embeddings
+    # the single-series records' scans from a folder: no reports, the same image embeddings
     scans = work / "scans"
     scans.mkdir()
     for r in reports:
+        if len(r["images"]) > 1:
+            continue
         (scans / f"{r['id']}.nii.gz").write_bytes((work / "phantoms" / r["images"][0]).read_bytes())
     out2 = work / "embed_scans.npz"
     overrides = {"bundle_root": str(BUNDLE), "model_dir": str(work / "model"), "dataset_dir": str(scans),
@@ -164,7 +185,7 @@ def test_inference_embeds_a_manifest_and_a_folder_of_scans(trained):
                               workflow_type="infer", **overrides)
     _check_workflow(workflow)
     with np.load(out2, allow_pickle=False) as data:
-        assert "text_embeds" not in data.files
+        assert "text_embeds" not in data.files and len(data["record_ids"]) >= 1
         order = [list(arrays["record_ids"]).index(i) for i in data["record_ids"]]
         assert np.allclose(data["image_embeds"], arrays["image_embeds"][order], atol=1e-5)
 

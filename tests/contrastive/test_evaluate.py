@@ -48,6 +48,8 @@ def test_classes_and_labels_from_schema_records_and_ground_truth():
     assert CE.zero_shot_classes(None, ct_rate)[0] == ["Emphysema", "Atelectasis"]
     assert CE.record_labels(ct_rate, ["Atelectasis", "Emphysema", "Mosaic"]).tolist() == [[0, 1, -1]]
     assert CE._default_schema(None, ct_rate) is None
+    assert CE._scorable_schema(schema_path("phantom_flags")) and not CE._scorable_schema(
+        schema_path("phantom_structures"))
     present, absent = CE.class_prompts(["lung nodule"])
     assert "There is a lung nodule." in present[0] and "No lung nodule." in absent[0]
 
@@ -105,6 +107,19 @@ def test_tiny_model_end_to_end_resume_and_settings(structured_phantoms, tiny_cli
         text = model.get_text_features(enc["input_ids"], enc["attention_mask"])[0].numpy()
     assert np.allclose(emb.image_embeds[0], image, atol=1e-5) and np.allclose(emb.text_embeds[0], text, atol=1e-5)
     assert emb.zero_shot_scores.shape == (len(records), 15) and np.isfinite(emb.zero_shot_scores).all()
+    # the structure level: the rows the training collate builds, embedded as the model's encode_batch does
+    from radfm3d.contrastive.data import ClipCollate
+
+    batch = ClipCollate(processor.tokenizer, processor.recipe)([records[0]])
+    with torch.inference_mode():
+        regions, sentences = model.encode_batch(batch, level_weights={"scan": 0.0, "study": 0.0,
+                                                                      "structure": 1.0})["structure"][:2]
+    mine = emb.structure_series == f"{records[0]['id']}#0"
+    assert int(mine.sum()) == regions.shape[0] > 0
+    assert np.allclose(emb.structure_embeds[mine], regions.numpy(), atol=1e-4)
+    assert np.allclose(emb.structure_text_embeds[mine], sentences.numpy(), atol=1e-4)
+    assert m["structure"]["n_rows"] == len(emb.structure_series)
+    assert m["structure"]["localisation"]["chance"] is not None
 
     # resume: a record the per-record file holds is not embedded again, a missing one is
     cache = out / "tiny" / "test_embeddings.jsonl"
@@ -142,6 +157,28 @@ def test_study_record_gets_the_fused_study_embedding(structured_phantoms, tiny_c
         first = model.get_image_features(enc["pixel_values"][:, 0])[0].numpy()
     assert np.allclose(emb.image_embeds[0], fused, atol=1e-5) and not np.allclose(fused, first, atol=1e-3)
     assert emb.record_ids.tolist() == ["study-0", singles[2]["id"]]
+
+
+def test_batches_and_reader_threads_do_not_change_embeddings(structured_phantoms, tiny_clip_dir, tmp_path):
+    from radfm3d.contrastive.model import RadFM3DCLIPModel
+    from radfm3d.contrastive.processing import RadFM3DCLIPProcessor
+
+    model = RadFM3DCLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = RadFM3DCLIPProcessor.from_pretrained(tiny_clip_dir)
+    records = CE.report_records(structured_phantoms.parent / "train.jsonl")
+    one = load_embeddings(CE.embed_manifest(model, processor, records, tmp_path / "a.npz", batch_size=1,
+                                            num_workers=1, progress=False))
+    many = load_embeddings(CE.embed_manifest(model, processor, records, tmp_path / "b.npz", batch_size=3,
+                                             num_workers=3, progress=False))
+    assert one.record_ids.tolist() == many.record_ids.tolist() == [r["id"] for r in records]
+    assert np.allclose(one.image_embeds, many.image_embeds, atol=1e-5)
+    assert np.allclose(one.text_embeds, many.text_embeds, atol=1e-5)
+    # without a failures list the first unreadable scan raises, naming it
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a scan")
+    with pytest.raises(RadFM3DInputError, match="broken.nii.gz"):
+        CE.embed_manifest(model, processor, [{**records[0], "images": [str(broken)]}], tmp_path / "c.npz",
+                          progress=False)
 
 
 def test_unreadable_scan_is_listed_and_the_rest_scored(structured_phantoms, tiny_clip_dir, tmp_path):

@@ -124,7 +124,8 @@ def _arrays(n=5, p=4, k=2, seed=0):
     return dict(record_ids=np.array([f"r{i}" for i in range(n)]), image_embeds=rng.normal(size=(n, p)),
                 report_texts=np.array([f"text {i % 3}" for i in range(n)]), text_embeds=rng.normal(size=(n, p)),
                 class_names=np.array([f"c{j}" for j in range(k)]), zero_shot_scores=rng.normal(size=(n, k)),
-                labels=rng.integers(-1, 2, size=(n, k)).astype(np.int8), report_zero_shot_scores=rng.normal(size=(n, k)))
+                labels=rng.integers(-1, 2, size=(n, k)).astype(np.int8),
+                report_zero_shot_scores=rng.normal(size=(n, k)))
 
 
 def test_embeddings_file_round_trip(tmp_path):
@@ -206,3 +207,28 @@ def test_two_models_one_table_and_written_report(tmp_path):
     assert md.count("| good |") == 1 and md.count("| noise |") == 1
     for name in ("recall_at_k", "spectrum", "roc_good"):
         assert paths[name].is_file() and paths[name].stat().st_size > 1000
+
+
+def test_localisation_and_structure_rows():
+    e1, e2, e3 = np.eye(3)
+    # series a#0 has two regions (left, right); series b#0 has one (nothing to choose: left out)
+    regions = np.stack([e1, e1, e2, e3])
+    sentences = np.stack([e1, 0.5 * e1 + e2, e2, e3])  # row 1 points at the wrong region, row 2 at its own
+    series = ["a#0", "a#0", "a#0", "b#0"]
+    keys = ["left", "left", "right", "only"]
+    loc = E.localisation_figure(regions, sentences, series, keys, n_resamples=20)
+    assert loc["accuracy"]["value"] == pytest.approx(2 / 3) and loc["accuracy"]["n"] == 3
+    assert loc["chance"] == pytest.approx(0.5) and loc["n_series"] == 1
+    arrays = {**_arrays(n=2, p=3), "record_ids": np.array(["a", "b"]),
+              "structure_series": np.array(series), "structure_regions": np.array(keys),
+              "structure_texts": np.array(["l", "l2", "r", "o"]), "structure_embeds": regions,
+              "structure_text_embeds": sentences}
+    e = E.Embeddings(**arrays)
+    st = E.structure_figures(e, n_resamples=20)
+    assert st["n_rows"] == 4 and st["localisation"]["accuracy"]["value"] == pytest.approx(2 / 3)
+    assert st["retrieval"]["n_unique_reports"] == 4
+    sub = e.subset(["b"])  # the structure rows of the kept records only
+    assert sub.structure_series.tolist() == ["b#0"] and np.allclose(sub.structure_embeds, [e3])
+    arrays.pop("structure_texts")
+    with pytest.raises(RadFM3DInputError, match="need all of"):
+        E.Embeddings(**arrays)

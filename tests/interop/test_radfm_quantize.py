@@ -59,6 +59,25 @@ def test_cpu_dynamic_int8_shrinks_linears_and_keeps_logits_close(converted: Path
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
 
 
+def test_cpu_int8_from_bf16_one_linear_at_a_time(converted: Path) -> None:
+    """``upcast=True`` quantises a bf16-loaded LLM (each Linear upcast just before), ending as the fp32 path does:
+    same int8 bytes, float parts in fp32, the same argmax."""
+    from radfm3d.modeling import RadFM3DForCausalLM
+
+    ids, pixels = _inputs()
+    via_fp32 = quantize_llm_dynamic_int8(RadFM3DForCausalLM.from_pretrained(converted, dtype=torch.float32))
+    via_bf16 = quantize_llm_dynamic_int8(RadFM3DForCausalLM.from_pretrained(converted, dtype=torch.bfloat16),
+                                         upcast=True)
+    assert module_bytes(via_bf16.language_model) == module_bytes(via_fp32.language_model)
+    assert {p.dtype for p in via_bf16.language_model.parameters()} == {torch.float32}
+    assert not any(isinstance(m, torch.nn.Linear) for n, m in via_bf16.language_model.named_modules()
+                   if "lm_head" not in n)
+    with torch.no_grad():
+        a = via_fp32(input_ids=ids, pixel_values=pixels).logits
+        b = via_bf16(input_ids=ids, pixel_values=pixels).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
 def test_int8_needs_fp32(converted: Path) -> None:
     from radfm3d.modeling import RadFM3DForCausalLM
 
