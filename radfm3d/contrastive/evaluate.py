@@ -42,7 +42,7 @@ from radfm3d.evaluation.metrics import BOOTSTRAP_SEED, N_RESAMPLES
 from radfm3d.utils import JsonlAppender, atomic_write_json
 
 __all__ = ["CLIP_TASKS", "PRESENT_TEMPLATES", "ABSENT_TEMPLATES", "report_records", "zero_shot_classes",
-           "record_labels", "class_prompts", "embed_manifest", "cli"]
+           "record_labels", "record_strata", "class_prompts", "embed_manifest", "cli"]
 
 #: manifest tasks whose records pair images with a report
 CLIP_TASKS = ("report", "study_report")
@@ -51,6 +51,8 @@ PRESENT_TEMPLATES = ("There is a {}.", "{} is present.", "Findings consistent wi
 #: "finding absent" phrasings
 ABSENT_TEMPLATES = ("No {}.", "There is no {}.", "No evidence of {}.")
 DEFAULT_SCHEMA = "phantom_flags"
+#: the record key whose value is each record's stratum for the within-stratum AUROC
+DEFAULT_STRATIFY_BY = "region"
 
 
 # -------------------------------------------------------------------------------------------- records
@@ -127,6 +129,21 @@ def record_labels(records: Sequence[Mapping[str, Any]], class_names: Sequence[st
             if out[i, k] < 0 and name in derived:
                 out[i, k] = derived[name]
     return out
+
+
+def record_strata(records: Sequence[Mapping[str, Any]], key: str | None) -> np.ndarray | None:
+    """(N,) str: each record's ``key`` (else its ``ground_truth[key]``) as its stratum, ``"(no KEY)"`` where neither
+    has it; None when ``key`` is None / ``"none"`` or no record has it."""
+    if key is None or key.lower() == "none":
+        return None
+    values = []
+    for r in records:
+        gt = r.get("ground_truth")
+        v = r.get(key, gt.get(key) if isinstance(gt, Mapping) else None)
+        values.append(None if v is None else str(v))
+    if all(v is None for v in values):
+        return None
+    return np.array([f"(no {key})" if v is None else v for v in values])
 
 
 def _given_labels(record: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -276,7 +293,7 @@ def embed_manifest(
     out: str | os.PathLike, *, label_schema: Any = None, tasks: Sequence[str] | None = CLIP_TASKS,
     limit: int | None = None, batch_size: int = 8, num_workers: int = 2, structures: bool = True,
     progress: bool = True,
-    failures: list[dict[str, Any]] | None = None,
+    failures: list[dict[str, Any]] | None = None, stratify_by: str | None = DEFAULT_STRATIFY_BY,
 ) -> Path:
     """Embed every report record of ``manifest`` (a path or its records) and write the embeddings file ``out``.
 
@@ -288,7 +305,8 @@ def embed_manifest(
     :func:`record_labels`) and the zero-shot scores (:func:`zero_shot_scores`, of the image embeddings and, as the
     prompts' text-side ceiling, of the report embeddings) are added when the schema or the records name classes.
     failures: a list that gets ``{"id", "images", "problem"}`` for each record that could not be embedded (then
-    left out); without it the first failure raises. -> the path of the embeddings file.
+    left out); without it the first failure raises. ``stratify_by``: the record key written as ``strata``
+    (:func:`record_strata`; None: none). -> the path of the embeddings file.
     """
     from tqdm.auto import tqdm
 
@@ -383,6 +401,9 @@ def embed_manifest(
             "structure_texts": np.array([s["text"] for _, s in structure_rows]),
             "structure_embeds": np.array([s["image_embeds"] for _, s in structure_rows], dtype=np.float32),
             "structure_text_embeds": np.array([s["text_embeds"] for _, s in structure_rows], dtype=np.float32)})
+    strata = record_strata(kept, stratify_by)
+    if strata is not None:
+        arrays["strata"] = strata
     names, phrases = zero_shot_classes(label_schema, kept)
     if names:
         arrays["class_names"] = np.array(names)
@@ -393,11 +414,12 @@ def embed_manifest(
 
 
 # ----------------------------------------------------------------------------------------- predictions
-def resolve_labels(emb: E.Embeddings, records: Sequence[Mapping[str, Any]], schema: Any) -> tuple[E.Embeddings,
-                                                                                                    dict[str, Any]]:
+def resolve_labels(emb: E.Embeddings, records: Sequence[Mapping[str, Any]], schema: Any,
+                   stratify_by: str | None = DEFAULT_STRATIFY_BY) -> tuple[E.Embeddings, dict[str, Any]]:
     """The embeddings of ``records`` (manifest order; records missing from the file left out) with the manifest's
-    report texts, and labels from the manifest (records' ``labels`` / ground truth with ``schema``) where it knows
-    them, else the file's. -> (embeddings, {"missing", "text_mismatch", "label_conflicts"})."""
+    report texts, labels from the manifest (records' ``labels`` / ground truth with ``schema``) where it knows
+    them, else the file's, and strata from the manifest's ``stratify_by`` key (:func:`record_strata`), else the
+    file's (None / "none": no strata). -> (embeddings, {"missing", "text_mismatch", "label_conflicts"})."""
     have = set(emb.record_ids.tolist())
     kept = [r for r in records if str(r["id"]) in have]
     info: dict[str, Any] = {"missing": [str(r["id"]) for r in records if str(r["id"]) not in have]}
@@ -408,6 +430,11 @@ def resolve_labels(emb: E.Embeddings, records: Sequence[Mapping[str, Any]], sche
     info["text_mismatch"] = int(sum(E.normalize_report(a) != E.normalize_report(b)
                                     for a, b in zip(texts.tolist(), sub.report_texts.tolist())))
     sub.report_texts = texts
+    if stratify_by is None or stratify_by.lower() == "none":
+        sub.strata = None
+    else:
+        strata = record_strata(kept, stratify_by)
+        sub.strata = strata if strata is not None else sub.strata
     if sub.class_names is not None:
         names = sub.class_names.tolist()
     else:
@@ -479,6 +506,10 @@ def cli(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (results.json, report.md, PNG plots)")
     p.add_argument("--label-schema", help="label_schema.json whose flags (else finding types) are the classes "
                                           "(default: the model's, else records' labels, else phantom_flags)")
+    p.add_argument("--stratify-by", default=DEFAULT_STRATIFY_BY, metavar="KEY",
+                   help="record key (e.g. region, modality) whose value is each record's stratum: the zero-shot and "
+                        "probe AUROC are also reported counting only pairs of one stratum; 'none' switches it off "
+                        "(default: %(default)s)")
     p.add_argument("--tasks", nargs="+", default=list(CLIP_TASKS), help="manifest tasks that are report records")
     p.add_argument("--limit", type=int, default=None, help="only the first N report records of each manifest")
     p.add_argument("--n-resamples", type=int, default=N_RESAMPLES)
@@ -538,22 +569,24 @@ def cli(argv: Iterable[str] | None = None) -> int:
             test_file = embed_manifest(model, processor, records, folder / "test_embeddings.npz",
                                        label_schema=schema, batch_size=args.batch_size,
                                        num_workers=args.num_workers,
-                                       structures=not args.no_structures, failures=own)
+                                       structures=not args.no_structures, failures=own,
+                                       stratify_by=args.stratify_by)
             train_file = embed_manifest(model, processor, train_records, folder / "train_embeddings.npz",
                                         label_schema=schema, batch_size=args.batch_size,
-                                        num_workers=args.num_workers, structures=False, failures=own) \
+                                        num_workers=args.num_workers, structures=False, failures=own,
+                                        stratify_by=args.stratify_by) \
                 if train_records else None
             failures += [{**f, "model": name} for f in own]
             test_emb, train_emb = E.load_embeddings(test_file), (E.load_embeddings(train_file) if train_file else None)
         else:
             schema = _default_schema(schema, records)
             test_emb, train_emb = loaded[name], loaded_train.get(name)
-        test, info = resolve_labels(test_emb, records, schema)
+        test, info = resolve_labels(test_emb, records, schema, args.stratify_by)
         train = None
         if train_records is not None:
             source = train_emb if train_emb is not None else test_emb
             if set(str(r["id"]) for r in train_records) & set(source.record_ids.tolist()):
-                train, tinfo = resolve_labels(source, train_records, schema)
+                train, tinfo = resolve_labels(source, train_records, schema, args.stratify_by)
                 info["train_missing"] = len(tinfo["missing"])
             else:
                 info["train_missing"] = len(train_records)
@@ -566,7 +599,8 @@ def cli(argv: Iterable[str] | None = None) -> int:
                             for m in meta_models.values()})
     results, curves = E.evaluate_models(models, n_resamples=args.n_resamples, seed=args.seed, meta={
         "manifest": str(args.manifest), "train_manifest": args.train_manifest, "label_source": ", ".join(label_sources),
-        "sources": meta_models, "n_manifest_records": len(records)})
+        "sources": meta_models, "n_manifest_records": len(records),
+        "stratify_by": None if args.stratify_by.lower() == "none" else args.stratify_by})
     for name, m in results["models"].items():
         src = meta_models[name]
         if src["missing_records"]:
@@ -574,6 +608,8 @@ def cli(argv: Iterable[str] | None = None) -> int:
         if src["report_text_mismatch"]:
             m["notes"].append(f"{src['report_text_mismatch']} report texts differ from the manifest's answers "
                               "(the manifest's are used)")
+        if results["meta"]["stratify_by"] and models[name][0].strata is None:
+            m["notes"].append(f"within-stratum AUROC: no evaluated record has {args.stratify_by!r} (--stratify-by)")
         if src["label_conflicts"]:
             m["notes"].append(f"{src['label_conflicts']} labels in the file disagree with the manifest's "
                               "(the manifest's are used)")

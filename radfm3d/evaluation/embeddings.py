@@ -17,6 +17,8 @@ zero_shot_scores    (N, K)      a score per class, higher = more likely present 
 report_zero_shot_   (N, K)      the same class scores computed from the report's text embedding instead of the
 scores                          image's: the text-side ceiling of the prompts (optional; needs class_names)
 labels              (N, K) int8 1 present, 0 absent, -1 unknown (optional; needs class_names)
+strata              (N,) str    each record's stratum, e.g. its body region (optional): the stratified AUROC
+                                compares only records of one stratum
 =================== =========== =================================================================================
 
 and optionally the structure level, one row per (report sentence, series that sees its structure):
@@ -35,6 +37,11 @@ Figures (each a :class:`~radfm3d.evaluation.metrics.Figure` with a seeded percen
 
 - zero-shot AUROC per class and their mean (one joint bootstrap over records); a class whose evaluated labels take
   one value has no AUROC and is reported as undefined (never 0.5);
+- with ``strata``, the stratified AUROC of the zero-shot and linear-probe scores: per class the fraction of
+  positive-negative pairs within one stratum that are ordered correctly (ties one half), i.e. Mann-Whitney counted
+  only inside strata, with the same joint bootstrap. A score that only tells strata apart (e.g. body regions, when
+  each finding belongs to one region) gets 0.5 here however high its plain AUROC; undefined when no stratum holds
+  both label values;
 - retrieval R@1/5/10 with identical reports grouped (texts equal after lower-casing and collapsing whitespace):
   image->report ranks the unique reports (a hit when the true report is in the top k), report->image ranks every
   image for each unique report (a hit when any image with that report is in the top k); each beside its chance
@@ -67,14 +74,15 @@ from radfm3d.utils import atomic_savefig, atomic_write
 
 __all__ = [
     "Embeddings", "save_embeddings", "load_embeddings", "normalize_report", "auroc_figures", "retrieval_figures",
-    "effective_dimensionality", "linear_probe", "score_embeddings", "comparison_table", "markdown_report",
+    "stratified_auroc_figures", "effective_dimensionality", "linear_probe", "score_embeddings", "comparison_table", "markdown_report",
     "write_plots", "evaluate_models", "write_results", "KS",
 ]
 
 KS = (1, 5, 10)
 REQUIRED = ("record_ids", "image_embeds", "report_texts")
 STRUCTURE = ("structure_series", "structure_regions", "structure_texts", "structure_embeds", "structure_text_embeds")
-OPTIONAL = ("text_embeds", "class_names", "zero_shot_scores", "labels", "report_zero_shot_scores") + STRUCTURE
+OPTIONAL = ("text_embeds", "class_names", "zero_shot_scores", "labels", "report_zero_shot_scores",
+            "strata") + STRUCTURE
 
 
 # ------------------------------------------------------------------------------------------ embeddings file
@@ -90,6 +98,7 @@ class Embeddings:
     zero_shot_scores: np.ndarray | None = None
     labels: np.ndarray | None = None
     report_zero_shot_scores: np.ndarray | None = None
+    strata: np.ndarray | None = None
     structure_series: np.ndarray | None = None
     structure_regions: np.ndarray | None = None
     structure_texts: np.ndarray | None = None
@@ -161,6 +170,10 @@ def _validate(e: Embeddings) -> None:
         raise RadFM3DInputError(src, f"array 'report_texts' has {e.report_texts.shape[0]} rows, record_ids {n}")
     if e.text_embeds is not None:
         e.text_embeds = _as_float_matrix(e.text_embeds, "text_embeds", src, n, e.image_embeds.shape[1])
+    if e.strata is not None:
+        e.strata = _as_str_array(e.strata, "strata", src)
+        if e.strata.shape[0] != n:
+            raise RadFM3DInputError(src, f"array 'strata' has {e.strata.shape[0]} rows, record_ids {n}")
     _validate_structures(e)
     if e.class_names is None:
         extra = [k for k in ("zero_shot_scores", "labels", "report_zero_shot_scores") if getattr(e, k) is not None]
@@ -263,6 +276,14 @@ def _weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray)
     NaN where a row has no positive or no negative weight. Vectorised over resamples: cases are sorted once and
     the weights summed per group of tied scores, which scikit-learn's per-call API cannot do.
     """
+    num, den = _weighted_pairs(scores, labels, weights)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _weighted_pairs(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(correctly ordered positive-negative pairs, ties one half; all positive-negative pairs), each (B,), weighted
+    by the case counts ``weights`` (B, n): the numerator and denominator of :func:`_weighted_auroc`."""
     order, starts = _tie_groups(scores)
     pos = labels[order] == 1
     w = weights[:, order]
@@ -271,8 +292,7 @@ def _weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray)
     below = np.cumsum(nw, axis=1) - nw
     num = (pw * (below + 0.5 * nw)).sum(axis=1)
     den = pw.sum(axis=1) * nw.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return num, den
 
 
 def _resample_counts(n: int, n_resamples: int, seed: int) -> np.ndarray:
@@ -310,6 +330,72 @@ def auroc_figures(
         point = float(_weighted_auroc(s, y, np.ones((1, y.size)))[0])
         boot = _weighted_auroc(s, y, counts[:, known])
         per_class[name] = {**Figure(point, *_percentiles(boot), int(y.size)).to_dict(), "positives": n_pos}
+        points.append(point)
+        boots.append(boot)
+        defined.append(name)
+    if defined:
+        with np.errstate(invalid="ignore"), _quiet():
+            mean_boot = np.nanmean(np.stack(boots, axis=1), axis=1)
+        mean = Figure(float(np.mean(points)), *_percentiles(mean_boot), n).to_dict()
+    else:
+        mean = Figure(float("nan"), float("nan"), float("nan"), n).to_dict()
+    return {"per_class": per_class, "mean": mean, "defined": defined, "undefined": undefined}
+
+
+def stratified_auroc_figures(
+    labels: np.ndarray, scores: np.ndarray, strata: Sequence[str], class_names: Sequence[str], *,
+    n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:
+    """AUROC per class counted only inside strata, and their mean, with the joint bootstrap of :func:`auroc_figures`
+    (the same resampled records).
+
+    labels: (N, K) in {1, 0, -1 unknown}; scores: (N, K); strata: (N,) keys. Per class: the correctly ordered
+    positive-negative pairs (ties one half) summed over strata, over all positive-negative pairs whose two records
+    share a stratum. With one stratum this is the plain AUROC. -> the shape of :func:`auroc_figures`, each defined
+    class with ``"strata"`` (the strata holding both labels; ``n`` counts their records); undefined with the reason
+    when no stratum holds both label values.
+    """
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    keys = np.asarray([str(s) for s in strata])
+    n = labels.shape[0]
+    if keys.shape[0] != n:
+        raise ValueError(f"strata has {keys.shape[0]} rows, labels {n}")
+    counts = _resample_counts(n, n_resamples, seed) if n else np.zeros((0, 0))
+    per_class: dict[str, Any] = {}
+    points, boots, defined, undefined = [], [], [], []
+    for k, name in enumerate(class_names):
+        known = labels[:, k] >= 0
+        num = np.zeros(1)
+        den = np.zeros(1)
+        bnum = np.zeros(counts.shape[0])
+        bden = np.zeros(counts.shape[0])
+        used, n_used, n_pos = [], 0, 0
+        for key in dict.fromkeys(keys[known].tolist()):
+            rows = known & (keys == key)
+            y, s = labels[rows, k], scores[rows, k]
+            p = int((y == 1).sum())
+            if p == 0 or p == y.size:
+                continue
+            a, b = _weighted_pairs(s, y, np.ones((1, y.size)))
+            num, den = num + a, den + b
+            a, b = _weighted_pairs(s, y, counts[:, rows])
+            bnum, bden = bnum + a, bden + b
+            used.append(key)
+            n_used += int(y.size)
+            n_pos += p
+        if not used:
+            y = labels[known, k]
+            per_class[name] = {"undefined": f"no stratum holds both label values ({int((y == 1).sum())} of {y.size} "
+                                            f"present, {len(set(keys[known].tolist()))} strata)",
+                               "n": int(y.size), "positives": int((y == 1).sum())}
+            undefined.append(name)
+            continue
+        point = float(num[0] / den[0])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            boot = np.where(bden > 0, bnum / np.where(bden > 0, bden, 1.0), np.nan)
+        per_class[name] = {**Figure(point, *_percentiles(boot), n_used).to_dict(), "positives": n_pos,
+                           "strata": used}
         points.append(point)
         boots.append(boot)
         defined.append(name)
@@ -493,10 +579,13 @@ def effective_dimensionality(embeds: np.ndarray, variance: float = 0.9) -> dict[
 def linear_probe(
     train_embeds: np.ndarray, train_labels: np.ndarray, test_embeds: np.ndarray, test_labels: np.ndarray,
     class_names: Sequence[str], *, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, C: float = 1.0,
+    test_strata: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Per class, scikit-learn ``LogisticRegression`` (L2, ``C``, balanced class weights) on the L2-normalised
     training embeddings (records with a known label), probability of "present" on the test embeddings, and
-    :func:`auroc_figures` of those scores. A class whose training labels take one value is not fitted (undefined)."""
+    :func:`auroc_figures` of those scores (and with ``test_strata`` (N_test,), ``"stratified"``:
+    :func:`stratified_auroc_figures` of them). A class whose training labels take one value is not fitted
+    (undefined)."""
     from sklearn.linear_model import LogisticRegression
 
     xtr, xte = _unit(train_embeds), _unit(test_embeds)
@@ -514,9 +603,13 @@ def linear_probe(
         clf.fit(xtr[known], y)
         scores[:, k] = clf.predict_proba(xte)[:, 1]
     out = auroc_figures(labels, scores, class_names, n_resamples=n_resamples, seed=seed)
+    if test_strata is not None:
+        out["stratified"] = stratified_auroc_figures(labels, scores, test_strata, class_names,
+                                                     n_resamples=n_resamples, seed=seed)
     for name, why in not_fitted.items():
-        out["per_class"][name] = {"undefined": why, "n": int((np.asarray(test_labels)[:, list(class_names).index(
-            name)] >= 0).sum()), "positives": None}
+        for block in (out, out.get("stratified") or {"per_class": {}}):
+            block["per_class"][name] = {"undefined": why, "n": int((np.asarray(test_labels)[
+                :, list(class_names).index(name)] >= 0).sum()), "positives": None}
     out["n_train"] = int(xtr.shape[0])
     out["scores"] = scores
     return out
@@ -531,7 +624,8 @@ def score_embeddings(
     ``train`` (with labels) for the linear probe and the blind retrieval baseline.
 
     -> {"name", "n_records", "zero_shot", "retrieval", "dimensionality": {"image", "text"}, "probe", "notes"}; a
-    part that cannot be computed is None with a note saying why.
+    part that cannot be computed is None with a note saying why. With ``test.strata``, "zero_shot" and "probe" also
+    hold "stratified" (:func:`stratified_auroc_figures`) and "n_strata".
     """
     boot = {"n_resamples": n_resamples, "seed": seed}
     notes: list[str] = []
@@ -545,10 +639,15 @@ def score_embeddings(
             # the same prompts scored against each record's own report text: what the prompts reach at best
             res["zero_shot"]["report_text"] = auroc_figures(test.labels, test.report_zero_shot_scores, classes,
                                                             **boot)
+        if test.strata is not None:
+            res["zero_shot"]["stratified"] = stratified_auroc_figures(test.labels, test.zero_shot_scores,
+                                                                      test.strata.tolist(), classes, **boot)
     else:
         res["zero_shot"] = None
         notes.append("zero-shot: the embeddings hold no zero_shot_scores" if test.zero_shot_scores is None
                      else "zero-shot: no labels for the classes (give --label-schema or records with 'labels')")
+    if test.strata is not None:
+        res["n_strata"] = len(set(test.strata.tolist()))
     if test.text_embeds is not None:
         prior = train.report_texts.tolist() if train is not None else None
         res["retrieval"] = retrieval_figures(test.image_embeds, test.text_embeds, test.report_texts.tolist(),
@@ -568,7 +667,8 @@ def score_embeddings(
         res["probe"] = None
         notes.append("linear probe: no labels")
     else:
-        probe = linear_probe(train.image_embeds, train.labels, test.image_embeds, test.labels, classes, **boot)
+        probe = linear_probe(train.image_embeds, train.labels, test.image_embeds, test.labels, classes,
+                             test_strata=test.strata.tolist() if test.strata is not None else None, **boot)
         probe.pop("scores")
         probe["blind"] = 0.5
         res["probe"] = probe
@@ -585,16 +685,18 @@ def _fig(f: Mapping[str, Any] | None, digits: int = 3) -> str:
 
 
 def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Markdown table, one row per model: zero-shot and probe mean AUROC, R@1/5/10 both ways, participation
-    ratios (image / text) -- the level ablation is one model per row."""
-    head = ("| model | n | zero-shot mean AUROC | prompts on report text | probe mean AUROC | "
-            "image→report R@1 / R@5 / R@10 | report→image R@1 / R@5 / R@10 | structure: sentence→region R@5 / "
-            "localisation | PR image / text |")
-    lines = [head, "|" + "---|" * 9]
+    """Markdown table, one row per model: zero-shot and probe mean AUROC (each also within strata), R@1/5/10 both
+    ways, participation ratios (image / text) -- the level ablation is one model per row."""
+    head = ("| model | n | zero-shot mean AUROC | zero-shot within stratum | prompts on report text | probe mean AUROC | "
+            "probe within stratum | image→report R@1 / R@5 / R@10 | report→image R@1 / R@5 / R@10 | structure: "
+            "sentence→region R@5 / localisation | PR image / text |")
+    lines = [head, "|" + "---|" * 11]
     for name, m in models.items():
         zs = _fig((m.get("zero_shot") or {}).get("mean"))
+        zs_st = _fig(((m.get("zero_shot") or {}).get("stratified") or {}).get("mean"))
         ceiling = _fig(((m.get("zero_shot") or {}).get("report_text") or {}).get("mean"))
         pr = _fig((m.get("probe") or {}).get("mean"))
+        pr_st = _fig(((m.get("probe") or {}).get("stratified") or {}).get("mean"))
         ret = m.get("retrieval")
         cells = []
         for d in ("image_to_report", "report_to_image"):
@@ -606,8 +708,8 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         st_txt = (f"{st['retrieval']['report_to_image']['R@5']['value']:.3f} / "
                   + (f"{st['localisation']['accuracy']['value']:.3f}"
                      if st["localisation"]["accuracy"]["value"] is not None else "—")) if st else "—"
-        lines.append(f"| {name} | {m['n_records']} | {zs} | {ceiling} | {pr} | {cells[0]} | {cells[1]} | {st_txt} | "
-                     f"{pr_txt} |")
+        lines.append(f"| {name} | {m['n_records']} | {zs} | {zs_st} | {ceiling} | {pr} | {pr_st} | {cells[0]} | "
+                     f"{cells[1]} | {st_txt} | {pr_txt} |")
     first = next(iter(models.values()), None)
     if first and first.get("retrieval"):
         ret = first["retrieval"]
@@ -615,7 +717,7 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         st_chance = (f"{st['retrieval']['report_to_image']['chance@5']:.3f} / "
                      + (f"{st['localisation']['chance']:.3f}" if st["localisation"]["chance"] is not None
                         else "—")) if st else ""
-        lines.append("| chance / blind | | 0.5 | 0.5 | 0.5 | " + " / ".join(
+        lines.append("| chance / blind | | 0.5 | 0.5 | 0.5 | 0.5 | 0.5 | " + " / ".join(
             f"{ret['image_to_report'][f'chance@{k}']:.3f}" for k in KS) + " (blind " + " / ".join(
             f"{ret['image_to_report'][f'blind@{k}']['value']:.3f}" for k in KS) + ") | " + " / ".join(
             f"{ret['report_to_image'][f'chance@{k}']:.3f}" for k in KS) + f" | {st_chance} | |")
@@ -640,6 +742,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         lines += ["", f"## Records not embedded ({len(failures)}, not scored)", "", "| model | id | problem |",
                   "|---|---|---|"]
         lines += [f"| {f.get('model', '')} | {f['id']} | {str(f['problem']).replace('|', '/')} |" for f in failures]
+    strat_key = meta.get("stratify_by") or "stratum"
     for name, m in models.items():
         lines += ["", f"## {name}", "", f"Embeddings: `{m.get('source')}`; {m['n_records']} records.", ""]
         for part, title in (("zero_shot", "Zero-shot AUROC"), ("probe", "Linear probe AUROC")):
@@ -648,10 +751,18 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                 continue
             extra = f" (trained on {block['n_train']} records)" if part == "probe" else ""
             ceiling = (block.get("report_text") or {}).get("per_class", {})
-            head = "| class | AUROC | 95% CI | n | positives |" + (" prompts on report text |" if ceiling else "")
-            lines += [f"### {title}{extra}", "", head, "|---|---|---|---|---|" + ("---|" if ceiling else "")]
+            strat = block.get("stratified")
+            head = ("| class | AUROC | 95% CI | n | positives |" + (" within stratum (n) |" if strat else "")
+                    + (" prompts on report text |" if ceiling else ""))
+            lines += [f"### {title}{extra}", "", head,
+                      "|---|---|---|---|---|" + ("---|" if strat else "") + ("---|" if ceiling else "")]
             for cls, f in block["per_class"].items():
-                tail = f" {_fig(ceiling.get(cls), 3) if ceiling.get(cls, {}).get('value') is not None else '—'} |" \
+                tail = ""
+                if strat:
+                    sf = strat["per_class"].get(cls, {})
+                    tail += (f" {_fig(sf)} ({sf['n']}) |" if sf.get("value") is not None else
+                             f" undefined: {sf.get('undefined', '—')} |")
+                tail += f" {_fig(ceiling.get(cls), 3) if ceiling.get(cls, {}).get('value') is not None else '—'} |" \
                     if ceiling else ""
                 if "undefined" in f:
                     pos = "—" if f["positives"] is None else f["positives"]
@@ -659,10 +770,16 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                 else:
                     lines.append(f"| {cls} | {f['value']:.3f} | [{f['low']:.3f}, {f['high']:.3f}] | {f['n']} | "
                                  f"{f['positives']} |{tail}")
-            mean_tail = f" {_fig(block['report_text']['mean'])} |" if ceiling else ""
+            mean_tail = (f" {_fig(strat['mean'])} |" if strat else "") + (
+                f" {_fig(block['report_text']['mean'])} |" if ceiling else "")
             lines.append(f"| **mean** ({len(block['defined'])} defined) | {_fig(block['mean'])} | | "
                          f"{block['mean']['n']} | |{mean_tail}")
             lines += ["", "Blind baseline: a constant score, AUROC 0.5."
+                      + (f" Within stratum: only positive-negative pairs of records with the same {strat_key} "
+                         f"({m.get('n_strata')} strata) are compared, which controls for {strat_key} recognition: a "
+                         f"score that only tells one {strat_key} from another (e.g. because each finding occurs in "
+                         "one body region) gets 0.5 there however high its plain AUROC; chance is 0.5."
+                         if strat else "")
                       + (" Prompts on report text: the same prompts scored against each record's own report "
                          "embedding instead of its image's (the text side's ceiling)." if ceiling else ""), ""]
         ret = m.get("retrieval")

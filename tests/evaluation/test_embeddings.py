@@ -48,6 +48,62 @@ def test_perfect_and_reversed_scores():
     assert E.auroc_figures(y, -np.array([[0.1], [0.2], [0.8], [0.9]]), ["x"], n_resamples=10)["mean"]["value"] == 0.0
 
 
+def test_stratified_auroc_by_hand_and_per_stratum_sklearn():
+    # stratum A: pos 0.9, 0.2; neg 0.5, 0.2 -> pairs (0.9>0.5) 1, (0.9>0.2) 1, (0.2<0.5) 0, (0.2=0.2) 0.5 = 2.5 / 4
+    # stratum B: pos 0.1; neg 0.3, 0.0 -> 0 + 1 = 1 / 2; stratum C: only negatives, no pairs
+    labels = np.array([[1], [1], [0], [0], [1], [0], [0], [0], [-1]])
+    scores = np.array([[0.9], [0.2], [0.5], [0.2], [0.1], [0.3], [0.0], [5.0], [9.0]])
+    strata = ["A", "A", "A", "A", "B", "B", "B", "C", "A"]
+    res = E.stratified_auroc_figures(labels, scores, strata, ["x"], n_resamples=40, seed=1)
+    f = res["per_class"]["x"]
+    assert f["value"] == pytest.approx((2.5 + 1) / (4 + 2))
+    assert f["strata"] == ["A", "B"] and f["n"] == 7 and f["positives"] == 3
+    assert f["low"] <= f["value"] <= f["high"]
+    # pair-weighted pooling of each stratum's scikit-learn AUROC
+    a, b = slice(0, 4), slice(4, 7)
+    pooled = 4 * roc_auc_score(labels[a, 0], scores[a, 0]) + 2 * roc_auc_score(labels[b, 0], scores[b, 0])
+    assert f["value"] == pytest.approx(pooled / 6)
+    # the interval: the same resampled records as the plain AUROC (pairs and correct pairs summed over strata)
+    counts = E._resample_counts(9, 40, 1)
+    boot = []
+    for c in counts:
+        num = den = 0.0
+        for rows in (a, b):
+            y, s, w = labels[rows, 0], scores[rows, 0], c[rows]
+            pairs = w[y == 1].sum() * w[y == 0].sum()
+            if pairs > 0:
+                num += roc_auc_score(y, s, sample_weight=w) * pairs
+                den += pairs
+        boot.append(num / den if den else np.nan)
+    assert f["low"] == pytest.approx(np.nanpercentile(boot, 2.5))
+    assert f["high"] == pytest.approx(np.nanpercentile(boot, 97.5))
+
+
+def test_stratified_auroc_one_stratum_equals_sklearn_and_region_scores_are_chance():
+    rng = np.random.default_rng(2)
+    n = 50
+    labels = rng.integers(0, 2, size=(n, 2)).astype(np.int8)
+    scores = rng.integers(0, 4, size=(n, 2)).astype(float)
+    one = E.stratified_auroc_figures(labels, scores, ["all"] * n, ["a", "b"], n_resamples=30, seed=4)
+    plain = E.auroc_figures(labels, scores, ["a", "b"], n_resamples=30, seed=4)
+    for k, name in enumerate("ab"):
+        assert one["per_class"][name]["value"] == pytest.approx(roc_auc_score(labels[:, k], scores[:, k]))
+        assert one["per_class"][name]["low"] == pytest.approx(plain["per_class"][name]["low"])
+    assert one["mean"]["value"] == pytest.approx(plain["mean"]["value"])
+    # a finding only in the head, scored by "is this the head": plain AUROC high, within region 0.5
+    region = np.array(["head"] * 20 + ["abdomen"] * 20)
+    y = np.zeros((40, 2), np.int8)
+    y[:8, 0] = 1  # class 0: 8 of the 20 heads
+    y[:, 1] = 0  # class 1: never present -> undefined with the reason
+    s = np.stack([(region == "head").astype(float), np.zeros(40)], axis=1)
+    # plain: 8 positives (score 1) over 20 abdomen negatives (0) won, over 12 head negatives (1) tied: 26 / 32
+    assert E.auroc_figures(y, s, ["h", "z"], n_resamples=20)["per_class"]["h"]["value"] == pytest.approx(26 / 32)
+    st = E.stratified_auroc_figures(y, s, region, ["h", "z"], n_resamples=20)
+    assert st["per_class"]["h"]["value"] == 0.5 and st["per_class"]["h"]["strata"] == ["head"]
+    assert st["per_class"]["z"]["undefined"].startswith("no stratum holds both label values")
+    assert st["defined"] == ["h"] and st["mean"]["value"] == 0.5
+
+
 def _retrieval_case():
     e1, e2, e3 = np.eye(3)
     texts = ["Report A.", "report  a.", "Report B.", "Report C."]  # the first two are one report after normalising
@@ -139,7 +195,10 @@ def test_embeddings_file_round_trip(tmp_path):
         assert npz["report_texts"].dtype.kind == "U"
     sub = e.subset(["r3", "r1"])
     assert sub.record_ids.tolist() == ["r3", "r1"] and np.allclose(sub.image_embeds, ref["image_embeds"][[3, 1]])
-    assert sub.class_names.tolist() == ["c0", "c1"]
+    assert sub.class_names.tolist() == ["c0", "c1"] and sub.strata is None
+    path = E.save_embeddings(tmp_path / "strata.npz", **_arrays(), strata=np.array(["a", "b", "a", "b", "c"]))
+    e = E.load_embeddings(path)
+    assert e.strata.tolist() == ["a", "b", "a", "b", "c"] and e.subset(["r4", "r0"]).strata.tolist() == ["c", "a"]
 
 
 def _write_raw(path, **arrays):
@@ -160,6 +219,8 @@ def _write_raw(path, **arrays):
     (lambda a: a.update(report_zero_shot_scores=np.zeros((5, 3))), "'report_zero_shot_scores' must have shape (5, 2)"),
     (lambda a: a.update(report_texts=np.arange(5)), "'report_texts' must hold strings"),
     (lambda a: a.update(report_texts=np.array(["x"] * 4)), "'report_texts' has 4 rows"),
+    (lambda a: a.update(strata=np.array(["x"] * 4)), "'strata' has 4 rows"),
+    (lambda a: a.update(strata=np.arange(5)), "'strata' must hold strings"),
 ])
 def test_bad_embeddings_files_name_file_and_array(tmp_path, change, words):
     arrays = _arrays()
@@ -194,8 +255,12 @@ def test_two_models_one_table_and_written_report(tmp_path):
                         report_zero_shot_scores=labels.astype(float))
     noise = E.Embeddings(good.record_ids, rng.normal(size=(n, p)), texts, text_embeds, good.class_names,
                          rng.normal(size=(n, 2)), labels)
-    results, curves = E.evaluate_models({"good": (good, good), "noise": (noise, None)}, n_resamples=50)
+    good.strata = np.array(["s0", "s1"] * (n // 2))
+    results, curves = E.evaluate_models({"good": (good, good), "noise": (noise, None)}, n_resamples=50,
+                                        meta={"stratify_by": "region"})
     g, z = results["models"]["good"], results["models"]["noise"]
+    assert g["zero_shot"]["stratified"]["mean"]["value"] > 0.95 and g["probe"]["stratified"]["mean"]["value"] > 0.9
+    assert g["n_strata"] == 2 and "stratified" not in z["zero_shot"]
     assert g["zero_shot"]["mean"]["value"] > 0.95 and g["retrieval"]["image_to_report"]["R@1"]["value"] == 1.0
     assert g["probe"]["mean"]["value"] > 0.9 and z["probe"] is None
     assert g["zero_shot"]["report_text"]["mean"]["value"] == 1.0 and "report_text" not in z["zero_shot"]
@@ -205,6 +270,10 @@ def test_two_models_one_table_and_written_report(tmp_path):
     assert set(saved["models"]) == {"good", "noise"}
     md = (tmp_path / "report.md").read_text()
     assert md.count("| good |") == 1 and md.count("| noise |") == 1
+    assert "zero-shot within stratum" in md and "pairs of records with the same region (2 strata)" in md
+    row = next(line for line in md.splitlines() if line.startswith("| good |")).split(" | ")
+    assert row[4].startswith(f"{g['zero_shot']['stratified']['mean']['value']:.3f}")
+    assert "stratified" in saved["models"]["good"]["probe"]
     for name in ("recall_at_k", "spectrum", "roc_good"):
         assert paths[name].is_file() and paths[name].stat().st_size > 1000
 
