@@ -107,6 +107,9 @@ def test_tiny_model_end_to_end_resume_and_settings(structured_phantoms, tiny_cli
         text = model.get_text_features(enc["input_ids"], enc["attention_mask"])[0].numpy()
     assert np.allclose(emb.image_embeds[0], image, atol=1e-5) and np.allclose(emb.text_embeds[0], text, atol=1e-5)
     assert emb.zero_shot_scores.shape == (len(records), 15) and np.isfinite(emb.zero_shot_scores).all()
+    assert emb.strata.tolist() == [r["region"] for r in records]  # --stratify-by region (the default)
+    assert results["meta"]["stratify_by"] == "region" and m["n_strata"] == len({r["region"] for r in records})
+    assert set(m["zero_shot"]["stratified"]["per_class"]) == set(m["classes"])
     # the structure level: the rows the training collate builds, embedded as the model's encode_batch does
     from radfm3d.contrastive.data import ClipCollate
 
@@ -199,6 +202,21 @@ def test_unreadable_scan_is_listed_and_the_rest_scored(structured_phantoms, tiny
     assert [f["id"] for f in failures] == [records[0]["id"]]
     assert json.loads((out / "results.json").read_text())["models"]["tiny_clip"]["n_records"] == len(records) - 1
     assert records[0]["id"] in (out / "report.md").read_text()
+
+
+def test_strata_from_records_override_the_file_and_switch_off(tmp_path):
+    records = [{"id": "a", "answer": "x", "region": "head", "modality": "CT"},
+               {"id": "b", "answer": "y", "ground_truth": {"region": "chest"}, "modality": "MR"},
+               {"id": "c", "answer": "z", "modality": "CT"}]
+    assert CE.record_strata(records, "region").tolist() == ["head", "chest", "(no region)"]
+    assert CE.record_strata(records, "modality").tolist() == ["CT", "MR", "CT"]
+    assert CE.record_strata(records, "none") is None and CE.record_strata(records, "site") is None
+    emb = load_embeddings(save_embeddings(tmp_path / "e.npz", record_ids=np.array(["c", "b", "a"]),
+                                          image_embeds=np.eye(3), report_texts=np.array(["z", "y", "x"]),
+                                          strata=np.array(["s3", "s2", "s1"])))
+    assert CE.resolve_labels(emb, records, None, "modality")[0].strata.tolist() == ["CT", "MR", "CT"]
+    assert CE.resolve_labels(emb, records, None, "site")[0].strata.tolist() == ["s1", "s2", "s3"]  # the file's
+    assert CE.resolve_labels(emb, records, None, "none")[0].strata is None
 
 
 def test_embeddings_files_of_other_models_one_row_each(structured_phantoms, tmp_path, capsys):
