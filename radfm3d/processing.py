@@ -40,6 +40,7 @@ from radfm3d.utils import read_json_object
 
 __all__ = [
     "RadFM3DProcessor",
+    "save_processor_files",
     "IMAGE_START_TOKEN",
     "IMAGE_END_TOKEN",
     "IMAGE_PAD_TOKEN",
@@ -116,6 +117,34 @@ def _is_single_image(obj: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ processor
+def save_processor_files(save_directory: str | os.PathLike, tokenizer: Any, recipe: PreprocessingRecipe,
+                         config: dict[str, Any], config_name: str) -> Path:
+    """Write a processor's tokenizer files, ``preprocessing.json`` and its ``config_name`` JSON into a folder.
+
+    Every file is written atomically: all of them go to a temporary folder inside ``save_directory`` first and are
+    then moved into place one by one with ``os.replace`` (the config last), so a kill leaves each file either old
+    or new, never half written."""
+    import shutil
+    import tempfile
+
+    from radfm3d.utils import atomic_write
+
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".processor-", dir=out))
+    try:
+        tokenizer.save_pretrained(str(staging))
+        recipe.save(staging)
+        for item in sorted(staging.iterdir()):
+            if item.is_file():
+                os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(out / config_name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return out
+
+
 class RadFM3DProcessor:
     """Tokenizer + :class:`~radfm3d.transforms.PreprocessingRecipe` -> ``input_ids``, ``attention_mask``,
     ``pixel_values (B, S, C, H, W, D)``, ``image_mask (B, S)``, ``grid_geometry``.
@@ -563,25 +592,7 @@ class RadFM3DProcessor:
         Every file is written atomically: all of them go to a temporary folder inside ``save_directory`` first and
         are then moved into place one by one with ``os.replace`` (``processor_config.json`` last), so a kill leaves
         each file either old or new, never half written."""
-        import shutil
-        import tempfile
-
-        from radfm3d.utils import atomic_write
-
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".processor-", dir=out))
-        try:
-            self.tokenizer.save_pretrained(str(staging))
-            self.recipe.save(staging)
-            for item in sorted(staging.iterdir()):
-                if item.is_file():
-                    os.replace(item, out / item.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        atomic_write(out / PROCESSOR_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        return out
+        return save_processor_files(save_directory, self.tokenizer, self.recipe, self.to_dict(), PROCESSOR_CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> RadFM3DProcessor:

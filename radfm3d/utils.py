@@ -77,6 +77,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
             os.remove(tmp)
 
 
+def publish_folder(partial: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move a finished folder ``partial`` onto ``out`` with ``os.replace`` (an existing ``out`` is moved aside
+    first, then removed), so ``out`` is never half written. Both must be on one file system."""
+    import shutil
+
+    partial, out = Path(partial), Path(out)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(partial, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """``path`` as a folder that exists and can be written (created if missing; a probe file is made and removed).
 

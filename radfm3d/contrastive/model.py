@@ -36,6 +36,7 @@ from transformers.utils import ModelOutput
 from radfm3d.contrastive.configuration import LEVELS, RadFM3DCLIPConfig, clean_text_config, resolve_text_model
 from radfm3d.contrastive.loss import contrastive_loss
 from radfm3d.errors import RadFM3DInputError
+from radfm3d.modeling.model import checked_image_mask
 from radfm3d.modeling.resampler import PerceiverResampler
 from radfm3d.modeling.vision import VisionTransformer3D
 from radfm3d.utils import atomic_write
@@ -211,7 +212,7 @@ class RadFM3DCLIPModel(PreTrainedModel):
         if pixel_values.ndim != 6:
             raise RadFM3DInputError("pixel_values", f"expected (B, C, H, W, D) or (B, S, C, H, W, D), got "
                                     f"{tuple(pixel_values.shape)}")
-        mask = self._image_mask(pixel_values, image_mask)
+        mask = checked_image_mask(pixel_values, image_mask)
         pooled = self.encode_series(pixel_values[mask])[0]
         series = pooled.new_zeros(*mask.shape, pooled.shape[-1])
         series[mask] = pooled
@@ -227,16 +228,6 @@ class RadFM3DCLIPModel(PreTrainedModel):
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.text_projection(_masked_mean(hidden, attention_mask).to(self.text_projection.weight.dtype))
-
-    @staticmethod
-    def _image_mask(pixel_values: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
-        b, s = pixel_values.shape[:2]
-        if image_mask is None:
-            return torch.ones(b, s, dtype=torch.bool, device=pixel_values.device)
-        if tuple(image_mask.shape) != (b, s):
-            raise RadFM3DInputError("image_mask", f"shape {tuple(image_mask.shape)} does not match pixel_values "
-                                    f"(B, S)=({b}, {s})")
-        return image_mask.to(device=pixel_values.device, dtype=torch.bool)
 
     # ------------------------------------------------------------------ CLIP API
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -303,7 +294,7 @@ class RadFM3DCLIPModel(PreTrainedModel):
             pixel_values = pixel_values.unsqueeze(1)
         if pixel_values.ndim != 6:
             raise RadFM3DInputError("pixel_values", f"expected (B, S, C, H, W, D), got {tuple(pixel_values.shape)}")
-        mask = self._image_mask(pixel_values, batch.get("image_mask"))
+        mask = checked_image_mask(pixel_values, batch.get("image_mask"))
         counts = mask.sum(dim=1)
         structure_index = batch.get("structure_index")
         n_structures = 0 if structure_index is None else int(structure_index.shape[0])

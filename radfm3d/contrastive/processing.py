@@ -15,7 +15,6 @@ processor (:func:`radfm3d.io.load_image`, :func:`radfm3d.transforms.preprocess`,
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,9 +25,9 @@ import torch
 from transformers import BatchFeature
 
 from radfm3d.errors import RadFM3DInputError
-from radfm3d.processing import RadFM3DProcessor
+from radfm3d.processing import RadFM3DProcessor, save_processor_files
 from radfm3d.transforms import PreprocessingRecipe
-from radfm3d.utils import atomic_write, read_json_object
+from radfm3d.utils import read_json_object
 
 __all__ = ["RadFM3DCLIPProcessor", "CLIP_PROCESSOR_CONFIG_NAME"]
 
@@ -133,23 +132,8 @@ class RadFM3DCLIPProcessor:
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the tokenizer files, ``preprocessing.json`` and ``processor_config.json`` (last), each atomically
         (staged in a temporary folder inside ``save_directory``, then moved into place with ``os.replace``)."""
-        import shutil
-        import tempfile
-
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".processor-", dir=out))
-        try:
-            self.tokenizer.save_pretrained(str(staging))
-            self.recipe.save(staging)
-            for item in sorted(staging.iterdir()):
-                if item.is_file():
-                    os.replace(item, out / item.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        atomic_write(out / CLIP_PROCESSOR_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        return out
+        return save_processor_files(save_directory, self.tokenizer, self.recipe, self.to_dict(),
+                                    CLIP_PROCESSOR_CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> RadFM3DCLIPProcessor:

@@ -40,6 +40,7 @@ from torch import nn
 
 from radfm3d.engine.data import dist_info
 from radfm3d.engine.training import autocast_dtype, seed_everything, unwrap_model
+from radfm3d.utils import publish_folder
 
 __all__ = [
     "build_clip_model",
@@ -518,13 +519,7 @@ def export_clip_model(network: nn.Module, out_dir: str | os.PathLike, processor:
         inner.save_pretrained(partial)
         if processor is not None and hasattr(processor, "save_pretrained"):
             processor.save_pretrained(partial)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(partial, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_folder(partial, out)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)

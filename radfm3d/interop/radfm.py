@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from radfm3d.utils import progress_bar, read_json_object
+from radfm3d.utils import progress_bar, publish_folder, read_json_object
 from radfm3d.errors import RadFM3DInputError
 
 __all__ = [
@@ -657,7 +657,7 @@ def convert_radfm(
         config.save_pretrained(partial)  # config.json last among the model files: a partial folder never looks whole
         (partial / REPORT_NAME).write_text(json.dumps(report, indent=2))
         del state
-        _publish(partial, out)
+        publish_folder(partial, out)
     except BaseException:
         bar.close()
         shutil.rmtree(partial, ignore_errors=True)
@@ -705,17 +705,6 @@ def _write_recipe(folder: Path) -> None:
     from radfm3d.transforms import PreprocessingRecipe
 
     PreprocessingRecipe.radfm().save(folder)
-
-
-def _publish(partial: Path, out: Path) -> None:
-    """``os.replace`` the finished folder into place (an existing ``out`` is moved aside first, then removed)."""
-    old = None
-    if out.exists():
-        old = out.parent / f"{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _group(dropped: Mapping[str, str]) -> dict[str, int]:

@@ -65,6 +65,18 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
 
 
+def checked_image_mask(pixel_values: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B, S)`` bool mask of the present images of ``pixel_values (B, S, C, H, W, D)`` (all present when None);
+    a mask of another shape is a ``RadFM3DInputError``."""
+    b, s = pixel_values.shape[:2]
+    if image_mask is None:
+        return torch.ones(b, s, dtype=torch.bool, device=pixel_values.device)
+    if tuple(image_mask.shape) != (b, s):
+        raise RadFM3DInputError(
+            "image_mask", f"shape {tuple(image_mask.shape)} does not match pixel_values (B, S)=({b}, {s})")
+    return image_mask.to(device=pixel_values.device, dtype=torch.bool)
+
+
 class RadFM3DPreTrainedModel(PreTrainedModel):
     """Base class: config class, gradient-checkpointing support, no re-initialisation of a loaded LLM."""
 
@@ -183,13 +195,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
 
     @staticmethod
     def _image_mask(pixel_values: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
-        b, s = pixel_values.shape[:2]
-        if image_mask is None:
-            return torch.ones(b, s, dtype=torch.bool, device=pixel_values.device)
-        if tuple(image_mask.shape) != (b, s):
-            raise RadFM3DInputError(
-                "image_mask", f"shape {tuple(image_mask.shape)} does not match pixel_values (B, S)=({b}, {s})")
-        return image_mask.to(device=pixel_values.device, dtype=torch.bool)
+        return checked_image_mask(pixel_values, image_mask)
 
     # ------------------------------------------------------------------ embeddings
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

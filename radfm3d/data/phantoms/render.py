@@ -298,10 +298,9 @@ def _bias_field(acq: Acquisition, rng: np.random.Generator) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- case sampling
-def split_of(seed: int, index: int) -> str:
-    """Split of case ``index``: fixed by (seed, index), independent of n; a golden-ratio sequence keeps
-    80/10/10 proportions even for small n."""
-    offset = np.random.default_rng([seed, 1_000_003]).random()
+def _golden_split(offset: float, index: int) -> str:
+    """Split name of item ``index`` on a golden-ratio sequence starting at ``offset`` (keeps the split proportions
+    even for small n)."""
     u = (offset + index * 0.6180339887498949) % 1.0
     acc = 0.0
     for name, frac in SPLITS:
@@ -309,18 +308,17 @@ def split_of(seed: int, index: int) -> str:
         if u < acc:
             return name
     return SPLITS[-1][0]
+
+
+def split_of(seed: int, index: int) -> str:
+    """Split of case ``index``: fixed by (seed, index), independent of n; a golden-ratio sequence keeps
+    80/10/10 proportions even for small n."""
+    return _golden_split(np.random.default_rng([seed, 1_000_003]).random(), index)
 
 
 def study_split_of(seed: int, index: int) -> str:
     """Split of multi-series study ``index`` (as :func:`split_of`, with its own offset)."""
-    offset = np.random.default_rng([seed, 1_000_003, _S_STUDY_SPLIT]).random()
-    u = (offset + index * 0.6180339887498949) % 1.0
-    acc = 0.0
-    for name, frac in SPLITS:
-        acc += frac
-        if u < acc:
-            return name
-    return SPLITS[-1][0]
+    return _golden_split(np.random.default_rng([seed, 1_000_003, _S_STUDY_SPLIT]).random(), index)
 
 
 def _build_anatomy(region: str, body_half: np.ndarray, body_centre: np.ndarray,
