@@ -11,8 +11,8 @@ Zero-shot classes and labels:
   names flags or finding types; else, when no evaluated record carries labels, the phantom benchmark's
   ``phantom_flags`` schema): its ``flags``, or when it has none its ``finding_types`` (a class per type: "the scan
   holds a finding of this type"); without a schema, the keys of the records' ``labels`` dicts;
-- a record's label is its ``labels[class]`` (0 / 1) when it has a ``labels`` dict (or ``ground_truth.labels``, as
-  the CT-RATE importer writes), else derived from its ``ground_truth`` findings (flags with
+- a record's label is its ``labels[class]`` (0 / 1) when it has a ``labels`` dict (as the CT-RATE importer
+  writes), else derived from its ``ground_truth`` findings (flags with
   :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
 - a class's score is the model's log-odds of "present" vs "absent" prompts (:data:`PRESENT_TEMPLATES`,
   :data:`ABSENT_TEMPLATES` around the class's schema phrase; each side's text embeddings are L2-normalised and
@@ -95,7 +95,7 @@ def zero_shot_classes(schema: Any = None, records: Sequence[Mapping[str, Any]] =
 
 def record_labels(records: Sequence[Mapping[str, Any]], class_names: Sequence[str],
                   schema: Any = None) -> np.ndarray:
-    """(N, K) int8 labels: a record's ``labels[class]`` (or ``ground_truth.labels[class]``) where given, else from
+    """(N, K) int8 labels: a record's ``labels[class]`` where given, else from
     its ``ground_truth`` findings with the schema (flags via :func:`radfm3d.findings.labels.labels_for_image`;
     finding types: any finding of the type); -1 where neither says."""
     from radfm3d.findings.labels import labels_for_image
@@ -147,12 +147,10 @@ def record_strata(records: Sequence[Mapping[str, Any]], key: str | None) -> np.n
 
 
 def _given_labels(record: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A record's own labels: its ``labels`` dict, else its ``ground_truth.labels`` (CT-RATE's importer), else {}."""
-    for source in (record, record.get("ground_truth")):
-        labels = source.get("labels") if isinstance(source, Mapping) else None
-        if isinstance(labels, Mapping) and labels:
-            return labels
-    return {}
+    """A record's own labels: its ``labels`` dict (e.g. CT-RATE's 18 abnormalities from ``radfm3d import ct-rate``),
+    else {}."""
+    labels = record.get("labels")
+    return labels if isinstance(labels, Mapping) else {}
 
 
 def class_prompts(phrases: Sequence[str]) -> tuple[list[list[str]], list[list[str]]]:
@@ -641,7 +639,7 @@ def _scorable_schema(path: Path) -> bool:
 
 
 def _default_schema(schema: Any, records: Sequence[Mapping[str, Any]]) -> Any:
-    """The schema to use: the given one; else None when records carry labels (``labels`` or ``ground_truth.labels``);
+    """The schema to use: the given one; else None when records carry labels (``labels``);
     else the phantom flags schema."""
     if schema is not None:
         return schema

@@ -43,8 +43,8 @@ def test_classes_and_labels_from_schema_records_and_ground_truth():
     # no schema: the records' own label keys
     assert CE.zero_shot_classes(None, [{"labels": {"x_y": 0}}, {"labels": {"z": 1, "x_y": 1}}]) == (
         ["x_y", "z"], ["x y", "z"])
-    # CT-RATE's importer keeps them under ground_truth.labels
-    ct_rate = [{"id": "v", "ground_truth": {"label_schema": "ct-rate", "labels": {"Emphysema": 1, "Atelectasis": 0}}}]
+    # CT-RATE's importer writes them as the record's labels
+    ct_rate = [{"id": "v", "labels": {"Emphysema": 1, "Atelectasis": 0}}]
     assert CE.zero_shot_classes(None, ct_rate)[0] == ["Emphysema", "Atelectasis"]
     assert CE.record_labels(ct_rate, ["Atelectasis", "Emphysema", "Mosaic"]).tolist() == [[0, 1, -1]]
     assert CE._default_schema(None, ct_rate) is None

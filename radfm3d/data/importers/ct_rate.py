@@ -11,8 +11,8 @@ Layout read (as published on the dataset card; ``--root`` is the folder holding 
     dataset/multi_abnormality_labels/{train,valid}_predicted_labels.csv   VolumeName + the 18 abnormality columns
 
 Per volume: a ``report`` record (findings + impression as the answer; the clinical information in the prompt), one
-closed ``vqa_presence`` record per abnormality (choices Yes./No.), and the 18 labels as structured ground truth
-(``ground_truth.labels``, schema ``ct-rate``: :data:`CT_RATE_ABNORMALITIES`), written as ``label_schema.json``
+closed ``vqa_presence`` record per abnormality (choices Yes./No.), and the 18 labels as the record's ``labels``
+(0 / 1 per abnormality, schema ``ct-rate``: :data:`CT_RATE_ABNORMALITIES`), written as ``label_schema.json``
 (a radfm3d label schema of per-scan flags) with ``cases.jsonl`` (one line per volume) for stage-0 training. ``patient_id`` / ``study_id`` carry
 the patient and scan keys. Geometry and HU come from the metadata row where the NIfTI header disagrees with it or
 lacks it: the record's ``image_meta`` then carries ``spacing_mm``, ``hu_rescale`` or ``stored_to_hu``
@@ -164,7 +164,7 @@ def _records_for(name: str, image: str, labels_row: Mapping[str, Any] | None, re
         record = {**base, "id": f"{name}-report", "task": "report", "answer": answer,
                   "prompt": f"<image>{context} Write the findings and impression of this chest CT report."}
         if labels is not None:
-            record["ground_truth"] = {"label_schema": "ct-rate", "labels": labels}
+            record["labels"] = dict(labels)
         records.append(record)
     elif report_row is None:
         problems.append("no row in the reports CSV")
@@ -175,7 +175,7 @@ def _records_for(name: str, image: str, labels_row: Mapping[str, Any] | None, re
             records.append({**base, "id": f"{name}-vqa-{label.lower().replace(' ', '_')}", "task": "vqa_presence",
                             "prompt": f"<image> Is there {label.lower()} in this chest CT scan?",
                             "answer": _YES if value else _NO, "choices": [_YES, _NO],
-                            "ground_truth": {"label_schema": "ct-rate", "labels": {label: value}}})
+                            "labels": {label: value}})
     elif labels_row is None:
         problems.append("no row in the abnormality labels CSV")
     return records, problems
@@ -203,7 +203,7 @@ def _write_cases(out_dir: Path, splits: Sequence[str]) -> None:
         if not manifest.is_file():
             continue
         for _, record in iter_jsonl(manifest):
-            labels = (record.get("ground_truth") or {}).get("labels")
+            labels = record.get("labels")
             if record.get("task") != "report" or not labels:
                 continue
             case = {"id": record["source"]["volume"], "split": split, "modality": "CT",
@@ -294,7 +294,7 @@ def import_ct_rate(root: str | os.PathLike, out: str | os.PathLike, *, splits: S
         volumes_per_split[split] += 1
         for record in done["records"]:
             if record["task"] == "report":
-                for label, value in (record.get("ground_truth", {}).get("labels") or {}).items():
+                for label, value in (record.get("labels") or {}).items():
                     prevalence[split][label] += value
             yield split, record
 

@@ -77,7 +77,7 @@ def test_ct_rate_records_labels_geometry_and_report(ct_rate, tmp_path):
     first = train["train_1_a_1.nii.gz-report"]
     assert first["answer"] == "Findings: Right lower lobe nodule of 6 mm. Impression: Nodule."
     assert "Clinical information: Cough." in first["prompt"] and first["prompt"].startswith("<image>")
-    assert first["ground_truth"]["labels"]["Lung nodule"] == 1 and sum(first["ground_truth"]["labels"].values()) == 1
+    assert first["labels"]["Lung nodule"] == 1 and sum(first["labels"].values()) == 1
     assert first["patient_id"] == "train_1" and first["study_id"] == "train_1_a"
     # geometry and HU from the metadata where the header disagrees
     assert first["image_meta"] == [{"spacing_mm": [0.7, 0.7, 1.5], "stored_to_hu": [1.0, -1024.0]}]
