@@ -166,12 +166,13 @@ def test_stopped_run_resumes_to_the_same_weights(phantoms: Path, tmp_path: Path)
     assert resumed.state.iteration == 6
     ref_state, state = ref_module.state_dict(), module.state_dict()
     assert set(ref_state) == set(state)
-    # Bit-identical when run alone; once in four full `make test` runs (2 xdist workers) a float difference was seen
-    # and its cause is not found yet, so floats are compared to 1e-6 (a resume that loses or repeats a step, the
-    # queue or the schedule moves weights by ~1e-3) and the worst difference is named.
+    # BERT's attention key biases are left out: softmax over keys is shift-invariant, so their gradient is zero in
+    # exact arithmetic and pure round-off in practice, and AdamW scales that round-off up to learning-rate-sized steps
+    # (a 1.4e-6 difference was seen under the full suite). Everything else is compared to 1e-6 (a resume that loses
+    # or repeats a step, the queue or the schedule moves weights by ~1e-3), naming the worst tensor.
     worst = {name: float((tensor.double() - state[name].double()).abs().max()) if tensor.is_floating_point()
              else (0.0 if torch.equal(tensor, state[name]) else float("inf"))
-             for name, tensor in ref_state.items() if tensor.numel()}
+             for name, tensor in ref_state.items() if tensor.numel() and not name.endswith("attention.self.key.bias")}
     name, diff = max(worst.items(), key=lambda kv: kv[1])
     assert diff <= 1e-6, f"{name} differs by {diff:.3g} after resume"
     assert torch.allclose(ref_module.loss.queues["scan"].get().image_embeds,
