@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 from radfm3d.contrastive.configuration import LEVELS, RadFM3DCLIPConfig, clean_text_config, resolve_text_model
 from radfm3d.contrastive.loss import contrastive_loss
 from radfm3d.errors import RadFM3DInputError
-from radfm3d.modeling.model import checked_image_mask
+from radfm3d.modeling.model import check_checkpoint_state, checked_image_mask
 from radfm3d.modeling.resampler import PerceiverResampler
 from radfm3d.modeling.vision import VisionTransformer3D
 from radfm3d.utils import atomic_write
@@ -481,18 +481,13 @@ class RadFM3DCLIPModel(PreTrainedModel):
         except (SafetensorError, OSError) as err:
             raise RadFM3DInputError(path, f"unreadable safetensors file ({err})") from None
         expected = set(self.state_dict())
-        missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
-        if missing or unexpected:
-            raise RadFM3DInputError(path, f"checkpoint does not match the model: missing keys {missing[:20]}"
-                                    f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
-                                    f"{' ...' if len(unexpected) > 20 else ''}")
+        check_checkpoint_state(path, {}, sorted(expected - set(loaded)), sorted(set(loaded) - expected))
         own = self.state_dict()
         for name, tensor in loaded.items():
             if tuple(tensor.shape) != tuple(own[name].shape):
                 raise RadFM3DInputError(path, f"tensor {name!r} has shape {tuple(tensor.shape)}, the model "
                                         f"{tuple(own[name].shape)} (config.json does not match the weights)")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise RadFM3DInputError(path, f"tensor {name!r} of the checkpoint holds NaN or inf values")
+        check_checkpoint_state(path, loaded)
         self.load_state_dict(loaded, strict=True)
 
 

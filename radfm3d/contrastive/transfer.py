@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from radfm3d.errors import RadFM3DInputError
+from radfm3d.modeling.model import check_checkpoint_state
 
 __all__ = ["load_vision_tower", "TOWER_PREFIXES"]
 
@@ -64,9 +63,7 @@ def load_vision_tower(causal_lm: Any, clip: str | os.PathLike | Any) -> Any:
                     state[key] = handle.get_tensor(key)
     _compare("vision_config", config.vision_config, causal_lm.config.vision_config, source)
     _compare("resampler_config", config.resampler_config, causal_lm.config.resampler_config, source)
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise RadFM3DInputError(source, f"tensor {name!r} holds NaN or inf values")
+    check_checkpoint_state(source, state)
     for prefix, module in (("vision_model.", causal_lm.vision_model), ("resampler.", causal_lm.resampler)):
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         missing, unexpected = module.load_state_dict(part, strict=False)

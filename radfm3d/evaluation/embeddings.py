@@ -333,6 +333,12 @@ def auroc_figures(
         points.append(point)
         boots.append(boot)
         defined.append(name)
+    return _class_summary(per_class, points, boots, defined, undefined, n)
+
+
+def _class_summary(per_class: dict[str, Any], points: list[float], boots: list[np.ndarray], defined: list[str],
+                   undefined: list[str], n: int) -> dict[str, Any]:
+    """Per-class figures plus their mean over the defined classes (interval from the per-resample means)."""
     if defined:
         with np.errstate(invalid="ignore"), _quiet():
             mean_boot = np.nanmean(np.stack(boots, axis=1), axis=1)
@@ -399,13 +405,7 @@ def stratified_auroc_figures(
         points.append(point)
         boots.append(boot)
         defined.append(name)
-    if defined:
-        with np.errstate(invalid="ignore"), _quiet():
-            mean_boot = np.nanmean(np.stack(boots, axis=1), axis=1)
-        mean = Figure(float(np.mean(points)), *_percentiles(mean_boot), n).to_dict()
-    else:
-        mean = Figure(float("nan"), float("nan"), float("nan"), n).to_dict()
-    return {"per_class": per_class, "mean": mean, "defined": defined, "undefined": undefined}
+    return _class_summary(per_class, points, boots, defined, undefined, n)
 
 
 class _quiet:

@@ -65,6 +65,23 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
 
 
+def check_checkpoint_state(source: Any, loaded: dict[str, torch.Tensor], missing: list[str] | None = None,
+                           unexpected: list[str] | None = None) -> None:
+    """A loaded state dict's keys (``missing`` / ``unexpected``, sorted) and values: a mismatch or a floating tensor
+    holding NaN or inf is a ``RadFM3DInputError`` naming ``source`` (the checkpoint) and the keys."""
+    missing, unexpected = list(missing or []), list(unexpected or [])
+    if missing or unexpected:
+        raise RadFM3DInputError(
+            source,
+            f"checkpoint does not match the model: missing keys {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''}",
+        )
+    for name, tensor in loaded.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RadFM3DInputError(source, f"tensor {name!r} of the checkpoint holds NaN or inf values")
+
+
 def checked_image_mask(pixel_values: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
     """``(B, S)`` bool mask of the present images of ``pixel_values (B, S, C, H, W, D)`` (all present when None);
     a mask of another shape is a ``RadFM3DInputError``."""
@@ -604,17 +621,7 @@ class RadFM3DForCausalLM(RadFM3DPreTrainedModel):
         if not any(k.startswith("language_model.") and not _is_adapter_key(k) for k in loaded):
             with_base = False
         expected = set(self._checkpoint_state(with_base))
-        missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
-        if missing or unexpected:
-            raise RadFM3DInputError(
-                folder,
-                f"checkpoint does not match the model: missing keys {missing[:20]}"
-                f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
-                f"{' ...' if len(unexpected) > 20 else ''}",
-            )
-        for name, tensor in loaded.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise RadFM3DInputError(folder, f"tensor {name!r} of the checkpoint holds NaN or inf values")
+        check_checkpoint_state(folder, loaded, sorted(expected - set(loaded)), sorted(set(loaded) - expected))
         result = self.load_state_dict(loaded, strict=False)
         still_missing = sorted(set(result.unexpected_keys))
         if still_missing:  # pragma: no cover - guarded by the key check above

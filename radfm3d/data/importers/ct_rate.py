@@ -319,7 +319,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     """``radfm3d import ct-rate --root CT-RATE --out DIR [--split train,valid] [--volumes auto]``."""
     parser = argparse.ArgumentParser(prog="radfm3d import ct-rate", description=(
         "Import CT-RATE (volumes, reports, 18 abnormality labels, metadata) into train.jsonl / valid.jsonl: report "
-        "records, per-abnormality closed questions and labels as structured ground truth; geometry and HU fixed "
+        "records, per-abnormality closed questions and the 18 labels as each record's labels; geometry and HU fixed "
         "from the metadata where the NIfTI header disagrees (listed in the import report). Headers only; resumable."))
     parser.add_argument("--root", required=True, help="the downloaded CT-RATE folder (holding dataset/)")
     parser.add_argument("--out", required=True, help="output folder")
