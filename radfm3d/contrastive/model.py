@@ -50,6 +50,8 @@ _AUTO_LOADER_KWARGS = ("config", "adapter_kwargs", "revision", "trust_remote_cod
                        "token", "subfolder", "_from_auto", "_commit_hash")
 #: ``exp(logit_scale)`` is clamped to this (CLIP's 100 = temperature 0.01)
 MAX_LOGIT_SCALE = 100.0
+# distinct token sequences whose frozen-tower encodings are kept (384 floats each for MiniLM: ~100 MB at most)
+DEFAULT_TEXT_CACHE_SIZE = 65536
 
 
 @dataclass
@@ -170,7 +172,19 @@ class RadFM3DCLIPModel(PreTrainedModel):
         self.text_projection = nn.Linear(text_hidden, dim, bias=False)
         self.study_fusion = StudyFusion(hidden, config.study_fusion)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.text_cache_size = DEFAULT_TEXT_CACHE_SIZE
+        self._text_cache: dict[Any, torch.Tensor] = {}
+        self._text_cache_version: tuple[int, ...] = ()
         self.post_init()
+
+    def train(self, mode: bool = True) -> RadFM3DCLIPModel:
+        """As ``nn.Module.train``, except that a frozen text tower (no trainable weight) always runs in eval mode:
+        a locked sentence encoder is used deterministically (no dropout), as in LiT, and its encodings can be cached
+        (:meth:`get_text_features`)."""
+        super().train(mode)
+        if self._text_is_frozen():
+            self.text_model.eval()
+        return self
 
     def init_weights(self) -> None:
         """Every part initialises itself in its constructor (PyTorch defaults; BERT by its own class), and a loaded
@@ -226,8 +240,56 @@ class RadFM3DCLIPModel(PreTrainedModel):
         device = self.text_projection.weight.device
         input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.text_projection(_masked_mean(hidden, attention_mask).to(self.text_projection.weight.dtype))
+        pooled = self._pooled_text(input_ids, attention_mask)
+        return self.text_projection(pooled.to(self.text_projection.weight.dtype))
+
+    def _text_is_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.text_model.parameters())
+
+    def _text_weights_version(self) -> tuple[int, ...]:
+        """Changes whenever a text-tower weight is replaced or modified in place (optimizer step, load_state_dict)."""
+        return tuple(v for p in self.text_model.parameters() for v in (id(p), p._version))
+
+    def _pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(T, L)`` -> ``(T, text_hidden)``: BERT's last hidden state mean-pooled over the mask.
+
+        When the text tower runs deterministically (eval mode) and no gradient to it is needed, each distinct token
+        sequence is encoded once and kept (up to ``text_cache_size`` entries): with a frozen tower a training run
+        sees the same report sentences every epoch, and BERT is about half of an iteration's CPU time. The cache is
+        dropped whenever a text weight changes (the parameters' in-place version counters), so it never serves a
+        stale encoding.
+        """
+        cacheable = (self.text_cache_size > 0 and not self.text_model.training
+                     and not (torch.is_grad_enabled() and not self._text_is_frozen()))
+        if not cacheable:
+            hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return _masked_mean(hidden, attention_mask)
+        version = self._text_weights_version()
+        if version != self._text_cache_version:
+            self._text_cache.clear()
+            self._text_cache_version = version
+        device_type = input_ids.device.type
+        autocast = (torch.is_autocast_enabled(device_type),
+                    torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
+        present = attention_mask.bool()
+        keys = [(input_ids[i][present[i]].cpu().numpy().tobytes(), autocast) for i in range(input_ids.shape[0])]
+        # one encoding per distinct missing sequence, in one batch trimmed to its longest row
+        first_of: dict[Any, int] = {}
+        for i, key in enumerate(keys):
+            if key not in self._text_cache:
+                first_of.setdefault(key, i)
+        rows = list(first_of.values())
+        if rows:
+            length = int(present[rows].sum(dim=1).max())
+            ids, mask = input_ids[rows][:, :length], attention_mask[rows][:, :length]
+            with torch.no_grad():
+                hidden = self.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                pooled = _masked_mean(hidden, mask).detach()
+            if len(self._text_cache) + len(rows) > self.text_cache_size:
+                self._text_cache.clear()
+            for row, vector in zip(rows, pooled):
+                self._text_cache[keys[row]] = vector
+        return torch.stack([self._text_cache[key] for key in keys]).to(input_ids.device)
 
     # ------------------------------------------------------------------ CLIP API
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -366,6 +428,8 @@ class RadFM3DCLIPModel(PreTrainedModel):
         for module, flag in parts.values():
             if flag is not None:
                 module.requires_grad_(not flag)
+        if text is not None:
+            self.text_model.train(self.training and not text)
         return {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in parts.items()}
 
     def set_gradient_checkpointing(self, enable: bool = True) -> None:

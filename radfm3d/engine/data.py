@@ -23,6 +23,8 @@ __all__ = [
     "TrainingCollate",
     "PromptCollate",
     "ResumableSampler",
+    "GroupedBatchSampler",
+    "build_sampler",
     "build_dataset",
     "build_dataloader",
     "dist_info",
@@ -242,6 +244,106 @@ class ResumableSampler(DistributedSampler):
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": int(self.seed), "epoch": int(self.epoch), "num_replicas": int(self.num_replicas)}
+
+
+
+class GroupedBatchSampler(ResumableSampler):
+    """A :class:`ResumableSampler` whose batches are, for a chosen fraction of them, drawn from one group only.
+
+    ``group_key`` names a record field (``region``, ``modality``, a site or scanner id ...; a record without it is in
+    the group ``None``). With ``fraction`` 1.0 every full batch that a group can fill holds only that group's records;
+    with 0.5 about half of the batches do and the rest are drawn from the records left over, mixed. Contrastive
+    learning uses this for hard negatives: in a batch of one body region, "this is a head scan" tells no report from
+    another, so the loss can only fall by reading the findings.
+
+    The order of epoch ``e`` is fixed by ``(seed, e)`` and each rank takes its ``batch_size`` slice of every global
+    batch (``batch_size * num_replicas`` records, one group when the batch is grouped), so resuming mid-epoch
+    (:meth:`skip_next`) and distributed runs keep the batches whole. ``batch_size`` must be the loader's per-rank
+    batch size. Each record appears once per epoch, except that a last partial batch is padded with records from the
+    start (as ``DistributedSampler``) so that every rank gets the same number, or dropped with ``drop_last``.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, group_key: str, fraction: float = 1.0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        super().__init__(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, num_replicas=num_replicas,
+                         rank=rank)
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        fraction = float(fraction)
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must lie in [0, 1], got {fraction!r}")
+        self.batch_size, self.group_key, self.fraction = int(batch_size), str(group_key), fraction
+        records = getattr(dataset, "data", None)
+        if records is None:
+            raise ValueError("GroupedBatchSampler needs a dataset with its records in .data (a MONAI Dataset)")
+        labels = [record.get(self.group_key) if isinstance(record, Mapping) else None for record in records]
+        self.groups: list[list[int]] = []
+        seen: dict[str, int] = {}
+        for index, label in enumerate(labels):
+            key = repr(label)  # records hold JSON values: lists and dicts are grouped by their text
+            if key not in seen:
+                seen[key] = len(self.groups)
+                self.groups.append([])
+            self.groups[seen[key]].append(index)
+        size = len(labels)
+        global_batch = self.batch_size * self.num_replicas
+        full, rest = divmod(size, global_batch)
+        per_rank_rest = 0 if drop_last or rest == 0 else -(-rest // self.num_replicas)
+        self.num_samples = full * self.batch_size + per_rank_rest
+        self.total_size = self.num_samples * self.num_replicas
+
+    def global_batches(self) -> list[list[int]]:
+        """This epoch's batches over all ranks (each ``batch_size * num_replicas`` long, the last possibly shorter
+        and padded to a multiple of ``num_replicas``)."""
+        generator = torch.Generator()
+        generator.manual_seed(int(self.seed) + int(self.epoch))
+
+        def shuffled(values: list) -> list:
+            if not self.shuffle:
+                return list(values)
+            return [values[i] for i in torch.randperm(len(values), generator=generator).tolist()]
+
+        global_batch = self.batch_size * self.num_replicas
+        size = sum(len(group) for group in self.groups)
+        n_full = size // global_batch
+        chunks = []  # every full one-group batch the groups can fill
+        for group in self.groups:
+            order = shuffled(group)
+            chunks += [order[i:i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
+        grouped = shuffled(chunks)[:min(len(chunks), int(round(self.fraction * n_full)))]
+        used = {i for batch in grouped for i in batch}
+        mixed = shuffled([i for i in range(size) if i not in used])
+        batches = grouped + [mixed[i:i + global_batch] for i in range(0, len(mixed), global_batch)]
+        last = batches.pop() if batches and len(batches[-1]) < global_batch else None
+        batches = shuffled(batches)
+        if last is not None and not self.drop_last:
+            padded = -(-len(last) // self.num_replicas) * self.num_replicas
+            filler = [i for batch in batches for i in batch] + last
+            batches.append(last + filler[:padded - len(last)])
+        return batches
+
+    def __iter__(self) -> Iterator[int]:
+        indices: list[int] = []
+        for batch in self.global_batches():
+            share = len(batch) // self.num_replicas
+            indices += batch[self.rank * share:(self.rank + 1) * share]
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "group_key": self.group_key, "fraction": self.fraction,
+                "batch_size": self.batch_size}
+
+
+def build_sampler(dataset: Any, batch_size: int = 1, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                  group_key: str | None = None, group_fraction: float = 1.0) -> ResumableSampler:
+    """The training sampler: :class:`ResumableSampler`, or with ``group_key`` a :class:`GroupedBatchSampler` whose
+    ``group_fraction`` of batches each hold one value of that record field (``batch_size`` per rank)."""
+    if group_key in (None, "", "none", "None"):
+        return ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return GroupedBatchSampler(dataset, batch_size=batch_size, group_key=str(group_key), fraction=group_fraction,
+                               shuffle=shuffle, seed=seed, drop_last=drop_last)
 
 
 def build_dataset(
