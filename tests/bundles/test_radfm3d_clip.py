@@ -59,7 +59,8 @@ def _check_workflow(workflow: ConfigWorkflow) -> None:
 @pytest.fixture(scope="module")
 def trained(workdir: Path) -> tuple[Path, ConfigWorkflow]:
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=META, logging_file=LOGGING,
-                              workflow_type="train", **_train_overrides(workdir))
+                              workflow_type="train", **_train_overrides(workdir, batch_group_key="region",
+                                                                        batch_group_fraction=1.0))
     _check_workflow(workflow)
     return workdir, workflow
 
@@ -127,6 +128,15 @@ def test_train_exports_a_model_and_validates(trained):
     n_series = sum(len(r["images"]) for r in val if r["task"] in ("report", "study_report"))
     assert metrics["val_scan_n_images"] == n_series  # every series of the val split's report records
     assert "val_structure_i2t_r1" in metrics  # the phantom reports' sentences carry structure boxes
+
+    from radfm3d.engine.data import GroupedBatchSampler
+
+    sampler = workflow.trainer.data_loader.sampler
+    assert isinstance(sampler, GroupedBatchSampler) and sampler.group_key == "region"
+    records = sampler.dataset.data
+    batches = [list(sampler)[i:i + 4] for i in range(0, len(sampler), 4)]
+    full_groups = sum(len(group) // 4 for group in sampler.groups)
+    assert sum(len({records[i]["region"] for i in batch}) == 1 for batch in batches) >= full_groups
 
     from radfm3d.contrastive.model import RadFM3DCLIPModel
 

@@ -424,3 +424,68 @@ def test_minilm_text_tower_matches_sentence_transformers():
     theirs = torch.as_tensor(load_sentence_encoder().encode(texts, normalize_embeddings=True))
     assert torch.allclose(ours, theirs, atol=1e-4)
     assert model.get_text_features(enc["input_ids"], enc["attention_mask"]).shape == (2, 16)
+
+
+# --------------------------------------------------------------------------------------------- frozen text cache
+def _count_text_forwards(model: RadFM3DCLIPModel) -> list[int]:
+    calls = [0]
+
+    def hook(module, args, kwargs, output):
+        calls[0] += int(kwargs["input_ids"].shape[0]) if "input_ids" in kwargs else int(args[0].shape[0])
+
+    model.text_model.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_a_frozen_text_tower_encodes_each_sequence_once_and_matches_the_uncached_encoding():
+    model = tiny_model()
+    model.freeze(text=True)
+    model.train()
+    assert not model.text_model.training, "a frozen text tower runs deterministically"
+    calls = _count_text_forwards(model)
+    ids = torch.randint(1000, 3000, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    ids[3] = ids[0]  # a duplicate text in the batch is encoded once
+    first = model.get_text_features(ids, mask)
+    assert calls[0] == 3
+    # the same texts, padded differently, come from the cache
+    padded = torch.cat([ids, torch.zeros(4, 3, dtype=ids.dtype)], dim=1)
+    again = model.get_text_features(padded, torch.cat([mask, torch.zeros(4, 3, dtype=mask.dtype)], dim=1))
+    assert calls[0] == 3
+    torch.testing.assert_close(again, first)
+    # gradients still reach the trainable projection
+    again.sum().backward()
+    assert model.text_projection.weight.grad is not None
+    model.text_cache_size = 0
+    torch.testing.assert_close(model.get_text_features(ids, mask), first, atol=1e-5, rtol=1e-5)
+    assert calls[0] == 7
+
+
+def test_the_text_cache_is_dropped_when_a_text_weight_changes():
+    model = tiny_model()
+    model.freeze(text=True)
+    ids = torch.randint(1000, 3000, (2, 6))
+    before = model.get_text_features(ids)
+    state = {k: v.clone() for k, v in model.text_model.state_dict().items()}
+    with torch.no_grad():
+        model.text_model.embeddings.word_embeddings.weight.mul_(2.0)
+    changed = model.get_text_features(ids)
+    assert not torch.allclose(changed, before), "an edited text tower must not be served from the cache"
+    model.text_model.load_state_dict(state)
+    torch.testing.assert_close(model.get_text_features(ids), before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_trained_text_tower_is_never_cached_and_gets_gradients():
+    model = tiny_model()
+    model.freeze(text=False)
+    model.train()
+    assert model.text_model.training
+    calls = _count_text_forwards(model)
+    ids = torch.randint(1000, 3000, (2, 6))
+    model.get_text_features(ids).sum().backward()
+    model.get_text_features(ids)
+    assert calls[0] == 4
+    assert model.text_model.embeddings.word_embeddings.weight.grad is not None
+    model.freeze(text=True)
+    assert not model.text_model.training
