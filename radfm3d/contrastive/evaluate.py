@@ -16,7 +16,12 @@ Zero-shot classes and labels:
   :func:`radfm3d.findings.labels.labels_for_image`); -1 (unknown) otherwise;
 - a class's score is the model's log-odds of "present" vs "absent" prompts (:data:`PRESENT_TEMPLATES`,
   :data:`ABSENT_TEMPLATES` around the class's schema phrase; each side's text embeddings are L2-normalised and
-  averaged over the phrasings, then normalised again).
+  averaged over the phrasings, then normalised again);
+- with the structure level, the same prompts are also scored on the region embedding of each class's structure
+  (the ``organ`` of its flag's rules; every structure for a class without one), the highest over the record's
+  regions of that structure: an organ-level zero-shot (:func:`structure_zero_shot_scores`). The regions are the
+  boxes or masks of ``report_structures``: on real data give them from a segmentation of the structures, so that
+  nothing about the finding's place comes from the report.
 
 Running a model appends each record's embeddings to ``OUT/<name>/test_embeddings.jsonl`` (``train_...`` for the
 training manifest) as they are made; a rerun skips what that file holds. The embeddings file
@@ -42,6 +47,7 @@ from radfm3d.evaluation.metrics import BOOTSTRAP_SEED, N_RESAMPLES
 from radfm3d.utils import JsonlAppender, atomic_write_json
 
 __all__ = ["CLIP_TASKS", "PRESENT_TEMPLATES", "ABSENT_TEMPLATES", "report_records", "zero_shot_classes",
+           "prompt_embeddings", "class_structures", "structure_zero_shot_scores",
            "record_labels", "record_strata", "class_prompts", "embed_manifest", "cli"]
 
 #: manifest tasks whose records pair images with a report
@@ -231,7 +237,7 @@ def _structure_rows(model: Any, processor: Any, boxer: Any, record: Mapping[str,
     from radfm3d.contrastive.data import grid_extent_of_world_box
     from radfm3d.contrastive.loss import group_ids
 
-    index, boxes, texts = [], [], []
+    index, boxes, texts, names = [], [], [], []
     for entry in record.get("report_structures") or []:
         box = boxer.structure_world_box(entry)
         if box is None:
@@ -242,6 +248,7 @@ def _structure_rows(model: Any, processor: Any, boxer: Any, record: Mapping[str,
                 index.append((0, s))
                 boxes.append(extent)
                 texts.append(str(entry["text"]))
+                names.append(str(entry.get("structure") or ""))
     if not texts:
         return []
     pixel_values, image_mask = processor.stack_images([[t for t, _ in series]])
@@ -254,9 +261,9 @@ def _structure_rows(model: Any, processor: Any, boxer: Any, record: Mapping[str,
     with torch.inference_mode():
         levels = model.encode_batch(batch, level_weights={"scan": 0.0, "study": 0.0, "structure": 1.0})
     regions, sentences = (x.float().cpu().numpy() for x in levels["structure"][:2])
-    return [{"series": s, "region": ",".join(f"{v:.2f}" for v in box), "text": text, "image_embeds": r.tolist(),
-             "text_embeds": t.tolist()}
-            for (_, s), box, text, r, t in zip(index, boxes, texts, regions, sentences)]
+    return [{"series": s, "region": ",".join(f"{v:.2f}" for v in box), "structure": name, "text": text,
+             "image_embeds": r.tolist(), "text_embeds": t.tolist()}
+            for (_, s), box, name, text, r, t in zip(index, boxes, names, texts, regions, sentences)]
 
 
 def _unit_mean(x: np.ndarray) -> np.ndarray:
@@ -265,18 +272,24 @@ def _unit_mean(x: np.ndarray) -> np.ndarray:
     return m / np.clip(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12, None)
 
 
-def zero_shot_scores(model: Any, processor: Any, image_embeds: np.ndarray, phrases: Sequence[str]) -> np.ndarray:
-    """(N, K) log-odds of "present" vs "absent" per class: ``model.zero_shot_logits`` of the image embeddings and
-    the prompt-ensembled class embeddings."""
-    import torch
-
+def prompt_embeddings(model: Any, processor: Any, phrases: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the unit mean of its "present" prompts' embeddings and of its "absent" ones: two ``(K, P)``."""
     present, absent = class_prompts(phrases)
     k = len(phrases)
     flat = [_capitalise(t) for group in present + absent for t in group]
     emb = _encode_texts(model, processor, flat)
     n_p = len(PRESENT_TEMPLATES)
-    pe = _unit_mean(emb[: k * n_p].reshape(k, n_p, -1))
-    ae = _unit_mean(emb[k * n_p:].reshape(k, len(ABSENT_TEMPLATES), -1))
+    return (_unit_mean(emb[: k * n_p].reshape(k, n_p, -1)),
+            _unit_mean(emb[k * n_p:].reshape(k, len(ABSENT_TEMPLATES), -1)))
+
+
+def zero_shot_scores(model: Any, processor: Any, image_embeds: np.ndarray, phrases: Sequence[str],
+                     prompts: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """(N, K) log-odds of "present" vs "absent" per class: ``model.zero_shot_logits`` of the image embeddings and
+    the prompt-ensembled class embeddings (``prompts``: :func:`prompt_embeddings`, computed when not given)."""
+    import torch
+
+    pe, ae = prompts if prompts is not None else prompt_embeddings(model, processor, phrases)
     img = image_embeds / np.clip(np.linalg.norm(image_embeds, axis=1, keepdims=True), 1e-12, None)
     dev = next(model.parameters()).device
     with torch.inference_mode():
@@ -284,6 +297,55 @@ def zero_shot_scores(model: Any, processor: Any, image_embeds: np.ndarray, phras
                                      torch.as_tensor(pe, dtype=torch.float32, device=dev),
                                      torch.as_tensor(ae, dtype=torch.float32, device=dev))
     return out.float().cpu().numpy()
+
+
+def class_structures(schema: Any, class_names: Sequence[str]) -> list[tuple[str, ...] | None]:
+    """Per class, the structures whose regions it is scored on by the organ-level zero-shot: the ``organ`` of its
+    schema flag's rules (``"kidney"`` covers ``"kidney/left"`` and ``"kidney/right"``), or None (every structure of
+    the record) for a class that names no organ (finding types, a record's own ``labels``)."""
+    if schema is None:
+        return [None] * len(class_names)
+    from radfm3d.findings.schema import load_schema
+
+    s = load_schema(schema)
+    organs = {str(entry["name"]): tuple(sorted({str(rule["organ"]) for rule in entry.get("rules") or []
+                                                if rule.get("organ")}))
+              for entry in s.flag_entries}
+    return [organs.get(name) or None for name in class_names]
+
+
+def _covers(structure: str, organs: tuple[str, ...] | None) -> bool:
+    return bool(structure) and (organs is None or any(structure == o or structure.startswith(o + "/")
+                                                      for o in organs))
+
+
+def structure_zero_shot_scores(model: Any, rows: Sequence[Sequence[Mapping[str, Any]]],
+                               structures: Sequence[tuple[str, ...] | None],
+                               prompts: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(N, K): per record (``rows[i]``: its structure rows from :func:`_structure_rows`) and class, the highest
+    zero-shot log-odds over the regions of the class's ``structures`` (every series of the record); NaN where the
+    record has none. Each (series, structure) region is scored once."""
+    import torch
+
+    pe, ae = prompts
+    out = np.full((len(rows), len(structures)), np.nan, dtype=np.float32)
+    dev = next(model.parameters()).device
+    for i, record_rows in enumerate(rows):
+        regions: dict[tuple[Any, str], list[float]] = {}
+        for row in record_rows:
+            regions.setdefault((row["series"], str(row.get("structure") or "")), row["image_embeds"])
+        if not regions:
+            continue
+        keys = list(regions)
+        emb = np.asarray([regions[key] for key in keys], dtype=np.float32)
+        with torch.inference_mode():
+            logits = model.zero_shot_logits(torch.as_tensor(emb, device=dev), torch.as_tensor(pe, device=dev),
+                                            torch.as_tensor(ae, device=dev)).float().cpu().numpy()  # (regions, K)
+        for k, organs in enumerate(structures):
+            hit = [r for r, (_, name) in enumerate(keys) if _covers(name, organs)]
+            if hit:
+                out[i, k] = logits[hit, k].max()
+    return out
 
 
 def embed_manifest(
@@ -406,8 +468,13 @@ def embed_manifest(
     if names:
         arrays["class_names"] = np.array(names)
         arrays["labels"] = record_labels(kept, names, label_schema)
-        arrays["zero_shot_scores"] = zero_shot_scores(model, processor, arrays["image_embeds"], phrases)
-        arrays["report_zero_shot_scores"] = zero_shot_scores(model, processor, arrays["text_embeds"], phrases)
+        prompts = prompt_embeddings(model, processor, phrases)
+        arrays["zero_shot_scores"] = zero_shot_scores(model, processor, arrays["image_embeds"], phrases, prompts)
+        arrays["report_zero_shot_scores"] = zero_shot_scores(model, processor, arrays["text_embeds"], phrases,
+                                                             prompts)
+        if structure_rows:
+            arrays["structure_zero_shot_scores"] = structure_zero_shot_scores(
+                model, [row.get("structures") or [] for row in rows], class_structures(label_schema, names), prompts)
     return E.save_embeddings(out, **arrays)
 
 

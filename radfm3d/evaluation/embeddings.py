@@ -17,6 +17,9 @@ zero_shot_scores    (N, K)      a score per class, higher = more likely present 
 report_zero_shot_   (N, K)      the same class scores computed from the report's text embedding instead of the
 scores                          image's: the text-side ceiling of the prompts (optional; needs class_names)
 labels              (N, K) int8 1 present, 0 absent, -1 unknown (optional; needs class_names)
+structure_zero_     (N, K)      the class scores computed on the region embedding of the class's structure (the
+shot_scores                     highest over its regions and series) instead of the whole scan's; NaN where the
+                                record has no region of that structure (optional; needs class_names)
 strata              (N,) str    each record's stratum, e.g. its body region (optional): the stratified AUROC
                                 compares only records of one stratum
 =================== =========== =================================================================================
@@ -37,6 +40,9 @@ Figures (each a :class:`~radfm3d.evaluation.metrics.Figure` with a seeded percen
 
 - zero-shot AUROC per class and their mean (one joint bootstrap over records); a class whose evaluated labels take
   one value has no AUROC and is reported as undefined (never 0.5);
+- with ``structure_zero_shot_scores``, the same AUROC on the structure regions' scores, over the records that have
+  a region of the class's structure (an organ-level zero-shot as in fVLM; the regions come from boxes or masks of
+  the structures, e.g. a segmentation, never from the finding);
 - with ``strata``, the stratified AUROC of the zero-shot and linear-probe scores: per class the fraction of
   positive-negative pairs within one stratum that are ordered correctly (ties one half), i.e. Mann-Whitney counted
   only inside strata, with the same joint bootstrap. A score that only tells strata apart (e.g. body regions, when
@@ -82,7 +88,7 @@ KS = (1, 5, 10)
 REQUIRED = ("record_ids", "image_embeds", "report_texts")
 STRUCTURE = ("structure_series", "structure_regions", "structure_texts", "structure_embeds", "structure_text_embeds")
 OPTIONAL = ("text_embeds", "class_names", "zero_shot_scores", "labels", "report_zero_shot_scores",
-            "strata") + STRUCTURE
+            "structure_zero_shot_scores", "strata") + STRUCTURE
 
 
 # ------------------------------------------------------------------------------------------ embeddings file
@@ -98,6 +104,7 @@ class Embeddings:
     zero_shot_scores: np.ndarray | None = None
     labels: np.ndarray | None = None
     report_zero_shot_scores: np.ndarray | None = None
+    structure_zero_shot_scores: np.ndarray | None = None
     strata: np.ndarray | None = None
     structure_series: np.ndarray | None = None
     structure_regions: np.ndarray | None = None
@@ -141,16 +148,18 @@ def _as_str_array(value: Any, name: str, source: str) -> np.ndarray:
     return arr
 
 
-def _as_float_matrix(value: Any, name: str, source: str, n: int, width: int | None = None) -> np.ndarray:
+def _as_float_matrix(value: Any, name: str, source: str, n: int, width: int | None = None,
+                     allow_nan: bool = False) -> np.ndarray:
+    """A numeric ``(n, width)`` array, finite (``allow_nan``: NaN marks a missing value; inf is still refused)."""
     arr = np.asarray(value)
     if arr.dtype.kind not in "fiu":
         raise RadFM3DInputError(source, f"array {name!r} must be numeric, got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[0] != n or (width is not None and arr.shape[1] != width):
         want = f"({n}, {width if width is not None else 'P'})"
         raise RadFM3DInputError(source, f"array {name!r} must have shape {want}, got {arr.shape}")
-    bad = ~np.isfinite(arr).all(axis=1)
+    bad = ~(np.isfinite(arr) | (np.isnan(arr) if allow_nan else False)).all(axis=1)
     if bad.any():
-        raise RadFM3DInputError(source, f"array {name!r} has NaN/inf values in {int(bad.sum())} row(s) "
+        raise RadFM3DInputError(source, f"array {name!r} has {'inf' if allow_nan else 'NaN/inf'} values in {int(bad.sum())} row(s) "
                                         f"(first: row {int(np.argmax(bad))})")
     return arr.astype(np.float32) if arr.dtype != np.float64 else arr
 
@@ -176,7 +185,8 @@ def _validate(e: Embeddings) -> None:
             raise RadFM3DInputError(src, f"array 'strata' has {e.strata.shape[0]} rows, record_ids {n}")
     _validate_structures(e)
     if e.class_names is None:
-        extra = [k for k in ("zero_shot_scores", "labels", "report_zero_shot_scores") if getattr(e, k) is not None]
+        extra = [k for k in ("zero_shot_scores", "labels", "report_zero_shot_scores", "structure_zero_shot_scores")
+                 if getattr(e, k) is not None]
         if extra:
             raise RadFM3DInputError(src, f"arrays {extra} need the array 'class_names' (K,)")
         return
@@ -187,6 +197,9 @@ def _validate(e: Embeddings) -> None:
     for name in ("zero_shot_scores", "report_zero_shot_scores"):
         if getattr(e, name) is not None:
             setattr(e, name, _as_float_matrix(getattr(e, name), name, src, n, k))
+    if e.structure_zero_shot_scores is not None:
+        e.structure_zero_shot_scores = _as_float_matrix(e.structure_zero_shot_scores, "structure_zero_shot_scores",
+                                                        src, n, k, allow_nan=True)
     if e.labels is not None:
         lab = np.asarray(e.labels)
         if lab.dtype.kind not in "iub" or lab.shape != (n, k):
@@ -642,6 +655,12 @@ def score_embeddings(
         if test.strata is not None:
             res["zero_shot"]["stratified"] = stratified_auroc_figures(test.labels, test.zero_shot_scores,
                                                                       test.strata.tolist(), classes, **boot)
+        if test.structure_zero_shot_scores is not None:
+            # organ-level zero-shot: only records with a region of the class's structure are scored
+            scores = test.structure_zero_shot_scores
+            scored_labels = np.where(np.isnan(scores), -1, test.labels).astype(np.int8)
+            res["zero_shot"]["structure"] = auroc_figures(scored_labels, np.nan_to_num(scores, nan=0.0), classes,
+                                                          **boot)
     else:
         res["zero_shot"] = None
         notes.append("zero-shot: the embeddings hold no zero_shot_scores" if test.zero_shot_scores is None
@@ -687,14 +706,15 @@ def _fig(f: Mapping[str, Any] | None, digits: int = 3) -> str:
 def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Markdown table, one row per model: zero-shot and probe mean AUROC (each also within strata), R@1/5/10 both
     ways, participation ratios (image / text) -- the level ablation is one model per row."""
-    head = ("| model | n | zero-shot mean AUROC | zero-shot within stratum | prompts on report text | probe mean AUROC | "
-            "probe within stratum | image→report R@1 / R@5 / R@10 | report→image R@1 / R@5 / R@10 | structure: "
-            "sentence→region R@5 / localisation | PR image / text |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| model | n | zero-shot mean AUROC | zero-shot within stratum | zero-shot on structure regions | "
+            "prompts on report text | probe mean AUROC | probe within stratum | image→report R@1 / R@5 / R@10 | "
+            "report→image R@1 / R@5 / R@10 | structure: sentence→region R@5 / localisation | PR image / text |")
+    lines = [head, "|" + "---|" * 12]
     for name, m in models.items():
         zs = _fig((m.get("zero_shot") or {}).get("mean"))
         zs_st = _fig(((m.get("zero_shot") or {}).get("stratified") or {}).get("mean"))
         ceiling = _fig(((m.get("zero_shot") or {}).get("report_text") or {}).get("mean"))
+        zs_structure = _fig(((m.get("zero_shot") or {}).get("structure") or {}).get("mean"))
         pr = _fig((m.get("probe") or {}).get("mean"))
         pr_st = _fig(((m.get("probe") or {}).get("stratified") or {}).get("mean"))
         ret = m.get("retrieval")
@@ -708,7 +728,8 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         st_txt = (f"{st['retrieval']['report_to_image']['R@5']['value']:.3f} / "
                   + (f"{st['localisation']['accuracy']['value']:.3f}"
                      if st["localisation"]["accuracy"]["value"] is not None else "—")) if st else "—"
-        lines.append(f"| {name} | {m['n_records']} | {zs} | {zs_st} | {ceiling} | {pr} | {pr_st} | {cells[0]} | "
+        lines.append(f"| {name} | {m['n_records']} | {zs} | {zs_st} | {zs_structure} | {ceiling} | {pr} | {pr_st} | "
+                     f"{cells[0]} | "
                      f"{cells[1]} | {st_txt} | {pr_txt} |")
     first = next(iter(models.values()), None)
     if first and first.get("retrieval"):
@@ -717,7 +738,7 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         st_chance = (f"{st['retrieval']['report_to_image']['chance@5']:.3f} / "
                      + (f"{st['localisation']['chance']:.3f}" if st["localisation"]["chance"] is not None
                         else "—")) if st else ""
-        lines.append("| chance / blind | | 0.5 | 0.5 | 0.5 | 0.5 | 0.5 | " + " / ".join(
+        lines.append("| chance / blind | | 0.5 | 0.5 | 0.5 | 0.5 | 0.5 | 0.5 | " + " / ".join(
             f"{ret['image_to_report'][f'chance@{k}']:.3f}" for k in KS) + " (blind " + " / ".join(
             f"{ret['image_to_report'][f'blind@{k}']['value']:.3f}" for k in KS) + ") | " + " / ".join(
             f"{ret['report_to_image'][f'chance@{k}']:.3f}" for k in KS) + f" | {st_chance} | |")
@@ -752,16 +773,20 @@ def markdown_report(results: Mapping[str, Any]) -> str:
             extra = f" (trained on {block['n_train']} records)" if part == "probe" else ""
             ceiling = (block.get("report_text") or {}).get("per_class", {})
             strat = block.get("stratified")
+            regional = block.get("structure")
             head = ("| class | AUROC | 95% CI | n | positives |" + (" within stratum (n) |" if strat else "")
+                    + (" on structure regions (n) |" if regional else "")
                     + (" prompts on report text |" if ceiling else ""))
             lines += [f"### {title}{extra}", "", head,
-                      "|---|---|---|---|---|" + ("---|" if strat else "") + ("---|" if ceiling else "")]
+                      "|---|---|---|---|---|" + ("---|" if strat else "") + ("---|" if regional else "")
+                      + ("---|" if ceiling else "")]
             for cls, f in block["per_class"].items():
                 tail = ""
-                if strat:
-                    sf = strat["per_class"].get(cls, {})
-                    tail += (f" {_fig(sf)} ({sf['n']}) |" if sf.get("value") is not None else
-                             f" undefined: {sf.get('undefined', '—')} |")
+                for extra_block in (strat, regional):
+                    if extra_block:
+                        sf = extra_block["per_class"].get(cls, {})
+                        tail += (f" {_fig(sf)} ({sf['n']}) |" if sf.get("value") is not None else
+                                 f" undefined: {sf.get('undefined', '—')} |")
                 tail += f" {_fig(ceiling.get(cls), 3) if ceiling.get(cls, {}).get('value') is not None else '—'} |" \
                     if ceiling else ""
                 if "undefined" in f:
@@ -771,6 +796,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                     lines.append(f"| {cls} | {f['value']:.3f} | [{f['low']:.3f}, {f['high']:.3f}] | {f['n']} | "
                                  f"{f['positives']} |{tail}")
             mean_tail = (f" {_fig(strat['mean'])} |" if strat else "") + (
+                f" {_fig(regional['mean'])} |" if regional else "") + (
                 f" {_fig(block['report_text']['mean'])} |" if ceiling else "")
             lines.append(f"| **mean** ({len(block['defined'])} defined) | {_fig(block['mean'])} | | "
                          f"{block['mean']['n']} | |{mean_tail}")
@@ -780,6 +806,10 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                          f"score that only tells one {strat_key} from another (e.g. because each finding occurs in "
                          "one body region) gets 0.5 there however high its plain AUROC; chance is 0.5."
                          if strat else "")
+                      + (" On structure regions: the prompts scored on the embedding of the class's structure "
+                         "region (its box or mask, from the manifest's `report_structures`) instead of the whole "
+                         "scan's, over the records that have that structure; an organ-level zero-shot."
+                         if regional else "")
                       + (" Prompts on report text: the same prompts scored against each record's own report "
                          "embedding instead of its image's (the text side's ceiling)." if ceiling else ""), ""]
         ret = m.get("retrieval")

@@ -123,6 +123,19 @@ def test_tiny_model_end_to_end_resume_and_settings(structured_phantoms, tiny_cli
     assert np.allclose(emb.structure_text_embeds[mine], sentences.numpy(), atol=1e-4)
     assert m["structure"]["n_rows"] == len(emb.structure_series)
     assert m["structure"]["localisation"]["chance"] is not None
+    # organ-level zero-shot: a class is scored on the regions of its organ, NaN where the record has none
+    organ_scores = emb.structure_zero_shot_scores
+    assert organ_scores.shape == (len(records), 15)
+    classes = m["classes"]
+    for i, record in enumerate(records):
+        organs = {e["structure"].split("/")[0] for e in record.get("report_structures") or []}
+        for k, name in enumerate(classes):
+            assert np.isnan(organ_scores[i, k]) == (name.split("_")[0] not in organs), (record["id"], name)
+    scored = ~np.isnan(organ_scores)
+    assert m["zero_shot"]["structure"]["per_class"]  # AUROC over the scored records only
+    for name, figure in m["zero_shot"]["structure"]["per_class"].items():
+        assert figure["n"] == int(scored[:, classes.index(name)].sum())
+    assert "zero-shot on structure regions" in (out / "report.md").read_text()
 
     # resume: a record the per-record file holds is not embedded again, a missing one is
     cache = out / "tiny" / "test_embeddings.jsonl"
@@ -255,3 +268,30 @@ def test_embeddings_files_of_other_models_one_row_each(structured_phantoms, tmp_
     err = capsys.readouterr().err
     assert str(bad) in err and "'text_embeds'" in err and "Traceback" not in err
     shutil.rmtree(out)
+
+
+def test_organ_level_zero_shot_takes_the_best_region_of_the_class_structure(tiny_clip_dir):
+    import torch
+
+    from radfm3d.contrastive.model import RadFM3DCLIPModel
+
+    structures = CE.class_structures(schema_path("phantom_flags"), ["kidney_cyst", "liver_mass", "brain_cyst"])
+    assert structures == [("kidney",), ("liver",), ("brain",)]
+    assert CE.class_structures(None, ["a", "b"]) == [None, None]
+    model = RadFM3DCLIPModel.from_pretrained(tiny_clip_dir).eval()
+    rng = np.random.default_rng(0)
+    p = model.config.projection_dim
+    emb = rng.normal(size=(4, p)).astype(np.float32)
+    rows = [[{"series": 0, "structure": "kidney/left", "image_embeds": emb[0].tolist()},
+             {"series": 0, "structure": "kidney/left", "image_embeds": emb[3].tolist()},  # same region: first kept
+             {"series": 1, "structure": "kidney/right", "image_embeds": emb[1].tolist()},
+             {"series": 0, "structure": "liver", "image_embeds": emb[2].tolist()}],
+            []]
+    prompts = (rng.normal(size=(3, p)).astype(np.float32), rng.normal(size=(3, p)).astype(np.float32))
+    scores = CE.structure_zero_shot_scores(model, rows, structures, prompts)
+    with torch.inference_mode():
+        logits = model.zero_shot_logits(torch.as_tensor(emb), *(torch.as_tensor(x) for x in prompts)).numpy()
+    assert scores.shape == (2, 3)
+    assert np.isclose(scores[0, 0], max(logits[0, 0], logits[1, 0]), atol=1e-5)  # best of the two kidneys
+    assert np.isclose(scores[0, 1], logits[2, 1], atol=1e-5)
+    assert np.isnan(scores[0, 2]) and np.isnan(scores[1]).all()

@@ -272,7 +272,7 @@ def test_two_models_one_table_and_written_report(tmp_path):
     assert md.count("| good |") == 1 and md.count("| noise |") == 1
     assert "zero-shot within stratum" in md and "pairs of records with the same region (2 strata)" in md
     row = next(line for line in md.splitlines() if line.startswith("| good |")).split(" | ")
-    assert row[4].startswith(f"{g['zero_shot']['stratified']['mean']['value']:.3f}")
+    assert row[3].startswith(f"{g['zero_shot']['stratified']['mean']['value']:.3f}")  # the within-stratum column
     assert "stratified" in saved["models"]["good"]["probe"]
     for name in ("recall_at_k", "spectrum", "roc_good"):
         assert paths[name].is_file() and paths[name].stat().st_size > 1000
@@ -301,3 +301,24 @@ def test_localisation_and_structure_rows():
     arrays.pop("structure_texts")
     with pytest.raises(RadFM3DInputError, match="need all of"):
         E.Embeddings(**arrays)
+
+
+def test_structure_zero_shot_scores_nan_means_not_scored():
+    n = 8
+    labels = np.array([[1], [0], [1], [0], [1], [0], [1], [0]], dtype=np.int8)
+    organ = np.array([[2.0], [-1.0], [3.0], [-2.0], [np.nan], [np.nan], [np.nan], [np.nan]])
+    e = E.Embeddings(np.array([f"r{i}" for i in range(n)]), np.eye(n), np.array(["t"] * n),
+                     class_names=np.array(["c"]), zero_shot_scores=np.zeros((n, 1)), labels=labels,
+                     structure_zero_shot_scores=organ)
+    res = E.score_embeddings(e, n_resamples=20)
+    figure = res["zero_shot"]["structure"]["per_class"]["c"]
+    assert figure["value"] == 1.0 and figure["n"] == 4  # only the four records with a region are ranked
+    assert res["zero_shot"]["per_class"]["c"]["value"] == 0.5
+    row = next(line for line in E.comparison_table({"m": res}) if line.startswith("| m |")).split(" | ")
+    assert row[4].startswith("1.000")
+    with pytest.raises(RadFM3DInputError, match="structure_zero_shot_scores.*inf"):
+        E.Embeddings(e.record_ids, e.image_embeds, e.report_texts, class_names=e.class_names,
+                     structure_zero_shot_scores=np.full((n, 1), np.inf))
+    with pytest.raises(RadFM3DInputError, match="NaN/inf"):
+        E.Embeddings(e.record_ids, e.image_embeds, e.report_texts, class_names=e.class_names,
+                     zero_shot_scores=organ)
