@@ -17,6 +17,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from radfm3d.errors import RadFM3DInputError
+from radfm3d.modeling.configuration import VisionTowerConfigMixin
 from radfm3d.modeling.resampler import ResamplerConfig
 from radfm3d.modeling.vision import VisionConfig
 
@@ -69,7 +70,7 @@ def resolve_text_model(name_or_path: str | os.PathLike) -> Path:
     return folder
 
 
-class RadFM3DCLIPConfig(PretrainedConfig):
+class RadFM3DCLIPConfig(VisionTowerConfigMixin, PretrainedConfig):
     """Configuration of :class:`~radfm3d.contrastive.model.RadFM3DCLIPModel`.
 
     - ``vision_config`` / ``resampler_config``: dicts of ``VisionConfig`` / ``ResamplerConfig`` fields, completed as
@@ -138,14 +139,6 @@ class RadFM3DCLIPConfig(PretrainedConfig):
             self.text_config = clean_text_config(dict(self.text_config))
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def vision(self) -> VisionConfig:
-        return VisionConfig.from_dict(self.vision_config)
-
-    @property
-    def resampler(self) -> ResamplerConfig:
-        return ResamplerConfig.from_dict(self.resampler_config)
-
     @property
     def text(self) -> PretrainedConfig:
         """``text_config`` as a transformers ``BertConfig``."""

@@ -14,7 +14,7 @@ from transformers.configuration_utils import SubConfigSpec
 from radfm3d.modeling.resampler import ResamplerConfig
 from radfm3d.modeling.vision import VisionConfig
 
-__all__ = ["RadFM3DConfig", "PRESET_DIR", "list_presets"]
+__all__ = ["RadFM3DConfig", "VisionTowerConfigMixin", "PRESET_DIR", "list_presets"]
 
 #: where the shipped presets live (``radfm3d/presets/<name>.json``, package data)
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
@@ -29,7 +29,21 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-class RadFM3DConfig(PretrainedConfig):
+class VisionTowerConfigMixin:
+    """The typed views of the ``vision_config`` and ``resampler_config`` dicts that every config holding radfm3d's
+    vision tower stores (the generative model's and the contrastive model's). No annotations here: the configs'
+    own annotations are their keys (``own_keys``)."""
+
+    @property
+    def vision(self) -> VisionConfig:
+        return VisionConfig.from_dict(self.vision_config)
+
+    @property
+    def resampler(self) -> ResamplerConfig:
+        return ResamplerConfig.from_dict(self.resampler_config)
+
+
+class RadFM3DConfig(VisionTowerConfigMixin, PretrainedConfig):
     """Configuration of :class:`~radfm3d.modeling.model.RadFM3DForCausalLM`.
 
     - ``vision_config``: dict of :class:`~radfm3d.modeling.vision.VisionConfig` fields.
@@ -132,14 +146,6 @@ class RadFM3DConfig(PretrainedConfig):
     def tokens_per_image(self) -> int:
         """Placeholder tokens per image in the text (the visual tokens; a subclass may add slots of its own)."""
         return int(self.num_image_tokens)
-
-    @property
-    def vision(self) -> VisionConfig:
-        return VisionConfig.from_dict(self.vision_config)
-
-    @property
-    def resampler(self) -> ResamplerConfig:
-        return ResamplerConfig.from_dict(self.resampler_config)
 
     @property
     def total_vocab_size(self) -> int:
