@@ -10,7 +10,7 @@ from typing import Any
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.model import check_checkpoint_state
 
-__all__ = ["load_vision_tower", "TOWER_PREFIXES"]
+__all__ = ["load_vision_tower", "build_model_with_vision_tower", "TOWER_PREFIXES"]
 
 #: the state-dict prefixes shared by ``RadFM3DCLIPModel`` and ``RadFM3DForCausalLM``
 TOWER_PREFIXES = ("vision_model.", "resampler.")
@@ -71,3 +71,20 @@ def load_vision_tower(causal_lm: Any, clip: str | os.PathLike | Any) -> Any:
             raise RadFM3DInputError(source, f"{prefix[:-1]} weights do not match: missing {sorted(missing)[:10]}, "
                                     f"unexpected {sorted(unexpected)[:10]}")
     return causal_lm
+
+
+def build_model_with_vision_tower(name_or_path: str | os.PathLike, seed: int | None = 0,
+                                  vision_tower: str | os.PathLike | None = None, device: str = "cpu",
+                                  load_text_weights: bool = True) -> Any:
+    """:func:`radfm3d.engine.training.build_model`, then, with ``vision_tower`` (a CLIP checkpoint folder), its
+    vision tower and resampler copied in by :func:`load_vision_tower`: the generative stages started from a
+    contrastive stage 0 (the demo bundle's ``--vision_tower``)."""
+    from radfm3d.engine.training import build_model
+
+    model = build_model(name_or_path, device="cpu", seed=seed, load_text_weights=load_text_weights)
+    if vision_tower not in (None, "", "none", "None"):
+        load_vision_tower(model, vision_tower)
+        import logging
+
+        logging.getLogger(__name__).info(f"vision tower and resampler initialised from {vision_tower}")
+    return model.to(device)

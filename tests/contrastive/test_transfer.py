@@ -70,3 +70,23 @@ def test_mismatching_configs_name_the_key(clip, tmp_path):
     load_vision_tower(_causal_lm(vision_config=dict(tiny.vision_config, dropout=0.1)), clip)
     with pytest.raises(RadFM3DInputError, match="not a CLIP checkpoint folder"):
         load_vision_tower(_causal_lm(), tmp_path / "missing")
+
+
+def test_build_model_with_vision_tower_is_the_bundle_knob(clip, tmp_path):
+    from radfm3d.contrastive.transfer import build_model_with_vision_tower
+
+    clip.save_pretrained(tmp_path / "clip")
+    pixel_values = torch.rand(1, 3, 32, 32, 8)
+    with_tower = build_model_with_vision_tower("tiny", seed=0, vision_tower=tmp_path / "clip",
+                                               load_text_weights=False)
+    plain = build_model_with_vision_tower("tiny", seed=0, vision_tower=None, load_text_weights=False)
+    with torch.no_grad():
+        want = _clip_latents(clip.eval(), pixel_values)
+        assert torch.equal(with_tower.eval().get_visual_latents(pixel_values), want)
+        assert not torch.allclose(plain.eval().get_visual_latents(pixel_values), want)
+    from radfm3d.contrastive.transfer import TOWER_PREFIXES
+
+    rest = {k: v for k, v in plain.state_dict().items() if not k.startswith(TOWER_PREFIXES)}
+    assert all(torch.equal(v, with_tower.state_dict()[k]) for k, v in rest.items())  # build_model's, same seed
+    with pytest.raises(RadFM3DInputError, match="not a CLIP checkpoint"):
+        build_model_with_vision_tower("tiny", vision_tower=tmp_path, load_text_weights=False)
