@@ -242,7 +242,9 @@ def _bundle_config(files: list[str], bundle: Path = BUNDLE):
     paths = []
     for name in files:
         path = (bundle / name) if not Path(name).is_absolute() else Path(name)
-        assert path.is_file(), f"config file {name} not found in {bundle}"
+        if not path.is_file() and (ROOT / name).is_file():  # a line run from the repository root
+            path = ROOT / name
+        assert path.is_file(), f"config file {name} not found in {bundle} or {ROOT}"
         paths.append(str(path))
     parser.read_config(paths)
     return parser
