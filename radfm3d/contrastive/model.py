@@ -46,8 +46,11 @@ __all__ = ["RadFM3DCLIPModel", "RadFM3DCLIPOutput", "ContrastiveLevels", "StudyF
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# what transformers' AutoModel.from_pretrained may hand on besides the folder (hub options; 5.25 adds force_download and
+# proxies): accepted and ignored, since a CLIP folder is always local
 _AUTO_LOADER_KWARGS = ("config", "adapter_kwargs", "revision", "trust_remote_code", "local_files_only", "cache_dir",
-                       "token", "subfolder", "_from_auto", "_commit_hash")
+                       "token", "subfolder", "_from_auto", "_commit_hash", "force_download", "proxies",
+                       "code_revision", "resume_download")
 #: ``exp(logit_scale)`` is clamped to this (CLIP's 100 = temperature 0.01)
 MAX_LOGIT_SCALE = 100.0
 # distinct token sequences whose frozen-tower encodings are kept (384 floats each for MiniLM: ~100 MB at most)
