@@ -56,6 +56,12 @@ def as_bool(value: Any, name: str = "flag") -> bool | None:
     raise ValueError(f"{name}: expected true/false, got {value!r}")
 
 
+def is_unset(value: Any) -> bool:
+    """True for an option switched off: None, an empty string or the word "none" (any case), as bundle and
+    command-line overrides spell it."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     """``write(tmp)`` to a uniquely named temporary sibling of ``path``, then ``os.replace`` it into place.
 

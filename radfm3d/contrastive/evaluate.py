@@ -44,7 +44,7 @@ import numpy as np
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.evaluation import embeddings as E
 from radfm3d.evaluation.metrics import BOOTSTRAP_SEED, N_RESAMPLES
-from radfm3d.utils import JsonlAppender, atomic_write_json
+from radfm3d.utils import JsonlAppender, atomic_write_json, is_unset
 
 __all__ = ["CLIP_TASKS", "PRESENT_TEMPLATES", "ABSENT_TEMPLATES", "report_records", "zero_shot_classes",
            "prompt_embeddings", "class_structures", "structure_zero_shot_scores",
@@ -140,7 +140,7 @@ def record_labels(records: Sequence[Mapping[str, Any]], class_names: Sequence[st
 def record_strata(records: Sequence[Mapping[str, Any]], key: str | None) -> np.ndarray | None:
     """(N,) str: each record's ``key`` (else its ``ground_truth[key]``) as its stratum, ``"(no KEY)"`` where neither
     has it; None when ``key`` is None / ``"none"`` or no record has it."""
-    if key is None or key.lower() == "none":
+    if is_unset(key):
         return None
     values = []
     for r in records:
@@ -329,22 +329,29 @@ def structure_zero_shot_scores(model: Any, rows: Sequence[Sequence[Mapping[str, 
 
     pe, ae = prompts
     out = np.full((len(rows), len(structures)), np.nan, dtype=np.float32)
-    dev = next(model.parameters()).device
+    owners, names, embeds = [], [], []  # one entry per (record, series, structure) region
     for i, record_rows in enumerate(rows):
         regions: dict[tuple[Any, str], list[float]] = {}
         for row in record_rows:
             regions.setdefault((row["series"], str(row.get("structure") or "")), row["image_embeds"])
-        if not regions:
-            continue
-        keys = list(regions)
-        emb = np.asarray([regions[key] for key in keys], dtype=np.float32)
-        with torch.inference_mode():
-            logits = model.zero_shot_logits(torch.as_tensor(emb, device=dev), torch.as_tensor(pe, device=dev),
-                                            torch.as_tensor(ae, device=dev)).float().cpu().numpy()  # (regions, K)
-        for k, organs in enumerate(structures):
-            hit = [r for r, (_, name) in enumerate(keys) if _covers(name, organs)]
-            if hit:
-                out[i, k] = logits[hit, k].max()
+        for (_, name), embed in regions.items():
+            owners.append(i)
+            names.append(name)
+            embeds.append(embed)
+    if not embeds:
+        return out
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model.zero_shot_logits(torch.as_tensor(np.asarray(embeds, dtype=np.float32), device=dev),
+                                        torch.as_tensor(pe, device=dev),
+                                        torch.as_tensor(ae, device=dev)).float().cpu().numpy()  # (regions, K)
+    owners_arr = np.asarray(owners)
+    for k, organs in enumerate(structures):
+        covered = np.array([_covers(name, organs) for name in names])
+        if covered.any():
+            scores = np.full(len(rows), -np.inf, dtype=np.float32)
+            np.maximum.at(scores, owners_arr[covered], logits[covered, k])
+            out[:, k] = np.where(np.isfinite(scores), scores, np.nan)
     return out
 
 
@@ -495,7 +502,7 @@ def resolve_labels(emb: E.Embeddings, records: Sequence[Mapping[str, Any]], sche
     info["text_mismatch"] = int(sum(E.normalize_report(a) != E.normalize_report(b)
                                     for a, b in zip(texts.tolist(), sub.report_texts.tolist())))
     sub.report_texts = texts
-    if stratify_by is None or stratify_by.lower() == "none":
+    if is_unset(stratify_by):
         sub.strata = None
     else:
         strata = record_strata(kept, stratify_by)
@@ -665,7 +672,7 @@ def cli(argv: Iterable[str] | None = None) -> int:
     results, curves = E.evaluate_models(models, n_resamples=args.n_resamples, seed=args.seed, meta={
         "manifest": str(args.manifest), "train_manifest": args.train_manifest, "label_source": ", ".join(label_sources),
         "sources": meta_models, "n_manifest_records": len(records),
-        "stratify_by": None if args.stratify_by.lower() == "none" else args.stratify_by})
+        "stratify_by": None if is_unset(args.stratify_by) else args.stratify_by})
     for name, m in results["models"].items():
         src = meta_models[name]
         if src["missing_records"]:

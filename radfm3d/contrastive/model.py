@@ -275,7 +275,8 @@ class RadFM3DCLIPModel(PreTrainedModel):
         autocast = (torch.is_autocast_enabled(device_type),
                     torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
         present = attention_mask.bool()
-        keys = [(input_ids[i][present[i]].cpu().numpy().tobytes(), autocast) for i in range(input_ids.shape[0])]
+        host_ids, host_present = input_ids.cpu().numpy(), present.cpu().numpy()  # one transfer, not one per row
+        keys = [(row[keep].tobytes(), autocast) for row, keep in zip(host_ids, host_present)]
         # one encoding per distinct missing sequence, in one batch trimmed to its longest row
         first_of: dict[Any, int] = {}
         for i, key in enumerate(keys):

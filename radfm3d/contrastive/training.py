@@ -40,6 +40,7 @@ from torch import nn
 
 from radfm3d.engine.data import dist_info
 from radfm3d.engine.training import autocast_dtype, seed_everything, unwrap_model
+from radfm3d.modeling.model import checked_image_mask
 from radfm3d.utils import publish_folder
 
 __all__ = [
@@ -646,11 +647,10 @@ class EmbeddingInferer(Inferer):
         model = unwrap_model(network)
         model = getattr(model, "model", model)
         model.eval()
-        pixels, mask = inputs["pixel_values"], inputs.get("image_mask")
+        pixels = inputs["pixel_values"]
         if pixels.ndim == 5:
             pixels = pixels.unsqueeze(1)
-        if mask is None:
-            mask = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)
+        mask = checked_image_mask(pixels, inputs.get("image_mask"))
         out: dict[str, Any] = {"text_embeds": None}
         with _autocast(_batch_device(inputs), self.precision):
             counts = mask.sum(1)

@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.model import check_checkpoint_state
+from radfm3d.utils import is_unset
 
 __all__ = ["load_vision_tower", "build_model_with_vision_tower", "TOWER_PREFIXES"]
 
 #: the state-dict prefixes shared by ``RadFM3DCLIPModel`` and ``RadFM3DForCausalLM``
 TOWER_PREFIXES = ("vision_model.", "resampler.")
+
+logger = logging.getLogger(__name__)
 
 # config keys that change no weight shape or meaning (a tower trained with dropout fits a model without it)
 _IGNORED_KEYS = {"dropout", "emb_dropout", "gradient_checkpointing"}
@@ -82,9 +86,7 @@ def build_model_with_vision_tower(name_or_path: str | os.PathLike, seed: int | N
     from radfm3d.engine.training import build_model
 
     model = build_model(name_or_path, device="cpu", seed=seed, load_text_weights=load_text_weights)
-    if vision_tower not in (None, "", "none", "None"):
+    if not is_unset(vision_tower):
         load_vision_tower(model, vision_tower)
-        import logging
-
-        logging.getLogger(__name__).info(f"vision tower and resampler initialised from {vision_tower}")
+        logger.info(f"vision tower and resampler initialised from {vision_tower}")
     return model.to(device)

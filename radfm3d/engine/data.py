@@ -17,6 +17,8 @@ import torch
 from monai.data import CacheDataset, Dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
+from radfm3d.utils import is_unset
+
 __all__ = [
     "read_records",
     "TrainingExample",
@@ -237,8 +239,12 @@ class ResumableSampler(DistributedSampler):
         """Skip the first ``n_samples`` indices (of this rank) in the next iteration only."""
         self._skip = max(0, int(n_samples))
 
+    def _epoch_indices(self) -> list[int]:
+        """This rank's indices of the current epoch, before any skip."""
+        return list(super().__iter__())
+
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        indices = self._epoch_indices()
         skip, self._skip = self._skip, 0
         return iter(indices[skip:])
 
@@ -323,13 +329,12 @@ class GroupedBatchSampler(ResumableSampler):
             batches.append(last + filler[:padded - len(last)])
         return batches
 
-    def __iter__(self) -> Iterator[int]:
+    def _epoch_indices(self) -> list[int]:
         indices: list[int] = []
         for batch in self.global_batches():
             share = len(batch) // self.num_replicas
             indices += batch[self.rank * share:(self.rank + 1) * share]
-        skip, self._skip = self._skip, 0
-        return iter(indices[skip:])
+        return indices
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "group_key": self.group_key, "fraction": self.fraction,
@@ -340,7 +345,7 @@ def build_sampler(dataset: Any, batch_size: int = 1, shuffle: bool = True, seed:
                   group_key: str | None = None, group_fraction: float = 1.0) -> ResumableSampler:
     """The training sampler: :class:`ResumableSampler`, or with ``group_key`` a :class:`GroupedBatchSampler` whose
     ``group_fraction`` of batches each hold one value of that record field (``batch_size`` per rank)."""
-    if group_key in (None, "", "none", "None"):
+    if is_unset(group_key):
         return ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return GroupedBatchSampler(dataset, batch_size=batch_size, group_key=str(group_key), fraction=group_fraction,
                                shuffle=shuffle, seed=seed, drop_last=drop_last)

@@ -80,7 +80,8 @@ from radfm3d.utils import atomic_savefig, atomic_write
 
 __all__ = [
     "Embeddings", "save_embeddings", "load_embeddings", "normalize_report", "auroc_figures", "retrieval_figures",
-    "stratified_auroc_figures", "effective_dimensionality", "linear_probe", "score_embeddings", "comparison_table", "markdown_report",
+    "stratified_auroc_figures", "effective_dimensionality", "linear_probe", "score_embeddings", "comparison_table",
+    "markdown_report",
     "write_plots", "evaluate_models", "write_results", "KS",
 ]
 
@@ -159,7 +160,8 @@ def _as_float_matrix(value: Any, name: str, source: str, n: int, width: int | No
         raise RadFM3DInputError(source, f"array {name!r} must have shape {want}, got {arr.shape}")
     bad = ~(np.isfinite(arr) | (np.isnan(arr) if allow_nan else False)).all(axis=1)
     if bad.any():
-        raise RadFM3DInputError(source, f"array {name!r} has {'inf' if allow_nan else 'NaN/inf'} values in {int(bad.sum())} row(s) "
+        what = "inf" if allow_nan else "NaN/inf"
+        raise RadFM3DInputError(source, f"array {name!r} has {what} values in {int(bad.sum())} row(s) "
                                         f"(first: row {int(np.argmax(bad))})")
     return arr.astype(np.float32) if arr.dtype != np.float64 else arr
 
@@ -289,7 +291,11 @@ def _weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray)
     NaN where a row has no positive or no negative weight. Vectorised over resamples: cases are sorted once and
     the weights summed per group of tied scores, which scikit-learn's per-call API cannot do.
     """
-    num, den = _weighted_pairs(scores, labels, weights)
+    return _pair_ratio(*_weighted_pairs(scores, labels, weights))
+
+
+def _pair_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` per resample, NaN where there is no positive-negative pair (``den`` 0)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
@@ -411,8 +417,7 @@ def stratified_auroc_figures(
             undefined.append(name)
             continue
         point = float(num[0] / den[0])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            boot = np.where(bden > 0, bnum / np.where(bden > 0, bden, 1.0), np.nan)
+        boot = _pair_ratio(bnum, bden)
         per_class[name] = {**Figure(point, *_percentiles(boot), n_used).to_dict(), "positives": n_pos,
                            "strata": used}
         points.append(point)

@@ -22,21 +22,17 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from radfm3d.contrastive.configuration import TINY_TEXT_CONFIG
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_clip"
-CONFIGS = BUNDLE / "configs"
-META = str(CONFIGS / "metadata.json")
-LOGGING = str(CONFIGS / "logging.conf")
+sys.path.insert(0, str(Path(__file__).parent))
+from bundle_helpers import (bundle_files, check_config_targets, check_metadata, check_workflow,  # noqa: E402
+                            tiny_phantoms)
+
+BUNDLE, CONFIGS, META, LOGGING = bundle_files("radfm3d_clip")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """Tiny RadPhantom set (32x32x8 grid; 12 cases and 2 CT + MR T1 + MR T2 studies) under a temp folder."""
-    from radfm3d.data.phantoms import generate_phantoms
-
-    root = tmp_path_factory.mktemp("radfm3d_clip")
-    generate_phantoms(root / "phantoms", n=12, seed=0, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10),
-                      dicom_fraction=0.0, prior_fraction=0.0, progress=False, studies=2)
-    return root
+    return tiny_phantoms(tmp_path_factory.mktemp("radfm3d_clip"), n=12, studies=2)
 
 
 def _train_overrides(work: Path, **more) -> dict:
@@ -49,36 +45,21 @@ def _train_overrides(work: Path, **more) -> dict:
     }
 
 
-def _check_workflow(workflow: ConfigWorkflow) -> None:
-    workflow.initialize()
-    assert workflow.check_properties() == []
-    workflow.run()
-    workflow.finalize()
-
-
 @pytest.fixture(scope="module")
 def trained(workdir: Path) -> tuple[Path, ConfigWorkflow]:
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="train", **_train_overrides(workdir, batch_group_key="region",
                                                                         batch_group_fraction=1.0))
-    _check_workflow(workflow)
+    check_workflow(workflow)
     return workdir, workflow
 
 
 def test_metadata_and_layout():
-    meta = json.loads((CONFIGS / "metadata.json").read_text())
-    for key in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
-                "description", "authors", "copyright", "network_data_format", "schema", "changelog"):
-        assert key in meta, key
-    assert meta["version"] in meta["changelog"]
+    check_metadata(CONFIGS)
     for name in ("LICENSE", "docs/README.md", "configs/logging.conf", "configs/train.json", "configs/evaluate.json",
                  "configs/inference.json", "configs/multi_gpu_train.json"):
         assert (BUNDLE / name).is_file(), name
-    for cfg in CONFIGS.glob("*.json"):
-        text = cfg.read_text()
-        targets = [line.split('"_target_":')[1].strip().strip('",') for line in text.splitlines() if "_target_" in line]
-        for target in targets:
-            assert target.split(".")[0] in ("radfm3d", "torch", "monai", "ignite") or "." not in target, (cfg, target)
+    check_config_targets(CONFIGS)
 
 
 @pytest.mark.parametrize("files", [["train.json"], ["train.json", "multi_gpu_train.json"],
@@ -170,7 +151,7 @@ def test_inference_embeds_a_manifest_and_a_folder_of_scans(trained):
                  "texts": ["No abnormality.", "A liver lesion."]}
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="infer", **overrides)
-    _check_workflow(workflow)
+    check_workflow(workflow)
     with np.load(out, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     records = [json.loads(line) for line in (work / "phantoms" / "val.jsonl").read_text().splitlines()]
@@ -193,7 +174,7 @@ def test_inference_embeds_a_manifest_and_a_folder_of_scans(trained):
                  "output_file": str(out2)}
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="infer", **overrides)
-    _check_workflow(workflow)
+    check_workflow(workflow)
     with np.load(out2, allow_pickle=False) as data:
         assert "text_embeds" not in data.files and len(data["record_ids"]) >= 1
         order = [list(arrays["record_ids"]).index(i) for i in data["record_ids"]]
@@ -240,7 +221,7 @@ def test_multi_gpu_train_two_cpu_processes_gathers_embeddings(workdir: Path, tmp
             **_train_overrides(workdir, **{**common, "batch_size": batch_size, "limit": limit,
                                            "output_dir": str(tmp_path / name), "model_dir": str(tmp_path / f"{name}_m"),
                                            "val_limit": 2}))
-        _check_workflow(workflow)
+        check_workflow(workflow)
         assert workflow.trainer.state.iteration == 1
         return float(workflow.trainer.state.output["loss"])
 

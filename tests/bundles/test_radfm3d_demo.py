@@ -17,21 +17,17 @@ import pytest
 
 from monai.bundle import ConfigWorkflow
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "radfm3d_demo"
-CONFIGS = BUNDLE / "configs"
-META = str(CONFIGS / "metadata.json")
-LOGGING = str(CONFIGS / "logging.conf")
+sys.path.insert(0, str(Path(__file__).parent))
+from bundle_helpers import (bundle_files, check_config_targets, check_metadata, check_workflow,  # noqa: E402
+                            tiny_phantoms)
+
+BUNDLE, CONFIGS, META, LOGGING = bundle_files("radfm3d_demo")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """Tiny RadPhantom set (32x32x8 grid) under a temp folder."""
-    from radfm3d.data.phantoms import generate_phantoms
-
-    root = tmp_path_factory.mktemp("radfm3d_demo")
-    generate_phantoms(root / "phantoms", n=4, seed=0, grid=(32, 32, 8), matrix=(32, 40), slices=(8, 10),
-                      dicom_fraction=0.0, prior_fraction=0.0, progress=False)
-    return root
+    return tiny_phantoms(tmp_path_factory.mktemp("radfm3d_demo"), n=4)
 
 
 def _train_overrides(work: Path) -> dict:
@@ -42,36 +38,20 @@ def _train_overrides(work: Path) -> dict:
     }
 
 
-def _check_workflow(workflow: ConfigWorkflow) -> None:
-    workflow.initialize()
-    assert workflow.check_properties() == []
-    workflow.run()
-    workflow.finalize()
-
-
 @pytest.fixture(scope="module")
 def trained(workdir: Path) -> Path:
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="train", **_train_overrides(workdir))
-    _check_workflow(workflow)
+    check_workflow(workflow)
     return workdir
 
 
 def test_metadata_and_layout():
-    meta = json.loads((CONFIGS / "metadata.json").read_text())
-    for key in ("version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version", "task",
-                "description", "authors", "copyright", "network_data_format", "schema", "changelog"):
-        assert key in meta, key
-    assert meta["version"] in meta["changelog"]
+    meta = check_metadata(CONFIGS)
     assert {"image", "text"} <= set(meta["network_data_format"]["inputs"])
     for name in ("LICENSE", "docs/README.md", "configs/logging.conf", "configs/inference.json"):
         assert (BUNDLE / name).is_file(), name
-    # every _target_ points into radfm3d, monai, torch or ignite
-    for cfg in CONFIGS.glob("*.json"):
-        text = cfg.read_text()
-        targets = [line.split('"_target_":')[1].strip().strip('",') for line in text.splitlines() if "_target_" in line]
-        for target in targets:
-            assert target.split(".")[0] in ("radfm3d", "torch", "monai", "ignite") or "." not in target, (cfg, target)
+    check_config_targets(CONFIGS)
 
 
 def test_train(trained: Path):
@@ -90,7 +70,7 @@ def test_evaluate(trained: Path):
                  "embeddings": False, "n_resamples": 20}
     workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")],
                               meta_file=META, logging_file=LOGGING, workflow_type="eval", **overrides)
-    _check_workflow(workflow)
+    check_workflow(workflow)
     rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("prediction" in r and "grid_geometry" in r for r in rows)
     assert len((eval_dir / "blind_predictions.jsonl").read_text().splitlines()) == 3
@@ -114,7 +94,7 @@ def test_infer(trained: Path):
                  "prompts": ["report", "Is there a lesion?", "Locate the spleen."]}
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="infer", **overrides)
-    _check_workflow(workflow)
+    check_workflow(workflow)
     results = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
     assert sorted(results) == ["ct.json", "series.json"]
     for res in results.values():
@@ -132,7 +112,7 @@ def test_finetune_own_manifest_with_lora(trained: Path):
                  "model_dir": str(trained / "ft_model")}
     workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "finetune.json")],
                               meta_file=META, logging_file=LOGGING, workflow_type="train", **overrides)
-    _check_workflow(workflow)
+    check_workflow(workflow)
     adapter = json.loads((trained / "ft_model" / "adapter_config.json").read_text())
     assert adapter["r"] == 8
     from radfm3d.engine.training import has_lora, load_trained_model
@@ -170,7 +150,7 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
                  "load_text_weights": "false", "max_minutes": 30}  # both switches as typed on a command line
     workflow = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "pretrain_vision.json")],
                               meta_file=META, logging_file=LOGGING, workflow_type="train", **overrides)
-    _check_workflow(workflow)
+    check_workflow(workflow)
     assert workflow.trainer.state.metrics["val_modality_acc"] >= 0.0  # the validation handler ran
     assert (pre_dir / "structured_head.safetensors").is_file() and list(cache.rglob("*.safetensors"))
     fresh, pretrained = build_model("tiny", seed=0), load_trained_model(pre_dir)
@@ -190,7 +170,7 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
                  "image_cache_dir": str(cache)}
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="train", **overrides)
-    _check_workflow(workflow)
+    check_workflow(workflow)
     instructed = dict(load_trained_model(tmp_path / "instructed").named_parameters())
     assert torch.equal(instructed[vision_key], moved)  # frozen in the instruction stage
     assert any(k.startswith("resampler.") for k in instructed)
@@ -204,7 +184,7 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
                  "output_dir": str(tmp_path / "out"), "max_new_tokens": 2, "prompts": ["Which modality?"]}
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="infer", **overrides)
-    _check_workflow(workflow)
+    check_workflow(workflow)
     written = json.loads((tmp_path / "out" / "ct.json").read_text())
     reading = written["image_reading"]
     assert reading["text"].startswith("Image reading: ") and reading["region"] in ("head", "chest", "abdomen")
@@ -225,6 +205,6 @@ def test_pretrain_vision_then_instruction_from_it(workdir: Path, tmp_path: Path)
                  "output_dir": str(tmp_path / "out_threshold"), "max_new_tokens": 2, "prompts": ["Which modality?"]}
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="infer", **overrides)
-    _check_workflow(workflow)
+    check_workflow(workflow)
     assert json.loads((tmp_path / "out_threshold" / "ct.json").read_text())["image_reading"]["text"].startswith(
         "Image reading: ")
