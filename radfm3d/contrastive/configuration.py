@@ -21,7 +21,7 @@ from radfm3d.modeling.configuration import VisionTowerConfigMixin
 from radfm3d.modeling.resampler import ResamplerConfig
 from radfm3d.modeling.vision import VisionConfig
 
-__all__ = ["RadFM3DCLIPConfig", "LEVELS", "TEXT_MODEL_ALIASES", "resolve_text_model", "clean_text_config",
+__all__ = ["RadFM3DCLIPConfig", "LEVELS", "POOLING_MODES", "TEXT_MODEL_ALIASES", "resolve_text_model", "clean_text_config",
            "TINY_TEXT_CONFIG"]
 
 #: the contrastive levels, in the order the loss reports them
@@ -30,7 +30,9 @@ LEVELS = ("scan", "structure", "study")
 #: text-tower names resolved to an installed folder (never downloaded)
 TEXT_MODEL_ALIASES = ("all-minilm-l6-v2",)
 
-_STUDY_FUSIONS = ("attention", "mean")
+#: how a set of features (the series of a study, the patches inside a structure's box) becomes one
+#: (:class:`~radfm3d.contrastive.model.SetPooling`)
+POOLING_MODES = ("attention", "mean", "max")
 
 #: a 2-layer, 32-wide BERT with MiniLM's vocabulary (so MiniLM's tokenizer fits it), for tests and smoke runs:
 #: ``RadFM3DCLIPModel.from_pretrained("tiny", load_text_weights=False, text_config=TINY_TEXT_CONFIG)``
@@ -80,7 +82,9 @@ class RadFM3DCLIPConfig(VisionTowerConfigMixin, PretrainedConfig):
       BERT folder); its weights are loaded on build and saved with the checkpoint.
     - ``text_config``: the ``BertConfig`` as a dict (filled from the text folder when ``None``), saved.
     - ``projection_dim``: joint embedding width P. ``logit_scale_init_value``: ln(1 / temperature) at start.
-    - ``study_fusion``: ``"attention"`` (a learned query over the present series) or ``"mean"``.
+    - ``study_fusion``: ``"attention"`` (a learned query over the present series), ``"mean"`` or ``"max"``.
+    - ``structure_pooling``: how the patch tokens inside a structure's box become the structure's feature:
+      ``"mean"``, ``"max"`` (channel-wise) or ``"attention"`` (a learned query; starts as the mean).
     - ``level_weights``: ``{"scan", "structure", "study"} -> weight``; 0 switches a level off.
     - ``queue_size``: past embeddings kept per level as extra negatives (0 = off).
     - ``max_text_length``: tokens per text (the processor truncates to it).
@@ -96,6 +100,7 @@ class RadFM3DCLIPConfig(VisionTowerConfigMixin, PretrainedConfig):
     projection_dim: int = 256
     logit_scale_init_value: float = 2.6592
     study_fusion: str = "attention"
+    structure_pooling: str = "mean"
     level_weights: dict | None = None
     queue_size: int = 0
     max_text_length: int = 128
@@ -113,8 +118,9 @@ class RadFM3DCLIPConfig(VisionTowerConfigMixin, PretrainedConfig):
                              f"({self.resampler_config['num_latents']})")
         if self.resampler_config["dim"] != vision.hidden_size:
             raise ValueError(f"resampler dim {self.resampler_config['dim']} != vision hidden {vision.hidden_size}")
-        if self.study_fusion not in _STUDY_FUSIONS:
-            raise ValueError(f"study_fusion must be one of {_STUDY_FUSIONS}, got {self.study_fusion!r}")
+        for key in ("study_fusion", "structure_pooling"):
+            if getattr(self, key) not in POOLING_MODES:
+                raise ValueError(f"{key} must be one of {POOLING_MODES}, got {getattr(self, key)!r}")
         weights = {level: 1.0 for level in LEVELS}
         for level, weight in dict(self.level_weights or {}).items():
             if level not in LEVELS:

@@ -5,16 +5,19 @@ conventions), trained at three levels (scan, structure, study).
 Parts and state-dict prefixes: ``vision_model.*`` and ``resampler.*`` (the modules and key layout of
 :class:`~radfm3d.modeling.model.RadFM3DForCausalLM`, so :func:`radfm3d.contrastive.transfer.load_vision_tower` copies
 them over), ``visual_projection.*`` (pooled latents -> P), ``structure_projection.*`` (pooled patch tokens -> P),
-``study_fusion.*`` (series -> study), ``text_model.*`` (``BertModel`` without pooler), ``text_projection.*``,
+``study_fusion.*`` (series -> study), ``structure_pooling.*`` (patches -> structure; weights only for attention),
+``text_model.*`` (``BertModel`` without pooler), ``text_projection.*``,
 ``logit_scale`` (ln of the similarity multiplier).
 
 Image embedding: the resampler latents ``(N, hidden)`` of a volume, averaged over N, projected. Structure embedding:
 the ViT patch tokens whose patch centres lie inside the structure's box (always at least the patch holding the box
-centre), averaged, then ``structure_projection`` (LayerNorm + Linear). Why a projection of its own: patch tokens are
+centre), pooled by ``structure_pooling`` (:class:`SetPooling`: mean, max, or attention with a learned query), then
+``structure_projection`` (LayerNorm + Linear). Why a projection of its own: patch tokens are
 the ViT's residual stream before the resampler (no final LayerNorm in most presets) and differ in scale and
 statistics from the resampler latents the scan level projects; the text side shares one projection for all levels,
 so every level still lands in the one joint space. Study embedding: the present series' pooled latents fused by
-``study_fusion`` (attention with a learned query, initialised to zero so that it starts as the mean; or the mean),
+``study_fusion`` (:class:`SetPooling`: attention with a learned query, initialised to zero so that it starts as the
+mean; or the mean),
 projected with ``visual_projection``, so a one-series study embeds exactly as that scan.
 """
 
@@ -33,7 +36,8 @@ from torch import nn
 from transformers import BertModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from radfm3d.contrastive.configuration import LEVELS, RadFM3DCLIPConfig, clean_text_config, resolve_text_model
+from radfm3d.contrastive.configuration import (LEVELS, POOLING_MODES, RadFM3DCLIPConfig, clean_text_config,
+                                               resolve_text_model)
 from radfm3d.contrastive.loss import contrastive_loss
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.model import check_checkpoint_state, checked_image_mask
@@ -41,7 +45,7 @@ from radfm3d.modeling.resampler import PerceiverResampler
 from radfm3d.modeling.vision import VisionTransformer3D
 from radfm3d.utils import atomic_write
 
-__all__ = ["RadFM3DCLIPModel", "RadFM3DCLIPOutput", "ContrastiveLevels", "StudyFusion", "box_patch_mask",
+__all__ = ["RadFM3DCLIPModel", "RadFM3DCLIPOutput", "ContrastiveLevels", "SetPooling", "box_patch_mask",
            "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -77,12 +81,21 @@ class ContrastiveLevels(dict):
     logit_scale: torch.Tensor | None = None
 
 
-class StudyFusion(nn.Module):
-    """Series features ``(B, S, dim)`` + ``mask (B, S)`` -> study features ``(B, dim)``.
+class SetPooling(nn.Module):
+    """A masked set of features ``(B, S, dim)`` + ``mask (B, S)`` -> one feature per row ``(B, dim)``.
 
-    ``"attention"``: softmax over the present series of ``<query, key(LayerNorm(x))> / sqrt(dim)``, weighted sum of
-    the features (the query starts at zero: uniform weights, i.e. the mean); ``"mean"``: mean over present series.
+    Used for the series of a study (``study_fusion``) and for the patch tokens inside a structure's box
+    (``structure_pooling``). Modes:
+
+    - ``"attention"``: softmax over the present members of ``<query, key(LayerNorm(x))> / sqrt(dim)``, weighted sum
+      of the features (attention-based multiple-instance pooling, Ilse et al. 2018). The query starts at zero:
+      uniform weights, i.e. the mean, so switching it on changes nothing until training moves the query.
+    - ``"mean"``: mean over the present members.
+    - ``"max"``: channel-wise max over the present members (keeps a strong local signal, e.g. one patch holding a
+      small lesion, that a mean over a large box dilutes).
     """
+
+    MODES = POOLING_MODES
 
     def __init__(self, dim: int, mode: str = "attention") -> None:
         super().__init__()
@@ -91,14 +104,24 @@ class StudyFusion(nn.Module):
             self.norm = nn.LayerNorm(dim)
             self.key = nn.Linear(dim, dim, bias=False)
             self.query = nn.Parameter(torch.zeros(dim))
-        elif mode != "mean":
-            raise ValueError(f"study fusion must be 'attention' or 'mean', got {mode!r}")
+        elif mode not in self.MODES:
+            raise ValueError(f"pooling mode must be one of {self.MODES}, got {mode!r}")
+
+    @staticmethod
+    def _checked_mask(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.to(device=features.device, dtype=torch.bool)
+        if mask.shape != features.shape[:2]:
+            raise RadFM3DInputError("mask", f"a ({features.shape[0]}, {features.shape[1]}) mask is needed for "
+                                    f"features {tuple(features.shape)}, got {tuple(mask.shape)}")
+        if not bool(mask.any(dim=1).all()):
+            raise RadFM3DInputError("mask", "a row without any present member cannot be pooled")
+        return mask
 
     def weights(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``(B, S)`` fusion weights, zero on absent series, summing to 1 per study."""
-        mask = mask.to(device=features.device, dtype=torch.bool)
-        if not bool(mask.any(dim=1).all()):
-            raise RadFM3DInputError("image_mask", "a study without any present series cannot be fused")
+        """``(B, S)`` pooling weights of the attention and mean modes, zero on absent members, summing to 1 per row."""
+        mask = self._checked_mask(features, mask)
+        if self.mode == "max":
+            raise ValueError("max pooling has no weights")
         if self.mode == "mean":
             scores = torch.zeros(mask.shape, dtype=features.dtype, device=features.device)
         else:
@@ -107,6 +130,9 @@ class StudyFusion(nn.Module):
         return torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=1).to(features.dtype)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.mode == "max":
+            mask = self._checked_mask(features, mask)
+            return features.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
         return (self.weights(features, mask).unsqueeze(-1) * features).sum(dim=1)
 
     def extra_repr(self) -> str:
@@ -173,7 +199,8 @@ class RadFM3DCLIPModel(PreTrainedModel):
         self.visual_projection = nn.Linear(hidden, dim, bias=False)
         self.structure_projection = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim, bias=False))
         self.text_projection = nn.Linear(text_hidden, dim, bias=False)
-        self.study_fusion = StudyFusion(hidden, config.study_fusion)
+        self.study_fusion = SetPooling(hidden, config.study_fusion)
+        self.structure_pooling = SetPooling(hidden, config.structure_pooling)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
         self.text_cache_size = DEFAULT_TEXT_CACHE_SIZE
         self._text_cache: dict[Any, torch.Tensor] = {}
@@ -409,9 +436,8 @@ class RadFM3DCLIPModel(PreTrainedModel):
             boxes = _require(batch, "structure_boxes").to(device)
             if boxes.shape[0] != index.shape[0]:
                 raise RadFM3DInputError("structure_boxes", f"{boxes.shape[0]} boxes for {index.shape[0]} structures")
-            select = box_patch_mask(boxes, grid, self.config.vision.patch_size)
-            weights_rt = select.to(tokens.dtype) / select.sum(dim=1, keepdim=True).to(tokens.dtype)
-            regions = torch.bmm(weights_rt.unsqueeze(1), tokens[rows]).squeeze(1)  # (R, hidden)
+            select = box_patch_mask(boxes, grid, self.config.vision.patch_size)  # (R, T)
+            regions = self.structure_pooling(tokens[rows], select)  # (R, hidden)
             head = self.structure_projection
             images = F.normalize(head(regions.to(head[1].weight.dtype)).float(), dim=-1)
             sentences = F.normalize(self.get_text_features(_require(batch, "structure_input_ids"),

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from radfm3d.contrastive import (TINY_TEXT_CONFIG, MultiLevelContrastiveLoss, RadFM3DCLIPConfig, RadFM3DCLIPModel,
                                  contrastive_loss, group_ids)
-from radfm3d.contrastive.model import box_patch_mask
+from radfm3d.contrastive.model import SetPooling, box_patch_mask
 from radfm3d.errors import RadFM3DInputError
 
 GRID = (32, 32, 8)  # the tiny preset: 8x8x4 patches -> 4x4x2 = 32 patch tokens
@@ -192,17 +192,29 @@ def test_each_present_series_is_encoded_once(model):
     assert calls == [6]
 
 
-def test_structure_level_pools_patch_tokens_inside_the_box(model):
+@pytest.mark.parametrize("pooling", ["mean", "max", "attention"])
+def test_structure_level_pools_patch_tokens_inside_the_box(pooling):
+    model = tiny_model(structure_pooling=pooling)
+    if pooling == "attention":
+        with torch.no_grad():
+            model.structure_pooling.query.normal_()
     batch = make_batch(series_per_item=(2, 1), structures=((0, 1, (8, 0, 0, 24, 16, 8)),),
                        reports=("a", "b"))
     with torch.no_grad():
         levels = model.encode_batch(batch, level_weights={"scan": 0.0, "structure": 1.0, "study": 0.0})
         _, tokens, grid = model.encode_series(batch["pixel_values"][0, 1:2])
-    # patches (h, w, d) with h in {1, 2}, w in {0, 1}, d in {0, 1} of the 4x4x2 grid, in (h w d) order
-    chosen = [h * 8 + w * 2 + d for h in (1, 2) for w in (0, 1) for d in (0, 1)]
-    pooled = tokens[0, chosen].mean(0)
-    assert torch.allclose(levels["structure"][0][0], F.normalize(model.structure_projection(pooled), dim=-1),
-                          atol=1e-5)
+        # patches (h, w, d) with h in {1, 2}, w in {0, 1}, d in {0, 1} of the 4x4x2 grid, in (h w d) order
+        chosen = tokens[0, [h * 8 + w * 2 + d for h in (1, 2) for w in (0, 1) for d in (0, 1)]]  # (8, hidden)
+        if pooling == "mean":
+            pooled = chosen.mean(0)
+        elif pooling == "max":
+            pooled = chosen.amax(0)
+        else:
+            pool = model.structure_pooling
+            scores = pool.key(pool.norm(chosen)) @ pool.query / chosen.shape[-1] ** 0.5
+            pooled = torch.softmax(scores, 0) @ chosen
+        want = F.normalize(model.structure_projection(pooled), dim=-1)
+    assert torch.allclose(levels["structure"][0][0], want, atol=1e-5)
 
 
 def test_box_patch_mask_hand_cases():
@@ -267,11 +279,47 @@ def test_attention_and_mean_fusion():
     want = torch.stack([features[0, :2].mean(0), features[1].mean(0)])
     assert torch.allclose(mean_model.study_fusion(features, mask), want, atol=1e-6)
     attention = tiny_model().study_fusion
+    assert torch.allclose(attention(features, mask), want, atol=1e-6)  # the zero query starts as the mean
     with torch.no_grad():
         attention.query.normal_()
     weights = attention.weights(features, mask)
     assert torch.allclose(weights.sum(1), torch.ones(2)) and float(weights[0, 2]) == 0.0
     assert not torch.allclose(weights[1], torch.full((3,), 1 / 3))
+
+
+@pytest.mark.parametrize("mode", SetPooling.MODES)
+@pytest.mark.parametrize("rows,members,dim", [(1, 1, 4), (3, 5, 8)])
+def test_set_pooling_shapes_and_absent_members(mode, rows, members, dim):
+    torch.manual_seed(1)
+    pool = SetPooling(dim, mode)
+    if mode == "attention":
+        with torch.no_grad():
+            pool.query.normal_()
+    features = torch.randn(rows, members, dim)
+    mask = torch.ones(rows, members, dtype=torch.bool)
+    mask[:, 1:] = torch.rand(rows, members - 1) > 0.4
+    out = pool(features, mask)
+    assert out.shape == (rows, dim) and bool(torch.isfinite(out).all())
+    changed = features.masked_fill(~mask.unsqueeze(-1), 1e6)  # an absent member never counts
+    assert torch.allclose(pool(changed, mask), out, atol=1e-6)
+    if mode == "max":
+        assert torch.equal(out[0], features[0][mask[0]].amax(0))
+    with pytest.raises(RadFM3DInputError, match="without any present member"):
+        pool(features, torch.zeros(rows, members, dtype=torch.bool))
+    with pytest.raises(RadFM3DInputError, match="mask"):
+        pool(features, mask[:, :1] if members > 1 else mask.repeat(1, 2))
+
+
+def test_attention_pooling_of_structures_is_saved_and_learns():
+    model = tiny_model(structure_pooling="attention")
+    assert {k for k in model.state_dict() if k.startswith("structure_pooling.")} == {
+        "structure_pooling.query", "structure_pooling.norm.weight", "structure_pooling.norm.bias",
+        "structure_pooling.key.weight"}
+    model.train()
+    levels = model.encode_batch(make_batch(), level_weights={"scan": 0.0, "structure": 1.0, "study": 0.0})
+    loss = MultiLevelContrastiveLoss({"scan": 0.0, "structure": 1.0, "study": 0.0})(levels)[0]
+    loss.backward()
+    assert model.structure_pooling.query.grad is not None and float(model.structure_pooling.query.grad.abs().sum()) > 0
 
 
 # --------------------------------------------------------------------------------------------- save / load
@@ -349,7 +397,10 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown level 'series'"):
         RadFM3DCLIPConfig.from_preset("tiny", text_config=TINY_TEXT_CONFIG, level_weights={"series": 1.0})
     with pytest.raises(ValueError, match="study_fusion"):
-        RadFM3DCLIPConfig.from_preset("tiny", text_config=TINY_TEXT_CONFIG, study_fusion="max")
+        RadFM3DCLIPConfig.from_preset("tiny", text_config=TINY_TEXT_CONFIG, study_fusion="sum")
+    with pytest.raises(ValueError, match="structure_pooling must be one of"):
+        RadFM3DCLIPConfig.from_preset("tiny", text_config=TINY_TEXT_CONFIG, structure_pooling="median")
+    assert RadFM3DCLIPConfig.from_preset("tiny", text_config=TINY_TEXT_CONFIG).structure_pooling == "mean"
     with pytest.raises(ValueError, match="unknown config key 'projection_dims'"):
         RadFM3DCLIPConfig.from_preset("tiny", projection_dims=3)
     config = RadFM3DCLIPConfig.from_preset("tiny", text_config=TINY_TEXT_CONFIG, level_weights={"study": 0})
