@@ -5,7 +5,8 @@
 - :mod:`~radfm3d.contrastive.model`: ``RadFM3DCLIPModel`` (transformers ``CLIPModel`` conventions).
 - :mod:`~radfm3d.contrastive.loss`: text groups, multi-positive InfoNCE, the feature queue, the multi-level loss.
 - :mod:`~radfm3d.contrastive.processing`: ``RadFM3DCLIPProcessor`` (tokenizer + preprocessing recipe).
-- :mod:`~radfm3d.contrastive.transfer`: ``load_vision_tower`` (a trained tower into ``RadFM3DForCausalLM``).
+- :mod:`~radfm3d.contrastive.transfer`: ``load_vision_tower`` (a trained tower between ``RadFM3DCLIPModel`` and
+  ``RadFM3DForCausalLM``, either way).
 """
 
 from __future__ import annotations

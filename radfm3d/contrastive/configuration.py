@@ -21,8 +21,8 @@ from radfm3d.modeling.configuration import VisionTowerConfigMixin
 from radfm3d.modeling.resampler import ResamplerConfig
 from radfm3d.modeling.vision import VisionConfig
 
-__all__ = ["RadFM3DCLIPConfig", "LEVELS", "POOLING_MODES", "TEXT_MODEL_ALIASES", "resolve_text_model", "clean_text_config",
-           "TINY_TEXT_CONFIG"]
+__all__ = ["RadFM3DCLIPConfig", "LEVELS", "POOLING_MODES", "TEXT_MODEL_ALIASES", "resolve_text_model",
+           "clean_text_config", "TINY_TEXT_CONFIG"]
 
 #: the contrastive levels, in the order the loss reports them
 LEVELS = ("scan", "structure", "study")

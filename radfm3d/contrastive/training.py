@@ -41,7 +41,7 @@ from torch import nn
 from radfm3d.engine.data import dist_info
 from radfm3d.engine.training import autocast_dtype, seed_everything, unwrap_model
 from radfm3d.modeling.model import checked_image_mask
-from radfm3d.utils import publish_folder
+from radfm3d.utils import is_unset, publish_folder
 
 __all__ = [
     "build_clip_model",
@@ -86,7 +86,8 @@ def _batch_device(batch: Mapping[str, Any]) -> torch.device:
 def build_clip_model(
     name_or_path: str | os.PathLike = "tiny", device: str | torch.device = "cpu", seed: int | None = 0,
     text_model_name_or_path: str | None = None, level_weights: Mapping[str, float] | None = None,
-    queue_size: int | None = None, load_text_weights: bool = True, **overrides: Any,
+    queue_size: int | None = None, load_text_weights: bool = True, vision_tower: str | os.PathLike | None = None,
+    **overrides: Any,
 ) -> nn.Module:
     """A ``RadFM3DCLIPModel`` in train mode on ``device``.
 
@@ -96,6 +97,10 @@ def build_clip_model(
     ``load_text_weights=False``). ``level_weights`` and ``queue_size`` (training knobs) are written into the config
     of either, so the exported folder says how it was trained; ``overrides`` (``projection_dim``, ``study_fusion``,
     ``text_config``, ...) apply to a preset only. ``None`` values are left out.
+
+    ``vision_tower`` (a preset only): a generative-model folder (the demo model, a converted official RadFM) or a CLIP
+    folder whose vision tower and resampler replace the fresh ones
+    (:func:`~radfm3d.contrastive.transfer.load_vision_tower`; the shapes must match the preset's).
     """
     from radfm3d.contrastive.model import RadFM3DCLIPModel
 
@@ -110,9 +115,11 @@ def build_clip_model(
         if queue_size is not None:
             model.config.queue_size = int(queue_size)
         ignored = sorted(k for k, v in overrides.items() if v is not None)
-        if ignored or text_model_name_or_path is not None:
-            logger.warning(f"{folder}: a saved model keeps its architecture and text tower; ignoring "
-                           f"{ignored + (['text_model_name_or_path'] if text_model_name_or_path else [])}")
+        ignored += ["text_model_name_or_path"] if text_model_name_or_path else []
+        ignored += [] if is_unset(vision_tower) else ["vision_tower"]
+        if ignored:
+            logger.warning(f"{folder}: a saved model keeps its architecture, weights and text tower; ignoring "
+                           f"{ignored}")
     else:
         kwargs = {k: v for k, v in overrides.items() if v is not None}
         if text_model_name_or_path is not None:
@@ -123,6 +130,11 @@ def build_clip_model(
             kwargs["queue_size"] = int(queue_size)
         model = RadFM3DCLIPModel.from_pretrained(str(name_or_path), load_text_weights=bool(load_text_weights),
                                                  **kwargs)
+        if not is_unset(vision_tower):
+            from radfm3d.contrastive.transfer import load_vision_tower
+
+            load_vision_tower(model, vision_tower)
+            logger.info(f"vision tower and resampler initialised from {vision_tower}")
     model.train()
     return model.to(device)
 
@@ -419,8 +431,8 @@ class ContrastiveValidation:
     ``data_loader`` on rank 0 (the other ranks wait), without the feature queue and without gathering. Metrics go to
     ``engine.state.metrics``: ``val_loss`` (mean over batches of the weighted sum), ``val_loss_<level>``,
     ``val_<level>_{i2t,t2i}_r{k}`` and their ``..._chance`` (:func:`retrieval_metrics` over the whole held-out set),
-    and ``val_i2t_r{k}`` / ``val_t2i_r{k}`` (+ ``_chance``) for the scan level. The training RNG states are restored afterwards, so
-    validating never changes the training run (a resumed run validates at other moments).
+    and ``val_i2t_r{k}`` / ``val_t2i_r{k}`` (+ ``_chance``) for the scan level. The training RNG states are restored
+    afterwards, so validating never changes the training run (a resumed run validates at other moments).
     """
 
     def __init__(self, data_loader: Any, interval: int = 1, prepare_batch: Any = None, ks: Sequence[int] = (1, 5),

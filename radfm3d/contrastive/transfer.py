@@ -1,8 +1,9 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""Initialise the generative model's vision tower from a contrastive checkpoint."""
+"""Move a trained vision tower (3D ViT + resampler) between the contrastive and the generative model."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -33,48 +34,78 @@ def _compare(section: str, clip: dict[str, Any], target: dict[str, Any], source:
         if isinstance(b, (list, tuple)):
             b = list(b)
         if a != b:
-            raise RadFM3DInputError(source, f"{section}.{key} differs: {a!r} in the CLIP tower, {b!r} in the "
-                                    f"generative model's config")
+            raise RadFM3DInputError(source, f"{section}.{key} differs: {a!r} in the source tower, {b!r} in the "
+                                    f"target model's config")
 
 
-def load_vision_tower(causal_lm: Any, clip: str | os.PathLike | Any) -> Any:
-    """Copy ``vision_model.*`` and ``resampler.*`` of a :class:`~radfm3d.contrastive.model.RadFM3DCLIPModel`
-    (an instance or a checkpoint folder) into ``causal_lm`` (a ``RadFM3DForCausalLM``, in place; returned).
+def _read_tower(source: str | os.PathLike | Any) -> tuple[Any, dict[str, Any], str]:
+    """A model instance or checkpoint folder -> (its config, its ``vision_model.*`` / ``resampler.*`` tensors, a name
+    for errors). A folder's ``config.json`` says which kind it is (``model_type`` ``radfm3d_clip``: a CLIP model;
+    otherwise a generative model, read as ``RadFM3DForCausalLM.from_pretrained`` reads it); only the tower's tensors
+    are read from its safetensors file(s), nothing else is built."""
+    from radfm3d.contrastive.model import WEIGHTS_NAME, RadFM3DCLIPModel
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+
+    if hasattr(source, "vision_model") and hasattr(source, "resampler") and hasattr(source, "config"):
+        state = {k: v for k, v in source.state_dict().items() if k.startswith(TOWER_PREFIXES)}
+        return source.config, state, f"<{type(source).__name__}>"
+    folder = Path(source)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise RadFM3DInputError(folder, "not a vision-tower checkpoint folder (no config.json; a RadFM3DCLIPModel or "
+                                "RadFM3DForCausalLM folder is expected)")
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise RadFM3DInputError(path, "not a JSON object") from None
+    if model_type == "radfm3d_clip":
+        config = RadFM3DCLIPModel._read_config(folder)
+        files = [folder / WEIGHTS_NAME]
+        if not files[0].is_file():
+            raise RadFM3DInputError(folder, f"no {WEIGHTS_NAME} in the checkpoint folder")
+    else:
+        config = RadFM3DForCausalLM._checkpoint_class(folder)._read_config(folder)
+        files = RadFM3DForCausalLM._weight_files(folder)
+    from safetensors import SafetensorError, safe_open
+
+    state: dict[str, Any] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    if key.startswith(TOWER_PREFIXES):
+                        state[key] = handle.get_tensor(key)
+        except (SafetensorError, OSError) as err:
+            raise RadFM3DInputError(file, f"unreadable safetensors file ({err})") from None
+    return config, state, str(folder)
+
+
+def load_vision_tower(model: Any, source: str | os.PathLike | Any) -> Any:
+    """Copy the vision tower (``vision_model.*``) and resampler (``resampler.*``) of ``source`` into ``model``, in
+    place; returns ``model``.
+
+    Both may be a :class:`~radfm3d.contrastive.model.RadFM3DCLIPModel` or a
+    :class:`~radfm3d.modeling.model.RadFM3DForCausalLM` (the two share the modules and the weight keys); ``source``
+    may also be a checkpoint folder of either. So a contrastive stage 0 initialises the generative model, and a
+    supervised, instruction-tuned or converted official RadFM tower starts (or is probed as) a CLIP model.
 
     ``vision_config`` and ``resampler_config`` must agree key by key (dropout rates and gradient checkpointing
-    excepted); a difference is a :class:`~radfm3d.errors.RadFM3DInputError` naming the key. A folder is read
-    without building its text tower: only the tower's tensors are taken from ``model.safetensors`` (checked finite).
+    excepted); a difference is a :class:`~radfm3d.errors.RadFM3DInputError` naming the key. The copied tensors are
+    checked finite.
     """
-    from radfm3d.contrastive.model import WEIGHTS_NAME, RadFM3DCLIPModel
-
-    if isinstance(clip, RadFM3DCLIPModel):
-        config, source = clip.config, "<RadFM3DCLIPModel>"
-        state = {k: v for k, v in clip.state_dict().items() if k.startswith(TOWER_PREFIXES)}
-    else:
-        folder = Path(clip)
-        if not (folder / "config.json").is_file():
-            raise RadFM3DInputError(folder, "not a CLIP checkpoint folder (no config.json)")
-        config, source = RadFM3DCLIPModel._read_config(folder), str(folder)
-        path = folder / WEIGHTS_NAME
-        if not path.is_file():
-            raise RadFM3DInputError(folder, f"no {WEIGHTS_NAME} in the checkpoint folder")
-        from safetensors import safe_open
-
-        state = {}
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key.startswith(TOWER_PREFIXES):
-                    state[key] = handle.get_tensor(key)
-    _compare("vision_config", config.vision_config, causal_lm.config.vision_config, source)
-    _compare("resampler_config", config.resampler_config, causal_lm.config.resampler_config, source)
-    check_checkpoint_state(source, state)
-    for prefix, module in (("vision_model.", causal_lm.vision_model), ("resampler.", causal_lm.resampler)):
+    config, state, name = _read_tower(source)
+    _compare("vision_config", config.vision_config, model.config.vision_config, name)
+    _compare("resampler_config", config.resampler_config, model.config.resampler_config, name)
+    check_checkpoint_state(name, state)
+    for prefix, module in (("vision_model.", model.vision_model), ("resampler.", model.resampler)):
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            raise RadFM3DInputError(name, f"holds no {prefix}* weights (a checkpoint saved without its vision tower)")
         missing, unexpected = module.load_state_dict(part, strict=False)
         if missing or unexpected:
-            raise RadFM3DInputError(source, f"{prefix[:-1]} weights do not match: missing {sorted(missing)[:10]}, "
+            raise RadFM3DInputError(name, f"{prefix[:-1]} weights do not match: missing {sorted(missing)[:10]}, "
                                     f"unexpected {sorted(unexpected)[:10]}")
-    return causal_lm
+    return model
 
 
 def build_model_with_vision_tower(name_or_path: str | os.PathLike, seed: int | None = 0,

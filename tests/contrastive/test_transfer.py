@@ -1,5 +1,5 @@
 # Copyright (c) radfm3d contributors. Apache-2.0.
-"""load_vision_tower: a CLIP tower initialises RadFM3DForCausalLM's vision_model and resampler."""
+"""load_vision_tower: a CLIP tower initialises RadFM3DForCausalLM's vision_model and resampler, and the other way."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_mismatching_configs_name_the_key(clip, tmp_path):
         load_vision_tower(_causal_lm(resampler_config=wider), tmp_path)
     # dropout changes no weight: a tower trained with it fits a model without it
     load_vision_tower(_causal_lm(vision_config=dict(tiny.vision_config, dropout=0.1)), clip)
-    with pytest.raises(RadFM3DInputError, match="not a CLIP checkpoint folder"):
+    with pytest.raises(RadFM3DInputError, match="not a vision-tower checkpoint folder"):
         load_vision_tower(_causal_lm(), tmp_path / "missing")
 
 
@@ -88,5 +88,41 @@ def test_build_model_with_vision_tower_is_the_bundle_knob(clip, tmp_path):
 
     rest = {k: v for k, v in plain.state_dict().items() if not k.startswith(TOWER_PREFIXES)}
     assert all(torch.equal(v, with_tower.state_dict()[k]) for k, v in rest.items())  # build_model's, same seed
-    with pytest.raises(RadFM3DInputError, match="not a CLIP checkpoint"):
+    with pytest.raises(RadFM3DInputError, match="not a vision-tower checkpoint folder"):
         build_model_with_vision_tower("tiny", vision_tower=tmp_path, load_text_weights=False)
+
+
+@pytest.mark.parametrize("from_folder", [False, True])
+def test_a_generative_tower_starts_a_clip_model(tmp_path, from_folder):
+    from radfm3d.contrastive.training import build_clip_model
+
+    lm = _causal_lm()
+    with torch.no_grad():
+        for param in list(lm.vision_model.parameters()) + list(lm.resampler.parameters()):
+            param.add_(0.01 * torch.randn_like(param))
+    if from_folder:
+        lm.save_pretrained(tmp_path / "lm")
+    pixel_values = torch.rand(2, 3, 32, 32, 8)
+    clip = build_clip_model("tiny", seed=0, load_text_weights=False, text_config=TINY_TEXT_CONFIG, projection_dim=16,
+                            vision_tower=tmp_path / "lm" if from_folder else lm).eval()
+    fresh = build_clip_model("tiny", seed=0, load_text_weights=False, text_config=TINY_TEXT_CONFIG,
+                             projection_dim=16).eval()
+    with torch.no_grad():
+        want = lm.get_visual_latents(pixel_values)
+        assert torch.equal(_clip_latents(clip, pixel_values), want)
+        assert not torch.allclose(_clip_latents(fresh, pixel_values), want)
+    assert torch.equal(clip.visual_projection.weight, fresh.visual_projection.weight)  # the rest: the seeded preset
+
+
+def test_a_source_without_tower_weights_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    lm = _causal_lm()
+    lm.save_pretrained(tmp_path)
+    save_file({"projector.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(RadFM3DInputError, match=r"holds no vision_model\.\* weights"):
+        load_vision_tower(RadFM3DCLIPModel.from_pretrained("tiny", load_text_weights=False,
+                                                           text_config=TINY_TEXT_CONFIG), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RadFM3DInputError, match="unreadable safetensors"):
+        load_vision_tower(_causal_lm(), tmp_path)
