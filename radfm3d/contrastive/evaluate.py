@@ -549,14 +549,27 @@ def _check_resume(folder: Path, settings: Mapping[str, Any]) -> None:
     atomic_write_json(path, dict(settings))
 
 
-def _load_model(folder: str, device: str) -> tuple[Any, Any]:
+#: the note on a model row whose tower comes from a generative model (fresh projections)
+TOWER_ONLY_NOTE = ("a generative model's vision tower under untrained projections: zero-shot and retrieval are at "
+                   "chance by construction; the linear probe reads the tower")
+
+
+def _load_model(folder: str, device: str) -> tuple[Any, Any, bool]:
+    """(model in eval mode, processor, tower_only). A CLIP folder loads as saved; a generative-model folder
+    (``RadFM3DForCausalLM``: the demo model, a converted official RadFM) gives its vision tower and resampler under
+    fresh projections and the MiniLM text tower, with the folder's preprocessing (``tower_only``)."""
     from radfm3d.contrastive.model import RadFM3DCLIPModel
     from radfm3d.contrastive.processing import RadFM3DCLIPProcessor
+    from radfm3d.contrastive.training import _is_clip_folder, build_clip_model, load_clip_processor
 
-    if not Path(folder).is_dir():
+    path = Path(folder)
+    if not path.is_dir():
         raise RadFM3DInputError(folder, "--model: not a folder")
-    model = RadFM3DCLIPModel.from_pretrained(folder).to(device)
-    return model, RadFM3DCLIPProcessor.from_pretrained(folder)
+    if _is_clip_folder(path) or not (path / "config.json").is_file():
+        model = RadFM3DCLIPModel.from_pretrained(folder).to(device)
+        return model, RadFM3DCLIPProcessor.from_pretrained(folder), False
+    model = build_clip_model(folder, seed=0, vision_tower=folder).eval().to(device)
+    return model, load_clip_processor(folder), True
 
 
 def cli(argv: Iterable[str] | None = None) -> int:
@@ -567,7 +580,9 @@ def cli(argv: Iterable[str] | None = None) -> int:
         "Score image-report embedding models: zero-shot AUROC, retrieval R@k, effective dimensionality, linear "
         "probe; one table row per model (a level ablation is one model per level)."))
     p.add_argument("--model", action="append", default=[], metavar="[NAME=]DIR",
-                   help="RadFM3DCLIPModel folder to run (repeatable); embeddings go to OUT/NAME/ and a rerun resumes")
+                   help="RadFM3DCLIPModel folder to run (repeatable); embeddings go to OUT/NAME/ and a rerun resumes. "
+                        "A generative-model folder is scored by its vision tower under fresh projections (read its "
+                        "linear probe)")
     p.add_argument("--predictions", action="append", default=[], metavar="[NAME=]FILE",
                    help="embeddings .npz of any model (repeatable; format in docs/contrastive.md); it may also hold "
                         "the --train-manifest records")
@@ -624,7 +639,7 @@ def cli(argv: Iterable[str] | None = None) -> int:
     failures: list[dict[str, Any]] = []
     meta_models: dict[str, Any] = {}
     for name, (kind, path) in sources.items():
-        schema = args.label_schema
+        schema, tower_only = args.label_schema, False
         if kind == "model":
             folder = out / E._safe(name)
             folder.mkdir(parents=True, exist_ok=True)
@@ -636,7 +651,7 @@ def cli(argv: Iterable[str] | None = None) -> int:
             _check_resume(folder, {"model": str(Path(path).resolve()), "weights": stamp, "tasks": list(args.tasks),
                                    "structures": not args.no_structures,
                                    "label_schema": str(schema) if schema is not None else None})
-            model, processor = _load_model(path, args.device)
+            model, processor, tower_only = _load_model(path, args.device)
             own: list[dict[str, Any]] = []
             test_file = embed_manifest(model, processor, records, folder / "test_embeddings.npz",
                                        label_schema=schema, batch_size=args.batch_size,
@@ -663,6 +678,7 @@ def cli(argv: Iterable[str] | None = None) -> int:
             else:
                 info["train_missing"] = len(train_records)
         meta_models[name] = {"kind": kind, "path": str(path), "label_schema": str(schema) if schema else None,
+                             "tower_only": tower_only,
                              "missing_records": len(info["missing"]), "report_text_mismatch": info["text_mismatch"],
                              "label_conflicts": info["label_conflicts"], **({"train_missing": info["train_missing"]}
                                                                            if "train_missing" in info else {})}
@@ -675,6 +691,8 @@ def cli(argv: Iterable[str] | None = None) -> int:
         "stratify_by": None if is_unset(args.stratify_by) else args.stratify_by})
     for name, m in results["models"].items():
         src = meta_models[name]
+        if src["tower_only"]:
+            m["notes"].append(TOWER_ONLY_NOTE)
         if src["missing_records"]:
             m["notes"].append(f"{src['missing_records']} of {len(records)} manifest records have no embeddings")
         if src["report_text_mismatch"]:

@@ -546,20 +546,34 @@ class RadFM3DCLIPModel(PreTrainedModel):
                 raise TypeError(f"config overrides {sorted(config_overrides)} apply to presets, not checkpoints")
             model = cls(cls._read_config(source))
             model._load_checkpoint_state(source)
-        else:
-            config = RadFM3DCLIPConfig.from_preset(pretrained_model_name_or_path, **config_overrides)
-            text_model = None
-            if load_text_weights:
-                if not config.text_model_name_or_path:
-                    raise ValueError("load_text_weights needs text_model_name_or_path (or pass load_text_weights="
-                                     "False to build the text tower from text_config)")
-                text_model = load_text_tower(config.text_model_name_or_path)
-                config.text_config = clean_text_config(text_model.config.to_dict())
-            model = cls(config, text_model=text_model)
+            if isinstance(dtype, torch.dtype):
+                model.to(dtype=dtype)
+            return model.eval()
+        return cls.from_preset(pretrained_model_name_or_path, dtype=dtype, load_text_weights=load_text_weights,
+                               **config_overrides)
+
+    @classmethod
+    def from_preset(cls, name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    load_text_weights: bool = True, **config_overrides: Any) -> RadFM3DCLIPModel:
+        """A fresh model (eval mode) shaped by a radfm3d preset (``"tiny"``, ``"demo"``, a preset JSON file) or by a
+        generative-model folder (:meth:`RadFM3DCLIPConfig.from_preset`): vision tower, resampler and projections
+        random, the text tower loaded from ``text_model_name_or_path`` (offline), or, with
+        ``load_text_weights=False``, built from ``text_config`` with random weights (tests, tiny models)."""
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        config = RadFM3DCLIPConfig.from_preset(name_or_path, **config_overrides)
+        text_model = None
+        if load_text_weights:
+            if not config.text_model_name_or_path:
+                raise ValueError("load_text_weights needs text_model_name_or_path (or pass load_text_weights="
+                                 "False to build the text tower from text_config)")
+            text_model = load_text_tower(config.text_model_name_or_path)
+            config.text_config = clean_text_config(text_model.config.to_dict())
+        model = cls(config, text_model=text_model)
         if isinstance(dtype, torch.dtype):
             model.to(dtype=dtype)
-        model.eval()
-        return model
+        return model.eval()
 
     def _load_checkpoint_state(self, folder: Path) -> None:
         from safetensors import SafetensorError, safe_open

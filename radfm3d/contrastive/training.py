@@ -92,8 +92,8 @@ def build_clip_model(
     """A ``RadFM3DCLIPModel`` in train mode on ``device``.
 
     ``name_or_path``: a saved CLIP folder (continues from its weights) or a radfm3d preset name / JSON / generative
-    model folder ("tiny", "demo": vision tower and resampler shaped as that preset, fresh weights seeded by ``seed``;
-    text tower loaded from ``text_model_name_or_path``, or random from ``text_config`` with
+    model folder ("tiny", "demo": vision tower and resampler shaped as that preset or model, fresh weights seeded by
+    ``seed``; text tower loaded from ``text_model_name_or_path``, or random from ``text_config`` with
     ``load_text_weights=False``). ``level_weights`` and ``queue_size`` (training knobs) are written into the config
     of either, so the exported folder says how it was trained; ``overrides`` (``projection_dim``, ``study_fusion``,
     ``text_config``, ...) apply to a preset only. ``None`` values are left out.
@@ -128,8 +128,7 @@ def build_clip_model(
             kwargs["level_weights"] = weights
         if queue_size is not None:
             kwargs["queue_size"] = int(queue_size)
-        model = RadFM3DCLIPModel.from_pretrained(str(name_or_path), load_text_weights=bool(load_text_weights),
-                                                 **kwargs)
+        model = RadFM3DCLIPModel.from_preset(str(name_or_path), load_text_weights=bool(load_text_weights), **kwargs)
         if not is_unset(vision_tower):
             from radfm3d.contrastive.transfer import load_vision_tower
 

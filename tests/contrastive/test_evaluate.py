@@ -295,3 +295,34 @@ def test_organ_level_zero_shot_takes_the_best_region_of_the_class_structure(tiny
     assert np.isclose(scores[0, 0], max(logits[0, 0], logits[1, 0]), atol=1e-5)  # best of the two kidneys
     assert np.isclose(scores[0, 1], logits[2, 1], atol=1e-5)
     assert np.isnan(scores[0, 2]) and np.isnan(scores[1]).all()
+
+
+def test_a_generative_model_folder_is_scored_by_its_tower(structured_phantoms, tmp_path):
+    """`--model` on a RadFM3DForCausalLM folder: its vision tower under fresh projections, flagged in the notes."""
+    import torch
+
+    from radfm3d.contrastive.training import build_clip_model, load_clip_processor
+    from radfm3d.modeling import RadFM3DConfig, RadFM3DForCausalLM
+
+    torch.manual_seed(3)
+    lm = RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny")).eval()
+    lm.save_pretrained(tmp_path / "lm")
+    # a generative model folder carries its preprocessing (here the tiny preset's input grid)
+    load_clip_processor("tiny").recipe.save(tmp_path / "lm")
+    manifest = structured_phantoms.parent / "train.jsonl"
+    out = tmp_path / "eval"
+    assert CE.cli(["--model", f"lm={tmp_path / 'lm'}", "--manifest", str(manifest), "--train-manifest",
+                   str(manifest), "--out", str(out), "--n-resamples", "20", "--no-structures"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    m = results["models"]["lm"]
+    assert CE.TOWER_ONLY_NOTE in m["notes"] and m["probe"] is not None
+    assert results["meta"]["sources"]["lm"]["tower_only"] is True
+    # the image embeddings are the generative tower's pooled latents, projected
+    records = CE.report_records(manifest)
+    clip = build_clip_model(tmp_path / "lm", seed=0, vision_tower=tmp_path / "lm").eval()
+    processor = load_clip_processor(tmp_path / "lm")
+    enc = processor(text=["x"], images=[records[0]["images"][0]])
+    with torch.inference_mode():
+        want = clip.visual_projection(lm.get_visual_latents(enc["pixel_values"]).mean(dim=1))[0].numpy()
+    emb = load_embeddings(out / "lm" / "test_embeddings.npz")
+    assert np.allclose(emb.image_embeds[0], want, atol=1e-5)
