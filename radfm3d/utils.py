@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -97,6 +98,27 @@ def publish_folder(partial: str | os.PathLike, out: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder atomically: yields an empty hidden sibling ``.<name>.partial-<pid>`` to fill; when the block
+    ends normally it is published onto ``out`` (:func:`publish_folder`), on any error it is removed, so ``out`` is
+    either the old folder or the finished new one, never half written."""
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    try:
+        yield partial
+        publish_folder(partial, out)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:

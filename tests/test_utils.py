@@ -94,3 +94,22 @@ def test_jsonl_appender_repairs_a_torn_last_line(tmp_path):
     with JsonlAppender(path) as out:
         out.write({"id": "d"})
     assert path.read_text() == '{"id": "d"}\n'
+
+
+def test_staged_folder_publishes_whole_or_not_at_all(tmp_path):
+    from radfm3d.utils import staged_folder
+
+    out = tmp_path / "model"
+    with staged_folder(out) as partial:
+        assert partial.is_dir() and partial.name.startswith(".model.partial-") and not out.exists()
+        (partial / "a.txt").write_text("one")
+    assert (out / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError, match="stop"):
+        with staged_folder(out) as partial:
+            (partial / "a.txt").write_text("two")
+            raise RuntimeError("stop")
+    assert (out / "a.txt").read_text() == "one"  # the old folder is kept whole
+    with staged_folder(out) as partial:
+        (partial / "b.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial or old folder left

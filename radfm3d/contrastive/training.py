@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from torch import nn
 from radfm3d.engine.data import dist_info
 from radfm3d.engine.training import autocast_dtype, seed_everything, unwrap_model
 from radfm3d.modeling.model import checked_image_mask
-from radfm3d.utils import is_unset, publish_folder
+from radfm3d.utils import is_unset, staged_folder
 
 __all__ = [
     "build_clip_model",
@@ -521,21 +520,11 @@ class ContrastiveValidation:
 def export_clip_model(network: nn.Module, out_dir: str | os.PathLike, processor: Any = None) -> Path:
     """``save_pretrained`` (+ ``processor.save_pretrained``) into a hidden sibling folder, then moved onto
     ``out_dir`` (an existing folder is moved aside first, then removed): ``out_dir`` is never half written."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    try:
-        inner = unwrap_model(network)
-        inner.save_pretrained(partial)
+    with staged_folder(out_dir) as partial:
+        unwrap_model(network).save_pretrained(partial)
         if processor is not None and hasattr(processor, "save_pretrained"):
             processor.save_pretrained(partial)
-        publish_folder(partial, out)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 class CLIPExport:

@@ -28,6 +28,7 @@ DETR decoder / upsampler / heads, stale buffers ``rotary_emb.inv_freq`` and ``po
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import math
@@ -36,7 +37,6 @@ import os
 import pickle
 import re
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from radfm3d.utils import progress_bar, publish_folder, read_json_object
+from radfm3d.utils import progress_bar, read_json_object, staged_folder
 from radfm3d.errors import RadFM3DInputError
 
 __all__ = [
@@ -545,8 +545,8 @@ def convert_radfm(
 
     ``config``: ``None`` (the ``radfm-13b`` preset), a preset name / JSON path, a dict or a ``RadFM3DConfig``.
     ``dtype``: of every floating tensor written (bf16 default). ``shard_size``: LLM shard limit (bytes or "2GB").
-    Output is atomic: everything is written into ``OUT.partial-<pid>`` and renamed at the end; on any error the
-    partial folder is removed. ``on_shard_written(path)`` is called after each weights file (progress hooks).
+    Output is atomic: everything is written into a hidden ``.OUT.partial-<pid>`` and renamed at the end
+    (:func:`~radfm3d.utils.staged_folder`); on any error the partial folder is removed. ``on_shard_written(path)`` is called after each weights file (progress hooks).
     """
     started = time.perf_counter()
     source = Path(checkpoint)
@@ -574,12 +574,9 @@ def convert_radfm(
     largest_source = max(state[s].untyped_storage().nbytes() for s in plan.kept_sources())
     largest_target = max(_nbytes(s, d) for _, s, d in own_entries + llm_entries)
 
-    partial = out.parent / f"{out.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
     bar = progress_bar(total, progress, unit="B", unit_scale=True, unit_divisor=1024, desc="convert-radfm")
     written_files: list[dict[str, Any]] = []
-    try:
+    with staged_folder(out) as partial, contextlib.closing(bar):
         (partial / LLM_SUBFOLDER).mkdir(parents=True)
 
         def produce_llm(name: str) -> torch.Tensor:
@@ -657,11 +654,6 @@ def convert_radfm(
         config.save_pretrained(partial)  # config.json last among the model files: a partial folder never looks whole
         (partial / REPORT_NAME).write_text(json.dumps(report, indent=2))
         del state
-        publish_folder(partial, out)
-    except BaseException:
-        bar.close()
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return ConversionResult(out, report)
 
 
