@@ -160,7 +160,8 @@ class RadFM3DCLIPProcessor:
     def from_model_config(cls, name_or_path: str | os.PathLike, recipe: PreprocessingRecipe | None = None,
                           text_model_name_or_path: str | None = None, max_text_length: int | None = None
                           ) -> RadFM3DCLIPProcessor:
-        """Processor for a CLIP model folder (its ``config.json``) or a radfm3d preset name (MiniLM tokenizer)."""
+        """Processor for a CLIP model folder (its ``config.json``), a generative model folder (its preprocessing, the
+        MiniLM tokenizer) or a radfm3d preset name (MiniLM tokenizer)."""
         from transformers import AutoTokenizer
 
         from radfm3d.contrastive.configuration import resolve_text_model
@@ -178,6 +179,8 @@ class RadFM3DCLIPProcessor:
                 recipe = PreprocessingRecipe.from_dict(preset["preprocessing"])
         else:
             raise RadFM3DInputError(path, "not a CLIP processor folder, a model folder or a preset name")
+        if config.get("model_type") != "radfm3d_clip":  # a generative model folder names its LLM there
+            config = {}
         text_source = text_model_name_or_path or config.get("text_model_name_or_path") or "all-minilm-l6-v2"
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_text_model(text_source)), local_files_only=True)
         return cls(tokenizer, recipe, int(max_text_length or config.get("max_text_length") or 128))

@@ -306,6 +306,7 @@ def test_a_generative_model_folder_is_scored_by_its_tower(structured_phantoms, t
 
     torch.manual_seed(3)
     lm = RadFM3DForCausalLM(RadFM3DConfig.from_preset("tiny")).eval()
+    lm.config.text_model_name_or_path = "smollm2-135m-instruct"  # its LLM, which is no text tower for CLIP
     lm.save_pretrained(tmp_path / "lm")
     # a generative model folder carries its preprocessing (here the tiny preset's input grid)
     load_clip_processor("tiny").recipe.save(tmp_path / "lm")
