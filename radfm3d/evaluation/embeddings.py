@@ -52,7 +52,8 @@ Figures (each a :class:`~radfm3d.evaluation.metrics.Figure` with a seeded percen
   image->report ranks the unique reports (a hit when the true report is in the top k), report->image ranks every
   image for each unique report (a hit when any image with that report is in the top k); each beside its chance
   level (a random ranking) and, for image->report, the blind baseline that always ranks the most frequent reports
-  first;
+  first; with ``strata`` also within stratum (only candidates of the query's stratum compete), where recognising
+  the stratum alone is at chance;
 - effective dimensionality of the L2-normalised embeddings: participation ratio ``(sum l)^2 / sum l^2`` of the
   covariance eigenvalues ``l`` and the number of components holding 90% of the variance;
 - a linear probe: per class a scikit-learn ``LogisticRegression`` fitted on training-record embeddings, AUROC on
@@ -80,6 +81,7 @@ from radfm3d.utils import atomic_savefig, atomic_write
 
 __all__ = [
     "Embeddings", "save_embeddings", "load_embeddings", "normalize_report", "auroc_figures", "retrieval_figures",
+    "stratified_retrieval_figures",
     "stratified_auroc_figures", "effective_dimensionality", "linear_probe", "score_embeddings", "comparison_table",
     "markdown_report",
     "write_plots", "evaluate_models", "write_results", "KS",
@@ -474,6 +476,7 @@ def _chance_any_of_group(n: int, m: int, k: int) -> float:
 def retrieval_figures(
     image_embeds: np.ndarray, text_embeds: np.ndarray, report_texts: Sequence[str], *, ks: Sequence[int] = KS,
     n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, prior_texts: Sequence[str] | None = None,
+    strata: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Image->report and report->image recall@k by cosine similarity, identical reports grouped.
 
@@ -483,8 +486,10 @@ def retrieval_figures(
     that report is in the top k; chance 1 - C(N-m, k)/C(N, k) for a report with m images, averaged. The blind
     image->report baseline ranks the reports by their frequency in ``prior_texts`` (training reports; default the
     evaluated ones) and ignores the image.
+    With ``strata`` (N,), e.g. each record's body region, also ``"within_stratum"``
+    (:func:`stratified_retrieval_figures`): the same recalls when only candidates of the query's stratum compete.
     -> {"image_to_report": {"R@k": Figure dict, "chance@k": float, "blind@k": Figure dict}, "report_to_image":
-    {...}, "n_images", "n_unique_reports"}.
+    {...}, "n_images", "n_unique_reports"[, "within_stratum"]}.
     """
     norm = [normalize_report(t) for t in report_texts]
     uniq = list(dict.fromkeys(norm))
@@ -517,7 +522,56 @@ def retrieval_figures(
         i2r[f"blind@{k}"] = bootstrap_figure((blind_rank < k).astype(np.float64), **boot).to_dict()
         r2i[f"R@{k}"] = bootstrap_figure((rank_r2i < k).astype(np.float64), **boot).to_dict()
         r2i[f"chance@{k}"] = float(np.mean([_chance_any_of_group(n, int(m), k) for m in sizes]))
-    return {"image_to_report": i2r, "report_to_image": r2i, "n_images": n, "n_unique_reports": g}
+    out = {"image_to_report": i2r, "report_to_image": r2i, "n_images": n, "n_unique_reports": g}
+    if strata is not None:
+        out["within_stratum"] = stratified_retrieval_figures(sim, gid, strata, ks=ks, **boot)
+    return out
+
+
+def stratified_retrieval_figures(sim: np.ndarray, gid: np.ndarray, strata: Sequence[str], *, ks: Sequence[int] = KS,
+                                 n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Recall@k when only candidates of the query's stratum compete: what is left once telling strata apart (e.g.
+    body regions) no longer helps; a model that only recognises the stratum is at chance here.
+
+    sim: (N, G) image x unique-report similarities; gid: (N,) each image's report group; strata: (N,) each image's
+    stratum (a report's strata are those of its images). Image->report: each image ranks the report groups that
+    have an image in its stratum; chance k/G_s. Report->image: each (report group, stratum) pair ranks the images of
+    that stratum, hit when one of the group's images there is in the top k; chance 1 - C(N_s-m, k)/C(N_s, k).
+    Ties count against the query, as in :func:`retrieval_figures`.
+    -> {"image_to_report": {"R@k", "chance@k"}, "report_to_image": {"R@k", "chance@k"}, "n_strata"}.
+    """
+    labels = np.asarray([str(x) for x in strata])
+    n, g = sim.shape
+    if labels.shape != (n,):
+        raise ValueError(f"strata: expected {n} values, got {labels.shape[0]}")
+    names, stratum = np.unique(labels, return_inverse=True)
+    member = np.zeros((g, len(names)), dtype=bool)  # (G, S): the report group has an image in the stratum
+    member[gid, stratum] = True
+    candidate = member[:, stratum].T  # (N, G)
+    true = sim[np.arange(n), gid]
+    rank_i2r = ((sim >= true[:, None]) & candidate).sum(axis=1) - 1
+    n_candidates = candidate.sum(axis=1)
+    pair_hits: dict[int, list[float]] = {k: [] for k in ks}
+    pair_chance: dict[int, list[float]] = {k: [] for k in ks}
+    for s in range(len(names)):
+        in_s = np.flatnonzero(stratum == s)
+        for group in np.unique(gid[in_s]):
+            own = gid[in_s] == group
+            scores = sim[in_s, group]
+            best = scores[own].max()
+            rank = int((scores[~own] >= best).sum())
+            for k in ks:
+                pair_hits[k].append(float(rank < k))
+                pair_chance[k].append(_chance_any_of_group(len(in_s), int(own.sum()), k))
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    i2r: dict[str, Any] = {}
+    r2i: dict[str, Any] = {}
+    for k in ks:
+        i2r[f"R@{k}"] = bootstrap_figure((rank_i2r < k).astype(np.float64), **boot).to_dict()
+        i2r[f"chance@{k}"] = float(np.mean(np.minimum(k, n_candidates) / n_candidates))
+        r2i[f"R@{k}"] = bootstrap_figure(np.asarray(pair_hits[k]), **boot).to_dict()
+        r2i[f"chance@{k}"] = float(np.mean(pair_chance[k]))
+    return {"image_to_report": i2r, "report_to_image": r2i, "n_strata": len(names)}
 
 
 def _group_index(norm: Sequence[str], uniq: Sequence[str]) -> np.ndarray:
@@ -675,7 +729,8 @@ def score_embeddings(
     if test.text_embeds is not None:
         prior = train.report_texts.tolist() if train is not None else None
         res["retrieval"] = retrieval_figures(test.image_embeds, test.text_embeds, test.report_texts.tolist(),
-                                             prior_texts=prior, **boot)
+                                             prior_texts=prior, strata=test.strata.tolist()
+                                             if test.strata is not None else None, **boot)
         res["retrieval"]["image_to_report"]["blind_source"] = "train" if prior is not None else "evaluated"
     else:
         res["retrieval"] = None
@@ -710,11 +765,13 @@ def _fig(f: Mapping[str, Any] | None, digits: int = 3) -> str:
 
 def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Markdown table, one row per model: zero-shot and probe mean AUROC (each also within strata), R@1/5/10 both
-    ways, participation ratios (image / text) -- the level ablation is one model per row."""
+    ways (R@5 also within strata), participation ratios (image / text) -- the level ablation is one model per
+    row."""
     head = ("| model | n | zero-shot mean AUROC | zero-shot within stratum | zero-shot on structure regions | "
             "prompts on report text | probe mean AUROC | probe within stratum | image→report R@1 / R@5 / R@10 | "
-            "report→image R@1 / R@5 / R@10 | structure: sentence→region R@5 / localisation | PR image / text |")
-    lines = [head, "|" + "---|" * 12]
+            "report→image R@1 / R@5 / R@10 | R@5 within stratum (image→report / report→image) | "
+            "structure: sentence→region R@5 / localisation | PR image / text |")
+    lines = [head, "|" + "---|" * 13]
     for name, m in models.items():
         zs = _fig((m.get("zero_shot") or {}).get("mean"))
         zs_st = _fig(((m.get("zero_shot") or {}).get("stratified") or {}).get("mean"))
@@ -726,6 +783,9 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         cells = []
         for d in ("image_to_report", "report_to_image"):
             cells.append(" / ".join(f"{ret[d][f'R@{k}']['value']:.3f}" for k in KS) if ret else "—")
+        within = (ret or {}).get("within_stratum")
+        cells.append(" / ".join(f"{within[d]['R@5']['value']:.3f}" for d in ("image_to_report", "report_to_image"))
+                     if within else "—")
         dims = m["dimensionality"]
         pr_txt = f"{dims['image']['participation_ratio']:.1f} / " + (
             f"{dims['text']['participation_ratio']:.1f}" if "text" in dims else "—")
@@ -734,8 +794,7 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
                   + (f"{st['localisation']['accuracy']['value']:.3f}"
                      if st["localisation"]["accuracy"]["value"] is not None else "—")) if st else "—"
         lines.append(f"| {name} | {m['n_records']} | {zs} | {zs_st} | {zs_structure} | {ceiling} | {pr} | {pr_st} | "
-                     f"{cells[0]} | "
-                     f"{cells[1]} | {st_txt} | {pr_txt} |")
+                     f"{cells[0]} | {cells[1]} | {cells[2]} | {st_txt} | {pr_txt} |")
     first = next(iter(models.values()), None)
     if first and first.get("retrieval"):
         ret = first["retrieval"]
@@ -746,7 +805,9 @@ def comparison_table(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         lines.append("| chance / blind | | 0.5 | 0.5 | 0.5 | 0.5 | 0.5 | 0.5 | " + " / ".join(
             f"{ret['image_to_report'][f'chance@{k}']:.3f}" for k in KS) + " (blind " + " / ".join(
             f"{ret['image_to_report'][f'blind@{k}']['value']:.3f}" for k in KS) + ") | " + " / ".join(
-            f"{ret['report_to_image'][f'chance@{k}']:.3f}" for k in KS) + f" | {st_chance} | |")
+            f"{ret['report_to_image'][f'chance@{k}']:.3f}" for k in KS) + " | " + (" / ".join(
+            f"{ret['within_stratum'][d]['chance@5']:.3f}" for d in ("image_to_report", "report_to_image"))
+            if ret.get("within_stratum") else "") + f" | {st_chance} | |")
     return lines
 
 
@@ -828,7 +889,18 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                     blind = _fig(ret[d].get(f"blind@{k}")) if d == "image_to_report" else "= chance"
                     lines.append(f"| {label} | {k} | {f['value']:.3f} | [{f['low']:.3f}, {f['high']:.3f}] | "
                                  f"{ret[d][f'chance@{k}']:.3f} | {blind} |")
+            within = ret.get("within_stratum")
+            if within:
+                for d, label in (("image_to_report", "image→report"), ("report_to_image", "report→image")):
+                    for k in KS:
+                        f = within[d][f"R@{k}"]
+                        lines.append(f"| {label}, within stratum | {k} | {f['value']:.3f} | [{f['low']:.3f}, "
+                                     f"{f['high']:.3f}] | {within[d][f'chance@{k}']:.3f} | |")
             lines.append("")
+            if within:
+                lines += [f"Within stratum: only candidates of the query's stratum ({within['n_strata']} strata) "
+                          "compete, so recognising the stratum (e.g. the body region) no longer helps; report→image "
+                          "counts each (report, stratum) pair once.", ""]
         st = m.get("structure")
         if st:
             sr, loc = st["retrieval"], st["localisation"]

@@ -136,6 +136,37 @@ def test_retrieval_groups_identical_reports_exact_recalls():
     assert trained["image_to_report"]["R@1"] == i2r["R@1"]
 
 
+def test_retrieval_within_stratum_exact_recalls():
+    image_embeds, text_embeds, texts = _retrieval_case()
+    # strata x: images 0 (report A), 2 (B); y: images 1 (A), 3 (C) -> candidates in x: A, B; in y: A, C
+    res = E.retrieval_figures(image_embeds, text_embeds, texts, ks=(1, 2), n_resamples=20,
+                              strata=["x", "y", "x", "y"])
+    within = res["within_stratum"]
+    assert within["n_strata"] == 2
+    i2r, r2i = within["image_to_report"], within["report_to_image"]
+    # image 0: A 1, B 0 -> rank 0; image 1 (e2): A 0, C 0 tie -> rank 1; image 2: B 1, A 0 -> rank 0;
+    # image 3: A 0.8, C 0.6 -> rank 1
+    assert i2r["R@1"]["value"] == pytest.approx(0.5) and i2r["R@2"]["value"] == pytest.approx(1.0)
+    assert i2r["chance@1"] == pytest.approx(0.5) and i2r["chance@2"] == pytest.approx(1.0)
+    # (report, stratum) pairs: (A, x) hit, (B, x) hit, (A, y): image 1 scores 0 < image 3's 0.8 -> miss at 1,
+    # (C, y): image 3 (0.6) above image 1 (0) -> hit
+    assert r2i["R@1"]["value"] == pytest.approx(0.75) and r2i["R@1"]["n"] == 4
+    assert r2i["R@2"]["value"] == pytest.approx(1.0) and r2i["chance@1"] == pytest.approx(0.5)
+    # a model that only tells the strata apart: perfect plain recall, chance within stratum
+    rng = np.random.default_rng(0)
+    region = np.repeat(np.eye(3), 10, axis=0)  # 30 images of 3 regions, one unique report each
+    noise = rng.normal(size=(30, 8))
+    images = np.concatenate([region * 5, noise], axis=1)
+    reports = np.concatenate([region * 5, rng.normal(size=(30, 8))], axis=1)
+    res = E.retrieval_figures(images, reports, [f"r{i}" for i in range(30)], n_resamples=20,
+                              strata=[f"s{i // 10}" for i in range(30)])
+    assert res["image_to_report"]["R@10"]["value"] > 0.25  # region recognition lifts the plain recall (chance 1/3)
+    assert abs(res["within_stratum"]["image_to_report"]["R@1"]["value"] - 0.1) < 0.2
+    assert res["within_stratum"]["image_to_report"]["chance@1"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="strata: expected 30"):
+        E.stratified_retrieval_figures(np.zeros((30, 30)), np.arange(30), ["a"] * 29)
+
+
 def test_retrieval_of_matching_embeddings_is_perfect():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(30, 16))
