@@ -230,12 +230,13 @@ def _structure_rows(model: Any, processor: Any, boxer: Any, record: Mapping[str,
                     series: Sequence[tuple[Any, dict]]) -> list[dict[str, Any]]:
     """The record's structure level: for each ``report_structures`` sentence with a box (or mask) and each series
     whose grid sees it (:func:`radfm3d.contrastive.data.grid_extent_of_world_box`, as training builds the rows),
-    the region embedding (the model's ``encode_batch`` structure level) and the sentence embedding.
+    the region embedding (:meth:`RadFM3DCLIPModel.get_structure_features`, as the training structure level pools it)
+    and the sentence embedding, both L2-normalised.
     -> ``[{"series", "region" (the grid box as text), "text", "image_embeds", "text_embeds"}]``."""
     import torch
+    import torch.nn.functional as F
 
     from radfm3d.contrastive.data import grid_extent_of_world_box
-    from radfm3d.contrastive.loss import group_ids
 
     index, boxes, texts, names = [], [], [], []
     for entry in record.get("report_structures") or []:
@@ -251,16 +252,14 @@ def _structure_rows(model: Any, processor: Any, boxer: Any, record: Mapping[str,
                 names.append(str(entry.get("structure") or ""))
     if not texts:
         return []
-    pixel_values, image_mask = processor.stack_images([[t for t, _ in series]])
+    pixel_values, image_mask = processor.stack_images([[t for t, _ in series]])  # one grid shape, as in training
     enc = processor.tokenize(texts)
-    batch = {"pixel_values": pixel_values, "image_mask": image_mask,
-             "structure_index": torch.tensor(index, dtype=torch.long),
-             "structure_boxes": torch.tensor(np.asarray(boxes, dtype=np.float32)),
-             "structure_input_ids": enc["input_ids"], "structure_attention_mask": enc["attention_mask"],
-             "structure_group": group_ids(texts)}
     with torch.inference_mode():
-        levels = model.encode_batch(batch, level_weights={"scan": 0.0, "study": 0.0, "structure": 1.0})
-    regions, sentences = (x.float().cpu().numpy() for x in levels["structure"][:2])
+        regions = model.get_structure_features(pixel_values[0][image_mask[0]],
+                                               torch.tensor(np.asarray(boxes, dtype=np.float32)),
+                                               torch.tensor([s for _, s in index], dtype=torch.long))
+        sentences = model.get_text_features(enc["input_ids"], enc["attention_mask"])
+    regions, sentences = (F.normalize(x.float(), dim=-1).cpu().numpy() for x in (regions, sentences))
     return [{"series": s, "region": ",".join(f"{v:.2f}" for v in box), "structure": name, "text": text,
              "image_embeds": r.tolist(), "text_embeds": t.tolist()}
             for (_, s), box, name, text, r, t in zip(index, boxes, names, texts, regions, sentences)]

@@ -262,6 +262,38 @@ class RadFM3DCLIPModel(PreTrainedModel):
         series[mask] = pooled
         return self._project_image(self.study_fusion(series, mask))
 
+    def get_structure_features(self, pixel_values: torch.Tensor, boxes: torch.Tensor,
+                               series_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected (not normalised) region embeddings: the structure level's image side.
+
+        ``pixel_values (M, C, H, W, D)`` (preprocessed series), ``boxes (R, 6)`` ``[i1, j1, k1, i2, j2, k2]`` in
+        model-grid voxel indices, half-open (from a world-mm box:
+        :func:`radfm3d.contrastive.data.grid_extent_of_world_box` with the series' grid geometry), ``series_index
+        (R,)`` the series each box is on (default: all on series 0) -> ``(R, P)``: the ViT patch tokens inside each
+        box pooled by ``structure_pooling``, then ``structure_projection``.
+        """
+        if pixel_values.ndim != 5:
+            raise RadFM3DInputError("pixel_values", f"expected (M, C, H, W, D), got {tuple(pixel_values.shape)}")
+        _, tokens, grid = self.encode_series(pixel_values)
+        if series_index is None:
+            series_index = torch.zeros(boxes.shape[0], dtype=torch.long)
+        series_index = series_index.to(device=tokens.device, dtype=torch.long)
+        if series_index.shape != (boxes.shape[0],):
+            raise RadFM3DInputError("series_index", f"expected ({boxes.shape[0]},) indices, one per box, got "
+                                    f"{tuple(series_index.shape)}")
+        if bool(((series_index < 0) | (series_index >= tokens.shape[0])).any()):
+            raise RadFM3DInputError("series_index", f"a box points outside the {tokens.shape[0]} given series")
+        return self._structure_features(tokens, grid, series_index, boxes.to(tokens.device))
+
+    def _structure_features(self, tokens: torch.Tensor, grid: tuple[int, int, int], rows: torch.Tensor,
+                            boxes: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``(M, T, hidden)`` of series ``rows (R,)``, pooled inside ``boxes (R, 6)``, projected ->
+        ``(R, P)``."""
+        select = box_patch_mask(boxes, grid, self.config.vision.patch_size)  # (R, T)
+        regions = self.structure_pooling(tokens[rows], select)  # (R, hidden)
+        head = self.structure_projection
+        return head(regions.to(head[1].weight.dtype))
+
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids (T, L)``, ``attention_mask (T, L)`` -> ``(T, P)``: BERT tokens mean-pooled over the mask,
         projected (not normalised)."""
@@ -436,10 +468,7 @@ class RadFM3DCLIPModel(PreTrainedModel):
             boxes = _require(batch, "structure_boxes").to(device)
             if boxes.shape[0] != index.shape[0]:
                 raise RadFM3DInputError("structure_boxes", f"{boxes.shape[0]} boxes for {index.shape[0]} structures")
-            select = box_patch_mask(boxes, grid, self.config.vision.patch_size)  # (R, T)
-            regions = self.structure_pooling(tokens[rows], select)  # (R, hidden)
-            head = self.structure_projection
-            images = F.normalize(head(regions.to(head[1].weight.dtype)).float(), dim=-1)
+            images = F.normalize(self._structure_features(tokens, grid, rows, boxes).float(), dim=-1)
             sentences = F.normalize(self.get_text_features(_require(batch, "structure_input_ids"),
                                                            batch.get("structure_attention_mask")).float(), dim=-1)
             group = _require(batch, "structure_group").to(device)

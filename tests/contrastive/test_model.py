@@ -217,6 +217,23 @@ def test_structure_level_pools_patch_tokens_inside_the_box(pooling):
     assert torch.allclose(levels["structure"][0][0], want, atol=1e-5)
 
 
+def test_structure_features_are_the_structure_level(model):
+    batch = make_batch(series_per_item=(2,), structures=((0, 1, (8, 0, 0, 24, 16, 8)), (0, 0, (0, 0, 0, 8, 8, 4))),
+                       reports=("a",))
+    with torch.no_grad():
+        levels = model.encode_batch(batch, level_weights={"scan": 0.0, "structure": 1.0, "study": 0.0})
+        features = model.get_structure_features(batch["pixel_values"][0], batch["structure_boxes"],
+                                                torch.tensor([1, 0]))
+    assert features.shape == (2, 16)
+    assert torch.allclose(F.normalize(features, dim=-1), levels["structure"][0], atol=1e-5)
+    with pytest.raises(RadFM3DInputError, match="outside the 2 given series"):
+        model.get_structure_features(batch["pixel_values"][0], batch["structure_boxes"], torch.tensor([2, 0]))
+    with pytest.raises(RadFM3DInputError, match="one per box"):
+        model.get_structure_features(batch["pixel_values"][0], batch["structure_boxes"], torch.tensor([0]))
+    with pytest.raises(RadFM3DInputError, match=r"expected \(M, C, H, W, D\)"):
+        model.get_structure_features(batch["pixel_values"], batch["structure_boxes"])
+
+
 def test_box_patch_mask_hand_cases():
     patch = (8, 8, 4)
     boxes = torch.tensor([[0, 0, 0, 16, 8, 8],     # centres 4 and 12 on axis 0, 4 on axis 1, 2 and 6 on axis 2
