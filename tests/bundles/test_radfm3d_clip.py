@@ -49,7 +49,8 @@ def _train_overrides(work: Path, **more) -> dict:
 def trained(workdir: Path) -> tuple[Path, ConfigWorkflow]:
     workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=META, logging_file=LOGGING,
                               workflow_type="train", **_train_overrides(workdir, batch_group_key="region",
-                                                                        batch_group_fraction=1.0))
+                                                                        batch_group_fraction=1.0,
+                                                                        structure_pooling="attention"))
     check_workflow(workflow)
     return workdir, workflow
 
@@ -97,6 +98,7 @@ def test_train_exports_a_model_and_validates(trained):
     assert not list(work.glob(".model.*"))  # the atomic export left no temporary folder
     config = json.loads((model_dir / "config.json").read_text())
     assert config["model_type"] == "radfm3d_clip" and config["level_weights"]["scan"] == 1.0
+    assert config["structure_pooling"] == "attention" and config["study_fusion"] == "attention"
     ckpts = sorted((work / "run" / "checkpoints").glob("checkpoint_*.pt"))
     n_train = sum(json.loads(line)["task"] in ("report", "study_report")
                   for line in (work / "phantoms" / "train.jsonl").read_text().splitlines())
@@ -122,6 +124,7 @@ def test_train_exports_a_model_and_validates(trained):
     from radfm3d.contrastive.model import RadFM3DCLIPModel
 
     reloaded = RadFM3DCLIPModel.from_pretrained(model_dir)
+    assert float(reloaded.structure_pooling.query.abs().sum()) > 0  # the attention query left its zero start
     inner = workflow.trainer.network.model
     for name, tensor in reloaded.state_dict().items():
         assert np.array_equal(tensor.numpy(), inner.state_dict()[name].cpu().numpy()), name
