@@ -49,8 +49,9 @@ def clip_records(manifest: str | os.PathLike, tasks: Sequence[str] | None = CLIP
     """Records of a manifest that pair images with a report text (``answer``), paths made absolute.
 
     ``manifest``: a JSONL file, or a dataset folder whose ``<split>.jsonl`` is read. ``tasks``: keep records whose
-    ``task`` is one of these (None: any task). Image and ``report_structures`` mask paths are resolved against the
-    manifest's folder. Raises ``RadFM3DInputError`` (the manifest's problems, or no record left)."""
+    ``task`` is one of these (None: any task; a record without ``task`` counts as ``report``). A record needs
+    ``id``, ``images`` and ``answer``; ``prompt`` is optional (checked when given). Image and ``report_structures`` mask paths are resolved against the manifest's
+    folder. Raises ``RadFM3DInputError`` (the manifest's problems, or no record left)."""
     from radfm3d.data.manifest import read_manifest
 
     path = Path(manifest)
@@ -58,8 +59,8 @@ def clip_records(manifest: str | os.PathLike, tasks: Sequence[str] | None = CLIP
         path = path / f"{split}.jsonl"
     base = path.resolve().parent
     out: list[dict[str, Any]] = []
-    for rec in read_manifest(path):
-        if tasks is not None and rec.get("task") not in tasks:
+    for rec in read_manifest(path, require_prompt=False):  # an image-report pair needs no prompt
+        if tasks is not None and rec.get("task", "report") not in tasks:  # no task: an image-report pair
             continue
         if not rec.get("images") or not str(rec.get("answer") or "").strip():
             continue

@@ -89,18 +89,20 @@ def _json_line(record: Any, path: Path, number: int) -> str:
 
 
 def validate_record(record: Any, *, base_dir: str | os.PathLike | None = None,
-                    check_files: bool = False) -> list[str]:
+                    check_files: bool = False, require_prompt: bool = True) -> list[str]:
     """Problems of one manifest record (empty list = valid).
 
     Args:
         record: the decoded JSON object.
         base_dir: folder that relative image paths are resolved against (needed for ``check_files``).
         check_files: also check that every image path exists.
+        require_prompt: ``prompt`` is a required key (generative records). Image-report pairs for contrastive
+            training and evaluation need none; a prompt that is given is still checked.
     """
     if not isinstance(record, Mapping):
         return [f"a record must be a JSON object, got {type(record).__name__}"]
     problems: list[str] = []
-    missing = [k for k in REQUIRED_KEYS if k not in record]
+    missing = [k for k in REQUIRED_KEYS if k not in record and (require_prompt or k != "prompt")]
     if missing:
         problems.append(f"missing required key(s) {', '.join(missing)}")
     rid = record.get("id")
@@ -304,12 +306,13 @@ def read_jsonl(path: str | os.PathLike, *, objects_only: bool = True,
 
 
 def validate_manifest(source: str | os.PathLike | Sequence[Mapping[str, Any]], *, check_files: bool = False,
-                      raise_on_error: bool = True, max_errors: int = 20) -> list[str]:
+                      raise_on_error: bool = True, max_errors: int = 20, require_prompt: bool = True) -> list[str]:
     """Check a manifest file (or a list of records); errors read ``"line N: problem"``.
 
     Args:
         source: path of a ``.jsonl`` file, or records (then "line N" is the 1-based record number).
         check_files: check that the image paths exist (relative to the manifest's folder).
+        require_prompt: see :func:`validate_record` (False for image-report pairs).
         raise_on_error: raise ``RadFM3DInputError(path, all problems)`` instead of returning them.
         max_errors: at most this many problems are reported (the count of the rest is added).
 
@@ -331,7 +334,8 @@ def validate_manifest(source: str | os.PathLike | Sequence[Mapping[str, Any]], *
     study_patient: dict[str, tuple[str, int]] = {}
     for lineno, rec, json_problem in entries:
         problems = [json_problem] if json_problem else validate_record(rec, base_dir=base_dir,
-                                                                        check_files=check_files)
+                                                                        check_files=check_files,
+                                                                        require_prompt=require_prompt)
         if not json_problem and isinstance(rec, Mapping) and isinstance(rec.get("id"), str):
             if rec["id"] in seen:
                 problems.append(f"duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
@@ -394,17 +398,19 @@ def check_patient_splits(splits: Mapping[str, str | os.PathLike | Sequence[Mappi
     return errors
 
 
-def read_manifest(path: str | os.PathLike, *, validate: bool = True, check_files: bool = False) -> list[dict]:
+def read_manifest(path: str | os.PathLike, *, validate: bool = True, check_files: bool = False,
+                  require_prompt: bool = True) -> list[dict]:
     """Records of a JSONL manifest, in file order (blank lines skipped).
 
     Image paths are returned as written (relative to the manifest's folder); see :func:`resolve_images`.
-    Raises ``RadFM3DInputError`` naming the file and each bad line when ``validate`` finds problems.
+    Raises ``RadFM3DInputError`` naming the file and each bad line when ``validate`` finds problems
+    (``require_prompt``: see :func:`validate_record`).
     """
     path = Path(path)
     if not path.is_file():
         raise RadFM3DInputError(path, "manifest file does not exist")
     if validate:
-        validate_manifest(path, check_files=check_files)
+        validate_manifest(path, check_files=check_files, require_prompt=require_prompt)
     return read_jsonl(path, objects_only=False)
 
 

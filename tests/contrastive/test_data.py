@@ -228,6 +228,19 @@ def test_clip_records_and_dataset(tmp_path, scans, tokenizer):
     (tmp_path / "bad.jsonl").write_text(json.dumps({**records[0], "study_id": 3}) + "\n")
     with pytest.raises(RadFM3DInputError, match="line 1: 'study_id' must be a non-empty string"):
         clip_records(tmp_path / "bad.jsonl")
+    # an image-report pair needs no prompt (a hospital export has none); a prompt that is given is still checked
+    pair = {"id": "x", "images": ["img/ct.nii.gz"], "answer": "No abnormality."}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "id": "y", "prompt": "Hi"})
+                                          + "\n")
+    with pytest.raises(RadFM3DInputError, match="line 2: 'prompt' has 0 <image> placeholder") as err:
+        clip_records(tmp_path / "pairs.jsonl", tasks=None)
+    assert "line 1" not in str(err.value)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(pair) + "\n")
+    assert [r["id"] for r in clip_records(tmp_path / "pairs.jsonl")] == ["x"]  # no task: a report
+    from radfm3d.data.manifest import validate_manifest
+
+    assert validate_manifest(tmp_path / "pairs.jsonl", raise_on_error=False) == [
+        "line 1: missing required key(s) prompt"]  # generative records still need one
 
 
 def test_image_meta_corrections_move_the_boxes(tokenizer, scans):
