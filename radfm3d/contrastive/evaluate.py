@@ -44,7 +44,7 @@ import numpy as np
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.evaluation import embeddings as E
 from radfm3d.evaluation.metrics import BOOTSTRAP_SEED, N_RESAMPLES
-from radfm3d.utils import JsonlAppender, atomic_write_json, is_unset
+from radfm3d.utils import JsonlAppender, atomic_write_json, is_unset, read_json_object
 
 __all__ = ["CLIP_TASKS", "PRESENT_TEMPLATES", "ABSENT_TEMPLATES", "report_records", "zero_shot_classes",
            "prompt_embeddings", "class_structures", "structure_zero_shot_scores",
@@ -557,18 +557,24 @@ def _load_model(folder: str, device: str) -> tuple[Any, Any, bool]:
     """(model in eval mode, processor, tower_only). A CLIP folder loads as saved; a generative-model folder
     (``RadFM3DForCausalLM``: the demo model, a converted official RadFM) gives its vision tower and resampler under
     fresh projections and the MiniLM text tower, with the folder's preprocessing (``tower_only``)."""
+    import torch
+
+    from radfm3d.contrastive.configuration import RadFM3DCLIPConfig
     from radfm3d.contrastive.model import RadFM3DCLIPModel
     from radfm3d.contrastive.processing import RadFM3DCLIPProcessor
-    from radfm3d.contrastive.training import _is_clip_folder, build_clip_model, load_clip_processor
+    from radfm3d.contrastive.transfer import load_vision_tower
 
     path = Path(folder)
     if not path.is_dir():
         raise RadFM3DInputError(folder, "--model: not a folder")
-    if _is_clip_folder(path) or not (path / "config.json").is_file():
+    config = path / "config.json"
+    generative = config.is_file() and read_json_object(config).get("model_type") != RadFM3DCLIPConfig.model_type
+    if not generative:
         model = RadFM3DCLIPModel.from_pretrained(folder).to(device)
         return model, RadFM3DCLIPProcessor.from_pretrained(folder), False
-    model = build_clip_model(folder, seed=0, vision_tower=folder).eval().to(device)
-    return model, load_clip_processor(folder), True
+    torch.manual_seed(0)  # the fresh projections: the same for every run
+    model = load_vision_tower(RadFM3DCLIPModel.from_preset(folder), folder).eval().to(device)
+    return model, RadFM3DCLIPProcessor.from_model_config(folder), True
 
 
 def cli(argv: Iterable[str] | None = None) -> int:
