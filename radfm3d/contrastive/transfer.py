@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.model import check_checkpoint_state
-from radfm3d.utils import is_unset
+from radfm3d.utils import is_unset, read_json_object
 
 __all__ = ["load_vision_tower", "build_model_with_vision_tower", "TOWER_PREFIXES"]
 
@@ -24,11 +23,11 @@ logger = logging.getLogger(__name__)
 _IGNORED_KEYS = {"dropout", "emb_dropout", "gradient_checkpointing"}
 
 
-def _compare(section: str, clip: dict[str, Any], target: dict[str, Any], source: str) -> None:
-    for key in sorted(set(clip) | set(target)):
+def _compare(section: str, source_config: dict[str, Any], target_config: dict[str, Any], source: str) -> None:
+    for key in sorted(set(source_config) | set(target_config)):
         if key in _IGNORED_KEYS:
             continue
-        a, b = clip.get(key), target.get(key)
+        a, b = source_config.get(key), target_config.get(key)
         if isinstance(a, (list, tuple)):
             a = list(a)
         if isinstance(b, (list, tuple)):
@@ -54,11 +53,7 @@ def _read_tower(source: str | os.PathLike | Any) -> tuple[Any, dict[str, Any], s
     if not path.is_file():
         raise RadFM3DInputError(folder, "not a vision-tower checkpoint folder (no config.json; a RadFM3DCLIPModel or "
                                 "RadFM3DForCausalLM folder is expected)")
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError):
-        raise RadFM3DInputError(path, "not a JSON object") from None
-    if model_type == "radfm3d_clip":
+    if read_json_object(path).get("model_type") == "radfm3d_clip":
         config = RadFM3DCLIPModel._read_config(folder)
         files = [folder / WEIGHTS_NAME]
         if not files[0].is_file():
