@@ -572,8 +572,10 @@ def _load_model(folder: str, device: str) -> tuple[Any, Any, bool]:
     if not generative:
         model = RadFM3DCLIPModel.from_pretrained(folder).to(device)
         return model, RadFM3DCLIPProcessor.from_pretrained(folder), False
-    torch.manual_seed(0)  # the fresh projections: the same for every run
-    model = load_vision_tower(RadFM3DCLIPModel.from_preset(folder), folder).eval().to(device)
+    with torch.random.fork_rng(devices=[]):  # the fresh projections: the same for every run, the caller's RNG kept
+        torch.manual_seed(0)
+        model = RadFM3DCLIPModel.from_preset(folder)
+    model = load_vision_tower(model, folder).eval().to(device)
     return model, RadFM3DCLIPProcessor.from_model_config(folder), True
 
 
