@@ -546,7 +546,8 @@ def convert_radfm(
     ``config``: ``None`` (the ``radfm-13b`` preset), a preset name / JSON path, a dict or a ``RadFM3DConfig``.
     ``dtype``: of every floating tensor written (bf16 default). ``shard_size``: LLM shard limit (bytes or "2GB").
     Output is atomic: everything is written into a hidden ``.OUT.partial-<pid>`` and renamed at the end
-    (:func:`~radfm3d.utils.staged_folder`); on any error the partial folder is removed. ``on_shard_written(path)`` is called after each weights file (progress hooks).
+    (:func:`~radfm3d.utils.staged_folder`); on any error the partial folder is removed. ``on_shard_written(path)`` is
+    called after each weights file (progress hooks).
     """
     started = time.perf_counter()
     source = Path(checkpoint)
