@@ -22,7 +22,7 @@ from radfm3d.modeling.resampler import ResamplerConfig
 from radfm3d.modeling.vision import VisionConfig
 
 __all__ = ["RadFM3DCLIPConfig", "LEVELS", "POOLING_MODES", "TEXT_MODEL_ALIASES", "resolve_text_model",
-           "clean_text_config", "TINY_TEXT_CONFIG"]
+           "clean_text_config", "is_clip_folder", "TINY_TEXT_CONFIG"]
 
 #: the contrastive levels, in the order the loss reports them
 LEVELS = ("scan", "structure", "study")
@@ -196,6 +196,16 @@ class RadFM3DCLIPConfig(VisionTowerConfigMixin, PretrainedConfig):
 
 _TEXT_CONFIG_DROP = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
                      "gradient_checkpointing", "use_cache", "_attn_implementation_autoset")
+
+
+def is_clip_folder(folder: str | os.PathLike) -> bool:
+    """True for a saved ``RadFM3DCLIPModel`` folder: its ``config.json`` says ``model_type`` "radfm3d_clip" (a
+    generative model folder, a preset name or a folder without a readable config is not one)."""
+    config = Path(folder) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == RadFM3DCLIPConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def clean_text_config(data: dict[str, Any]) -> dict[str, Any]:

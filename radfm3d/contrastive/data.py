@@ -51,7 +51,8 @@ def clip_records(manifest: str | os.PathLike, tasks: Sequence[str] | None = CLIP
     ``manifest``: a JSONL file, or a dataset folder whose ``<split>.jsonl`` is read. ``tasks``: keep records whose
     ``task`` is one of these (None: any task; a record without ``task`` counts as ``report``). A record needs
     ``id``, ``images`` and ``answer``; ``prompt`` is optional (checked when given). Image and ``report_structures``
-    mask paths are resolved against the manifest's folder. Raises ``RadFM3DInputError`` (the manifest's problems, or no record left)."""
+    mask paths are resolved against the manifest's folder. Raises ``RadFM3DInputError`` (the manifest's problems, or
+    no record left)."""
     from radfm3d.data.manifest import read_manifest
 
     path = Path(manifest)

@@ -44,7 +44,7 @@ import numpy as np
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.evaluation import embeddings as E
 from radfm3d.evaluation.metrics import BOOTSTRAP_SEED, N_RESAMPLES
-from radfm3d.utils import JsonlAppender, atomic_write_json, is_unset, read_json_object
+from radfm3d.utils import JsonlAppender, atomic_write_json, is_unset
 
 __all__ = ["CLIP_TASKS", "PRESENT_TEMPLATES", "ABSENT_TEMPLATES", "report_records", "zero_shot_classes",
            "prompt_embeddings", "class_structures", "structure_zero_shot_scores",
@@ -559,7 +559,7 @@ def _load_model(folder: str, device: str) -> tuple[Any, Any, bool]:
     fresh projections and the MiniLM text tower, with the folder's preprocessing (``tower_only``)."""
     import torch
 
-    from radfm3d.contrastive.configuration import RadFM3DCLIPConfig
+    from radfm3d.contrastive.configuration import is_clip_folder
     from radfm3d.contrastive.model import RadFM3DCLIPModel
     from radfm3d.contrastive.processing import RadFM3DCLIPProcessor
     from radfm3d.contrastive.transfer import load_vision_tower
@@ -567,9 +567,7 @@ def _load_model(folder: str, device: str) -> tuple[Any, Any, bool]:
     path = Path(folder)
     if not path.is_dir():
         raise RadFM3DInputError(folder, "--model: not a folder")
-    config = path / "config.json"
-    generative = config.is_file() and read_json_object(config).get("model_type") != RadFM3DCLIPConfig.model_type
-    if not generative:
+    if is_clip_folder(path) or not (path / "config.json").is_file():  # the latter: CLIP loading names the problem
         model = RadFM3DCLIPModel.from_pretrained(folder).to(device)
         return model, RadFM3DCLIPProcessor.from_pretrained(folder), False
     with torch.random.fork_rng(devices=[]):  # the fresh projections: the same for every run, the caller's RNG kept

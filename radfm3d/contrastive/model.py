@@ -133,7 +133,8 @@ class SetPooling(nn.Module):
         if self.mode == "max":
             mask = self._checked_mask(features, mask)
             return features.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
-        return (self.weights(features, mask).unsqueeze(-1) * features).sum(dim=1)
+        # a batched matrix product: no (B, S, dim) weighted copy (the structure level pools ~100 boxes x ~500 patches)
+        return torch.bmm(self.weights(features, mask).unsqueeze(1), features).squeeze(1)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
@@ -567,17 +568,13 @@ class RadFM3DCLIPModel(PreTrainedModel):
         # which is read here again, strictly)
         for key in _AUTO_LOADER_KWARGS:
             config_overrides.pop(key, None)
-        if isinstance(dtype, str) and dtype != "auto":
-            dtype = getattr(torch, dtype)
         source = Path(pretrained_model_name_or_path)
         if (source / CONFIG_NAME).is_file():
             if config_overrides:
                 raise TypeError(f"config overrides {sorted(config_overrides)} apply to presets, not checkpoints")
             model = cls(cls._read_config(source))
             model._load_checkpoint_state(source)
-            if isinstance(dtype, torch.dtype):
-                model.to(dtype=dtype)
-            return model.eval()
+            return model._loaded(dtype)
         return cls.from_preset(pretrained_model_name_or_path, dtype=dtype, load_text_weights=load_text_weights,
                                **config_overrides)
 
@@ -589,8 +586,6 @@ class RadFM3DCLIPModel(PreTrainedModel):
         random, the text tower loaded from ``text_model_name_or_path`` (offline), or, with
         ``load_text_weights=False``, built from ``text_config`` with random weights (tests, tiny models)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if isinstance(dtype, str) and dtype != "auto":
-            dtype = getattr(torch, dtype)
         config = RadFM3DCLIPConfig.from_preset(name_or_path, **config_overrides)
         text_model = None
         if load_text_weights:
@@ -599,10 +594,16 @@ class RadFM3DCLIPModel(PreTrainedModel):
                                  "False to build the text tower from text_config)")
             text_model = load_text_tower(config.text_model_name_or_path)
             config.text_config = clean_text_config(text_model.config.to_dict())
-        model = cls(config, text_model=text_model)
+        return cls(config, text_model=text_model)._loaded(dtype)
+
+    def _loaded(self, dtype: torch.dtype | str | None) -> RadFM3DCLIPModel:
+        """The end of both loaders: cast to ``dtype`` (a ``torch.dtype`` or its name; None / "auto" keep float32),
+        eval mode."""
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
         if isinstance(dtype, torch.dtype):
-            model.to(dtype=dtype)
-        return model.eval()
+            self.to(dtype=dtype)
+        return self.eval()
 
     def _load_checkpoint_state(self, folder: Path) -> None:
         from safetensors import SafetensorError, safe_open

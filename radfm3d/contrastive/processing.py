@@ -164,13 +164,14 @@ class RadFM3DCLIPProcessor:
         MiniLM tokenizer) or a radfm3d preset name (MiniLM tokenizer)."""
         from transformers import AutoTokenizer
 
-        from radfm3d.contrastive.configuration import resolve_text_model
+        from radfm3d.contrastive.configuration import is_clip_folder, resolve_text_model
         from radfm3d.modeling.configuration import PRESET_DIR
 
         path = Path(name_or_path)
-        config: dict[str, Any] = {}
+        config: dict[str, Any] = {}  # a CLIP folder's text tower and text length (a generative folder's name its LLM)
         if (path / "config.json").is_file():
-            config = read_json_object(path / "config.json")
+            if is_clip_folder(path):
+                config = read_json_object(path / "config.json")
             if recipe is None and (path / "preprocessing.json").is_file():
                 recipe = PreprocessingRecipe.load(path)
         elif (PRESET_DIR / f"{name_or_path}.json").is_file():
@@ -179,8 +180,6 @@ class RadFM3DCLIPProcessor:
                 recipe = PreprocessingRecipe.from_dict(preset["preprocessing"])
         else:
             raise RadFM3DInputError(path, "not a CLIP processor folder, a model folder or a preset name")
-        if config.get("model_type") != "radfm3d_clip":  # a generative model folder names its LLM there
-            config = {}
         text_source = text_model_name_or_path or config.get("text_model_name_or_path") or "all-minilm-l6-v2"
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_text_model(text_source)), local_files_only=True)
         return cls(tokenizer, recipe, int(max_text_length or config.get("max_text_length") or 128))

@@ -37,6 +37,7 @@ from monai.engines.utils import PrepareBatch
 from monai.inferers import Inferer
 from torch import nn
 
+from radfm3d.contrastive.configuration import is_clip_folder
 from radfm3d.engine.data import dist_info
 from radfm3d.engine.training import autocast_dtype, seed_everything, unwrap_model
 from radfm3d.modeling.model import checked_image_mask
@@ -107,7 +108,7 @@ def build_clip_model(
         seed_everything(seed)
     weights = _level_weights(level_weights)
     folder = Path(str(name_or_path))
-    if _is_clip_folder(folder):
+    if is_clip_folder(folder):
         model = RadFM3DCLIPModel.from_pretrained(str(folder))
         if weights is not None:
             model.config.level_weights = {**model.config.level_weights, **weights}
@@ -135,19 +136,6 @@ def build_clip_model(
             logger.info(f"vision tower and resampler initialised from {vision_tower}")
     model.train()
     return model.to(device)
-
-
-def _is_clip_folder(folder: Path) -> bool:
-    """True for a saved ``RadFM3DCLIPModel`` folder (``config.json`` with ``model_type`` "radfm3d_clip")."""
-    import json
-
-    from radfm3d.contrastive.configuration import RadFM3DCLIPConfig
-
-    config = folder / "config.json"
-    try:
-        return config.is_file() and json.loads(config.read_text()).get("model_type") == RadFM3DCLIPConfig.model_type
-    except (OSError, ValueError):
-        return False
 
 
 def _level_weights(weights: Mapping[str, Any] | None) -> dict[str, float] | None:
@@ -202,7 +190,7 @@ def load_clip_processor(name_or_path: str | os.PathLike, recipe: Any = None,
     elif isinstance(recipe, Mapping):
         recipe = PreprocessingRecipe.from_dict(dict(recipe))
     kwargs: dict[str, Any] = {} if recipe is None else {"recipe": recipe}
-    if _is_clip_folder(Path(str(name_or_path))):
+    if is_clip_folder(str(name_or_path)):
         return RadFM3DCLIPProcessor.from_pretrained(str(name_or_path), **kwargs)
     return RadFM3DCLIPProcessor.from_model_config(str(name_or_path), text_model_name_or_path=text_model_name_or_path,
                                                   **kwargs)

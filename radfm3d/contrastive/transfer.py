@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from radfm3d.contrastive.configuration import is_clip_folder
 from radfm3d.errors import RadFM3DInputError
 from radfm3d.modeling.model import check_checkpoint_state
-from radfm3d.utils import is_unset, read_json_object
+from radfm3d.utils import is_unset
 
 __all__ = ["load_vision_tower", "build_model_with_vision_tower", "TOWER_PREFIXES"]
 
@@ -53,7 +54,7 @@ def _read_tower(source: str | os.PathLike | Any) -> tuple[Any, dict[str, Any], s
     if not path.is_file():
         raise RadFM3DInputError(folder, "not a vision-tower checkpoint folder (no config.json; a RadFM3DCLIPModel or "
                                 "RadFM3DForCausalLM folder is expected)")
-    if read_json_object(path).get("model_type") == "radfm3d_clip":
+    if is_clip_folder(folder):
         config = RadFM3DCLIPModel._read_config(folder)
         files = [folder / WEIGHTS_NAME]
         if not files[0].is_file():
