@@ -2,7 +2,8 @@
 """Evaluation harness: score predictions (from a radfm3d model or a plain JSONL file) on a task manifest.
 
 Predictions are `id -> text` or `id -> {"prediction": text, "choice_logliks": [float per choice] | None,
-"grid_geometry": GridGeometry dict | None, "boxes_world_mm": [[x1,y1,z1,x2,y2,z2], ...] | None}`.
+"answer_nll": float | None, "grid_geometry": GridGeometry dict | None, "boxes_world_mm": [[x1,y1,z1,x2,y2,z2], ...]
+| None}` (``answer_nll``: the reference answer's teacher-forced negative log-likelihood, nats per answer token).
 A predictions file is JSONL with one such object per line plus its `"id"`.
 
 Task families and their figures:
@@ -14,8 +15,10 @@ Task families and their figures:
   negation-aware finding precision/recall/F1;
 - `grounding`: 3D IoU, hit@0.3/0.5, box parse rate, centre error in mm (world space of the original scan).
 
-Every figure carries a bootstrap 95% interval, and the blind baseline (same prompts, blank image) is scored
-beside the model when given.
+Every family with ``answer_nll`` gets that figure too. Every figure carries a bootstrap 95% interval, and the blind
+baseline (same prompts, blank image) is scored beside the model when given; with the NLL of both runs a family also
+gets its **image gain** (blind NLL - model NLL, paired): the most sensitive check that the model reads the image,
+since it moves before the generated answers do.
 
 Running a model (:func:`run_model`, the one generation path of `radfm3d evaluate --model` and :func:`evaluate_model`)
 appends each prediction to a JSONL file as it is made, so a rerun on the same output folder skips the records
@@ -321,6 +324,11 @@ def _score_family(
     notes: list[str] = []
     cases: list[dict[str, Any]] = [{"id": r["id"], "prediction": p, "answer": a}
                                    for r, p, a in zip(records, preds, answers)]
+    nll = [e.get("answer_nll") for e in entries]
+    if any(v is not None for v in nll):
+        figures["answer_nll"] = M.bootstrap_figure([np.nan if v is None else float(v) for v in nll], **bootstrap)
+        for c, v in zip(cases, nll):
+            c["answer_nll"] = v
     if kind == "closed":
         correct = []
         for r, p, a, c in zip(records, preds, answers, cases):
@@ -451,6 +459,11 @@ def evaluate_predictions(
             else:
                 for c, b in zip(all_cases[family], cases):
                     c["blind_prediction"] = b["prediction"]
+                    if "answer_nll" in b:
+                        c["blind_answer_nll"] = b["answer_nll"]
+        gain = image_gain(all_cases[family], bootstrap)
+        if gain is not None:
+            fam["image_gain"] = gain
         if fam["kind"] == "closed":
             fam["chance"] = _chance(family, recs, train_records)
             fam["near_chance"] = {
@@ -470,6 +483,17 @@ def evaluate_predictions(
     }
     results["summary"] = summarize(results)
     return results
+
+
+def image_gain(cases: Sequence[Mapping[str, Any]], bootstrap: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How much the image lowers the reference answer's NLL: per record, the blind run's ``answer_nll`` minus the
+    model's (nats per answer token; > 0: the answer is likelier with the real image), mean with a paired bootstrap
+    95% interval over the records that have both. None when no record has both."""
+    diffs = [float(c["blind_answer_nll"]) - float(c["answer_nll"]) for c in cases
+             if c.get("answer_nll") is not None and c.get("blind_answer_nll") is not None]
+    if not diffs:
+        return None
+    return M.bootstrap_figure(diffs, **bootstrap).to_dict()
 
 
 def summarize(results: Mapping[str, Any]) -> list[str]:
@@ -525,8 +549,8 @@ def _generate_batch(model: Any, processor: Any, batch: Sequence[Mapping[str, Any
         if geoms is not None and i < len(geoms) and geoms[i]:
             g = geoms[i][0] if isinstance(geoms[i], list) else geoms[i]
             entry["grid_geometry"] = g.to_dict() if hasattr(g, "to_dict") else g
-        if likelihood and r.get("choices"):
-            entry["choice_logliks"] = choice_log_likelihoods(model, processor, r, blank_images=blank_images)
+        if likelihood:
+            entry.update(_likelihood_entries(model, processor, r, blank_images=blank_images))
         entries.append(entry)
     return entries
 
@@ -589,17 +613,21 @@ def generate_predictions(
     return out
 
 
-def choice_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any], *,
-                           blank_images: bool = False) -> list[float]:
-    """Summed log-probability (nats) of each choice's answer tokens given the record's prompt and images."""
+def answer_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any], answers: Sequence[str], *,
+                           blank_images: bool = False) -> tuple[list[float], list[int]]:
+    """Teacher-forced log-probability of each of ``answers`` given the record's prompt and images.
+
+    -> (summed log-probability of each answer's tokens (nats), number of those tokens). One forward for all answers;
+    ``blank_images`` replaces the pixels by zeros of the grid shape (the blind baseline's input).
+    """
     import torch
 
     from radfm3d.data.image_meta import record_images
 
     device = next(model.parameters()).device
-    images = record_images(record)  # read once for every choice
-    examples = [processor.build_training_example(str(record.get("prompt", "")), str(choice), images)
-                for choice in record["choices"]]
+    images = record_images(record)  # read once for every answer
+    examples = [processor.build_training_example(str(record.get("prompt", "")), str(answer), images)
+                for answer in answers]
     pad_id = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None) or 0
     width = max(int(torch.as_tensor(e["input_ids"]).reshape(-1).shape[0]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -624,7 +652,53 @@ def choice_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any]
     target = labels[:, 1:].to(device)
     keep = target != -100
     tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (tok * keep).sum(-1).tolist()
+    return (tok * keep).sum(-1).tolist(), keep.sum(-1).tolist()
+
+
+def choice_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any], *,
+                           blank_images: bool = False) -> list[float]:
+    """Summed log-probability (nats) of each choice's answer tokens given the record's prompt and images."""
+    return answer_log_likelihoods(model, processor, record, list(record["choices"]), blank_images=blank_images)[0]
+
+
+def _likelihood_entries(model: Any, processor: Any, record: Mapping[str, Any], *,
+                        blank_images: bool) -> dict[str, Any]:
+    """``choice_logliks`` (records with choices) and ``answer_nll``: the reference answer's teacher-forced negative
+    log-likelihood, nats per answer token (records with an answer). The reference shares the choices' forward pass
+    when it is one of them."""
+    answer = str(record.get("answer", "") or "")
+    choices = [str(c) for c in record.get("choices") or []]
+    answers = choices + ([answer] if answer.strip() and answer not in choices else [])
+    if not answers:
+        return {}
+    logliks, counts = answer_log_likelihoods(model, processor, record, answers, blank_images=blank_images)
+    entry: dict[str, Any] = {}
+    if choices:
+        entry["choice_logliks"] = logliks[: len(choices)]
+    if answer.strip():
+        at = answers.index(answer)
+        entry["answer_nll"] = -logliks[at] / counts[at] if counts[at] else None
+    return entry
+
+
+def add_answer_nll(model: Any, processor: Any, manifest: str | os.PathLike, predictions_file: str | os.PathLike, *,
+                   blank_images: bool = False, progress: bool = True) -> Path:
+    """Add ``answer_nll`` (and ``choice_logliks``) to every entry of a predictions JSONL, in place (atomic rewrite).
+
+    For predictions made by another engine (the bundles' ``evaluate.json``): the harness then reports the answer NLL
+    and the blind run's, and the image gain (:func:`answer_nll_figures`). ``blank_images`` must match how the file's
+    predictions were made (True for the blind baseline's file). Entries that already carry ``answer_nll`` are kept.
+    """
+    from tqdm.auto import tqdm
+
+    path = Path(predictions_file)
+    preds = read_predictions(path)
+    records = {str(r["id"]): r for r in read_records(manifest)}
+    model.eval()
+    todo = [k for k, e in preds.items() if "answer_nll" not in e and k in records]
+    for key in tqdm(todo, desc="answer NLL" + (" (blank)" if blank_images else ""), disable=not progress):
+        preds[key].update(_likelihood_entries(model, processor, records[key], blank_images=blank_images))
+    return write_predictions(preds, path)
 
 
 def run_model(

@@ -74,6 +74,11 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                     lines.append(f"The {run} run is **{'near chance' if flags['accuracy'] else 'above chance'}** "
                                  "(accuracy interval " + ("reaches" if flags["accuracy"] else "stays above")
                                  + " the chance level).")
+        gain = fam.get("image_gain")
+        if gain:
+            lines += ["", f"Image gain (blind answer NLL - model answer NLL, nats per answer token, paired; > 0: the "
+                          f"reference answer is likelier with the real image): {_fmt(gain['value'])} "
+                          f"[{_fmt(gain['low'])}, {_fmt(gain['high'])}], n={gain['n']}."]
         for note in fam.get("notes", [])[:10]:
             lines.append(f"- note: {note}")
         lines.append("")

@@ -76,7 +76,12 @@ def test_evaluate(trained: Path):
     assert len((eval_dir / "blind_predictions.jsonl").read_text().splitlines()) == 3
     results = json.loads((eval_dir / "results.json").read_text())
     assert results["meta"]["runs"] == ["blind", "model"] and results["meta"]["n_records"] == 3
-    assert (eval_dir / "report.md").is_file()
+    # the answer NLL with the image and with the blank one, and the paired image gain per family
+    assert all(isinstance(r["answer_nll"], float) and r["answer_nll"] > 0 for r in rows)
+    for fam in results["families"].values():
+        assert fam["figures"]["answer_nll"]["n"] == fam["n"] == fam["image_gain"]["n"]
+        assert "answer_nll" in fam["blind"]
+    assert "Image gain" in (eval_dir / "report.md").read_text()
 
 
 def test_infer(trained: Path):

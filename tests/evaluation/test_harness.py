@@ -364,3 +364,83 @@ def test_report_finding_f1_speaks_the_label_schema(tmp_path):
     path.write_text(json.dumps(schema))
     from_file = evaluate_predictions(records, preds, n_resamples=20, embeddings=False, label_schema=path)
     assert from_file["families"]["report"]["figures"] == scored["families"]["report"]["figures"]
+
+
+def test_answer_nll_is_the_training_loss_of_the_reference_and_shares_the_choices_pass(tiny_model_dir, tmp_path):
+    """``answer_nll`` = the teacher-forced loss the model trains on (mean NLL per answer token); for a closed record
+    it comes from the choices' own forward pass, and a blank image changes it."""
+    import torch
+
+    from radfm3d.data.image_meta import record_images
+    from radfm3d.evaluation.harness import _likelihood_entries
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+    from radfm3d.processing import RadFM3DProcessor
+
+    _write_scan(tmp_path / "scan.nii.gz")
+    model = RadFM3DForCausalLM.from_pretrained(tiny_model_dir).eval()
+    processor = RadFM3DProcessor.from_pretrained(tiny_model_dir)
+    closed = {"id": "c", "task": "modality", "images": [str(tmp_path / "scan.nii.gz")], "prompt": "<image> CT or MRI?",
+              "answer": "MRI.", "choices": ["CT.", "MRI."]}
+    report = {"id": "r", "task": "report", "images": closed["images"], "prompt": "<image> Write the report.",
+              "answer": "A cyst in the left kidney. No nodule."}
+    for record in (closed, report):
+        entry = _likelihood_entries(model, processor, record, blank_images=False)
+        ex = processor.build_training_example(record["prompt"], record["answer"], record_images(record))
+        batch = {k: torch.as_tensor(v)[None] for k, v in ex.items()  # one-record batch
+                 if k in ("input_ids", "labels", "pixel_values", "image_mask")}
+        with torch.no_grad():
+            loss = float(model(**batch).loss)
+        assert entry["answer_nll"] == pytest.approx(loss, rel=1e-4)
+        blank = _likelihood_entries(model, processor, record, blank_images=True)
+        assert blank["answer_nll"] != pytest.approx(entry["answer_nll"], rel=1e-6)
+    closed_entry = _likelihood_entries(model, processor, closed, blank_images=False)
+    assert len(closed_entry["choice_logliks"]) == 2
+    assert "choice_logliks" not in _likelihood_entries(model, processor, report, blank_images=False)
+    assert _likelihood_entries(model, processor, {**report, "answer": ""}, blank_images=False) == {}
+
+
+def test_image_gain_is_the_paired_mean_of_blind_minus_model_nll(tmp_path):
+    from radfm3d.evaluation.report import write_report
+
+    records = [{"id": f"r{i}", "task": "report", "images": [], "prompt": "Report.",
+                "answer": "A cyst in the liver."} for i in range(6)]
+    model_nll = [0.5, 0.7, 0.9, 1.1, 0.6, None]  # the last record has no model NLL: not paired
+    blind_nll = [0.9, 0.8, 1.2, 1.1, 1.0, 2.0]
+    preds = {r["id"]: {"prediction": "A cyst.", "answer_nll": v} for r, v in zip(records, model_nll)}
+    blind = {r["id"]: {"prediction": "Normal.", "answer_nll": v} for r, v in zip(records, blind_nll)}
+    res = evaluate_predictions(records, preds, blind, embeddings=False, n_resamples=200)
+    fam = res["families"]["report"]
+    assert fam["figures"]["answer_nll"]["value"] == pytest.approx(np.mean(model_nll[:5]))
+    assert fam["figures"]["answer_nll"]["n"] == 5 and fam["blind"]["answer_nll"]["n"] == 6
+    assert fam["image_gain"]["value"] == pytest.approx(np.mean([0.4, 0.1, 0.3, 0.0, 0.4]))
+    assert fam["image_gain"]["n"] == 5 and 0.0 <= fam["image_gain"]["low"] <= fam["image_gain"]["high"] <= 0.4
+    assert res["cases"]["report"][0]["blind_answer_nll"] == 0.9
+    report = write_report(res, tmp_path / "out", records=records)["markdown"].read_text()
+    assert "Image gain" in report and "0.240" in report
+    # without a blind run, or without NLLs, there is no gain (and no answer_nll figure without NLLs)
+    assert "image_gain" not in evaluate_predictions(records, preds, embeddings=False,
+                                                    n_resamples=20)["families"]["report"]
+    plain = evaluate_predictions(records, {r["id"]: "A cyst." for r in records}, embeddings=False, n_resamples=20)
+    assert "answer_nll" not in plain["families"]["report"]["figures"]
+
+
+def test_add_answer_nll_fills_a_predictions_file_in_place(tiny_model_dir, tmp_path):
+    """Predictions made elsewhere (the bundles' evaluators) get ``answer_nll``; entries that have one are kept."""
+    from radfm3d.evaluation.harness import add_answer_nll
+    from radfm3d.modeling.model import RadFM3DForCausalLM
+    from radfm3d.processing import RadFM3DProcessor
+
+    manifest = _batch_manifest(tmp_path / "data")
+    good = [json.loads(line) for line in manifest.read_text().splitlines()
+            if json.loads(line)["id"] in ("m0", "m1", "m2")]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in good))
+    preds_file = write_predictions({"m0": "CT.", "m1": {"prediction": "MRI.", "answer_nll": 9.0}, "m2": "CT."},
+                                   tmp_path / "predictions.jsonl")
+    model = RadFM3DForCausalLM.from_pretrained(tiny_model_dir)
+    processor = RadFM3DProcessor.from_pretrained(tiny_model_dir)
+    add_answer_nll(model, processor, manifest, preds_file, progress=False)
+    preds = read_predictions(preds_file)
+    assert preds["m1"]["answer_nll"] == 9.0 and preds["m1"]["prediction"] == "MRI."
+    assert preds["m0"]["answer_nll"] > 0
+    assert preds["m0"]["answer_nll"] == pytest.approx(preds["m2"]["answer_nll"])  # same record content
+    assert len(preds["m0"]["choice_logliks"]) == 2
