@@ -497,9 +497,15 @@ def image_gain(cases: Sequence[Mapping[str, Any]], bootstrap: Mapping[str, Any])
 
 
 def summarize(results: Mapping[str, Any]) -> list[str]:
-    """One line per closed family: accuracy vs chance (and the blind baseline)."""
+    """One line per closed family and run: accuracy vs chance; one per family with an image gain."""
     lines = []
     for family, fam in results["families"].items():
+        gain = fam.get("image_gain")
+        if gain and gain.get("value") is not None:
+            verdict = ("the image helps" if gain["low"] > 0 else "the image hurts" if gain["high"] < 0
+                       else "NO IMAGE EFFECT")
+            lines.append(f"{family}: image gain {gain['value']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}] "
+                         f"nats/token (blind - model answer NLL, n={gain['n']}) -> {verdict}")
         if fam["kind"] != "closed" or "accuracy" not in fam.get("figures", {}):
             continue
         level = fam["chance"]["level"]

@@ -53,7 +53,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         lines += [f"| {f['id']} | {f.get('run', '')} | {str(f['problem']).replace('|', '/')} |" for f in failures]
         lines.append("")
     if results.get("summary"):
-        lines += ["## Chance check", ""] + [f"- {s}" for s in results["summary"]] + [""]
+        lines += ["## Chance and image checks", ""] + [f"- {s}" for s in results["summary"]] + [""]
     for family, fam in results["families"].items():
         lines += [f"## {family} ({fam['kind']}, n={fam['n']}; tasks: {', '.join(fam['tasks'])})", ""]
         figs, blind = fam.get("figures", {}), fam.get("blind") or {}

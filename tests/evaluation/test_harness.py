@@ -417,6 +417,7 @@ def test_image_gain_is_the_paired_mean_of_blind_minus_model_nll(tmp_path):
     assert res["cases"]["report"][0]["blind_answer_nll"] == 0.9
     report = write_report(res, tmp_path / "out", records=records)["markdown"].read_text()
     assert "Image gain" in report and "0.240" in report
+    assert any(line.startswith("report: image gain +0.240") and "the image helps" in line for line in res["summary"])
     # without a blind run, or without NLLs, there is no gain (and no answer_nll figure without NLLs)
     assert "image_gain" not in evaluate_predictions(records, preds, embeddings=False,
                                                     n_resamples=20)["families"]["report"]
