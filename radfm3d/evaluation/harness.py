@@ -535,7 +535,8 @@ def _problem(err: BaseException) -> str:
 
 def _generate_batch(model: Any, processor: Any, batch: Sequence[Mapping[str, Any]], *, max_new_tokens: int,
                     blank_images: bool, likelihood: bool) -> list[dict[str, Any]]:
-    """Greedy answers (and choice log-likelihoods) of one batch of records -> one entry per record."""
+    """Greedy answers (and the likelihood entries, :func:`_likelihood_entries`) of one batch of records -> one entry
+    per record."""
     import torch
 
     device = next(model.parameters()).device
@@ -567,7 +568,8 @@ def generate_predictions(
     desc: str = "generate", output_file: str | os.PathLike | None = None,
     failures: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Greedy generation (and log-likelihood of each offered choice) for every record.
+    """Greedy generation (and, with ``likelihood``, the log-likelihood of each offered choice and the reference
+    answer's NLL) for every record.
 
     blank_images=True gives the blind baseline: same prompts, pixel_values replaced by zeros of the grid shape.
     output_file: a predictions JSONL that every entry is appended to (flushed) as soon as its batch is generated;
@@ -575,7 +577,8 @@ def generate_predictions(
     failures: a list that gets ``{"id", "images", "run", "problem"}`` for each record that could not be generated
     (unreadable image, prompt the processor refuses, ...); a batch that fails is retried record by record so only
     the bad record is lost. Without it, the first failure raises.
-    -> id -> {"prediction", "grid_geometry" (first image's, dict), "choice_logliks" (records with choices)}.
+    -> id -> {"prediction", "grid_geometry" (first image's, dict), "choice_logliks" (records with choices),
+    "answer_nll" (records with an answer, nats per answer token)}.
     """
     from tqdm.auto import tqdm
 
