@@ -622,20 +622,36 @@ def generate_predictions(
     return out
 
 
-def answer_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any], answers: Sequence[str], *,
-                           blank_images: bool = False) -> tuple[list[float], list[int]]:
-    """Teacher-forced log-probability of each of ``answers`` given the record's prompt and images.
-
-    -> (summed log-probability of each answer's tokens (nats), number of those tokens). One forward for all answers;
-    ``blank_images`` replaces the pixels by zeros of the grid shape (the blind baseline's input).
-    """
-    import torch
+def preprocessed_record_images(processor: Any, record: Mapping[str, Any]) -> list[Any]:
+    """The record's images read and preprocessed once: ``(C, H, W, D)`` MetaTensors carrying their grid geometry,
+    for ``processor.build_training_example(..., images_are_preprocessed=True)`` (every answer, both runs)."""
+    from monai.data import MetaTensor
 
     from radfm3d.data.image_meta import record_images
 
+    out = []
+    for image in record_images(record):
+        tensor, geometry = processor.preprocess_image(image)
+        out.append(MetaTensor(tensor, meta={"grid_geometry": geometry}))
+    return out
+
+
+def answer_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any], answers: Sequence[str], *,
+                           blank_images: bool = False, images: Sequence[Any] | None = None,
+                           ) -> tuple[list[float], list[int]]:
+    """Teacher-forced log-probability of each of ``answers`` given the record's prompt and images.
+
+    -> (summed log-probability of each answer's tokens (nats), number of those tokens). One forward for all answers;
+    ``blank_images`` replaces the pixels by zeros of the grid shape (the blind baseline's input). ``images``: the
+    record's images from :func:`preprocessed_record_images` (read here when not given).
+    """
+    import torch
+
     device = next(model.parameters()).device
-    images = record_images(record)  # read once for every answer
-    examples = [processor.build_training_example(str(record.get("prompt", "")), str(answer), images)
+    if images is None:
+        images = preprocessed_record_images(processor, record)
+    examples = [processor.build_training_example(str(record.get("prompt", "")), str(answer), list(images),
+                                                 images_are_preprocessed=True)
                 for answer in answers]
     pad_id = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None) or 0
     width = max(int(torch.as_tensor(e["input_ids"]).reshape(-1).shape[0]) for e in examples)
@@ -671,7 +687,7 @@ def choice_log_likelihoods(model: Any, processor: Any, record: Mapping[str, Any]
 
 
 def _likelihood_entries(model: Any, processor: Any, record: Mapping[str, Any], *,
-                        blank_images: bool) -> dict[str, Any]:
+                        blank_images: bool, images: Sequence[Any] | None = None) -> dict[str, Any]:
     """``choice_logliks`` (records with choices) and ``answer_nll``: the reference answer's teacher-forced negative
     log-likelihood, nats per answer token (records with an answer). The reference shares the choices' forward pass
     when it is one of them."""
@@ -680,7 +696,8 @@ def _likelihood_entries(model: Any, processor: Any, record: Mapping[str, Any], *
     answers = choices + ([answer] if answer.strip() and answer not in choices else [])
     if not answers:
         return {}
-    logliks, counts = answer_log_likelihoods(model, processor, record, answers, blank_images=blank_images)
+    logliks, counts = answer_log_likelihoods(model, processor, record, answers, blank_images=blank_images,
+                                             images=images)
     entry: dict[str, Any] = {}
     if choices:
         entry["choice_logliks"] = logliks[: len(choices)]
@@ -690,24 +707,33 @@ def _likelihood_entries(model: Any, processor: Any, record: Mapping[str, Any], *
     return entry
 
 
-def add_answer_nll(model: Any, processor: Any, manifest: str | os.PathLike, predictions_file: str | os.PathLike, *,
-                   blank_images: bool = False, progress: bool = True) -> Path:
-    """Add ``answer_nll`` (and ``choice_logliks``) to every entry of a predictions JSONL, in place (atomic rewrite).
+def add_answer_nll(model: Any, processor: Any, manifest: str | os.PathLike, predictions_file: str | os.PathLike,
+                   blind_predictions_file: str | os.PathLike | None = None, *, progress: bool = True) -> None:
+    """Add ``answer_nll`` (and ``choice_logliks``) to every entry of a predictions JSONL, in place (atomic rewrite),
+    with the real images, and to the blind baseline's file, when given, with blank ones.
 
     For predictions made by another engine (the bundles' ``evaluate.json``): the harness then reports the answer NLL
-    and the blind run's, and the image gain (:func:`answer_nll_figures`). ``blank_images`` must match how the file's
-    predictions were made (True for the blind baseline's file). Entries that already carry ``answer_nll`` are kept.
+    of both runs and the image gain (:func:`image_gain`). Each record's images are read once for both files; entries
+    that already carry ``answer_nll`` are kept.
     """
     from tqdm.auto import tqdm
 
-    path = Path(predictions_file)
-    preds = read_predictions(path)
+    runs = [(Path(predictions_file), False)]
+    if blind_predictions_file is not None:
+        runs.append((Path(blind_predictions_file), True))
+    preds = {path: read_predictions(path) for path, _ in runs}
     records = {str(r["id"]): r for r in read_records(manifest)}
+    todo = {path: {k for k, e in preds[path].items() if "answer_nll" not in e and k in records} for path, _ in runs}
     model.eval()
-    todo = [k for k, e in preds.items() if "answer_nll" not in e and k in records]
-    for key in tqdm(todo, desc="answer NLL" + (" (blank)" if blank_images else ""), disable=not progress):
-        preds[key].update(_likelihood_entries(model, processor, records[key], blank_images=blank_images))
-    return write_predictions(preds, path)
+    for key in tqdm([k for k in records if any(k in t for t in todo.values())], desc="answer NLL",
+                    disable=not progress):
+        images = preprocessed_record_images(processor, records[key])
+        for path, blank in runs:
+            if key in todo[path]:
+                preds[path][key].update(_likelihood_entries(model, processor, records[key], blank_images=blank,
+                                                            images=images))
+    for path, _ in runs:
+        write_predictions(preds[path], path)
 
 
 def run_model(
